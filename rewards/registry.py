@@ -1,0 +1,75 @@
+"""Reward registry: built-in rewards by name, user rewards by `module:function` or `file.py:function`.
+
+A reward is a plain function `fn(completion: str, **row) -> float | dict`. The dataset row's
+columns arrive as keyword arguments (`answer` is the gold final answer, `solution` the reference
+solution when the set has one), so a reward takes what it needs and ignores the rest via **row.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Callable
+
+RewardFn = Callable[..., "float | dict"]
+_REGISTRY: dict[str, RewardFn] = {}
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: make `fn` selectable as `name` in a recipe's reward list."""
+
+    def wrap(fn: RewardFn) -> RewardFn:
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(f"A reward named {name!r} is already registered ({_REGISTRY[name].__module__}).")
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def registered_rewards() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def _load_builtins() -> None:
+    import rewards.math  # noqa: F401  (registers the built-in rewards)
+
+
+def _load_file(path: Path):
+    module_name = f"_user_reward_{path.stem}_{abs(hash(str(path.resolve())))}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_reward(ref: str) -> RewardFn:
+    """The callable for a registered name, `module.path:function` or `path/to/file.py:function`."""
+    _load_builtins()
+    if ref in _REGISTRY:
+        return _REGISTRY[ref]
+    if ":" not in ref:
+        raise KeyError(
+            f"Unknown reward {ref!r}. Registered rewards: {', '.join(registered_rewards())}; "
+            "or name your own as `module.path:function` or `path/to/file.py:function`."
+        )
+    target, fn_name = ref.rsplit(":", 1)
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.exists():
+                raise FileNotFoundError(f"reward file {path.resolve()} does not exist")
+            module = _load_file(path)
+        else:
+            module = importlib.import_module(target)
+    except Exception as e:  # import errors of user code: say which reward failed to load
+        raise ImportError(f"Could not load reward {ref!r}: {type(e).__name__}: {e}") from e
+    fn = getattr(module, fn_name, None)
+    if fn is None or not callable(fn):
+        raise AttributeError(f"Reward {ref!r}: {target} has no function {fn_name!r}.")
+    return fn

@@ -1,0 +1,68 @@
+"""What an algorithm is to the training loop, and the registry that selects one by name."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from rl.batch import MicroBatch, SequenceBatch
+from rollouts.types import Completion, SamplingSpec
+
+
+@dataclass
+class Rollouts:
+    """One step's generations: `completions[i]` are the samples for `rows[i]`."""
+
+    rows: list[dict]
+    prompt_ids: list[list[int]]
+    completions: list[list[Completion]]
+    rewards: list[list[float]] = field(default_factory=list)
+
+
+class Algorithm:
+    """Hooks the loop calls; the learner only ever sees `loss` (a picklable callable).
+
+    needs_reference: the loop fills token_fields["ref_logprobs"] from the frozen reference.
+    needs_old_logprobs: the loop fills token_fields["old_logprobs"] from the learner before
+    the first update (needed when several optimizer steps reuse one rollout batch).
+    """
+
+    needs_reference: bool = False
+    needs_old_logprobs: bool = False
+    updates_per_batch: int = 1
+
+    def sampling_spec(self) -> SamplingSpec:
+        raise NotImplementedError
+
+    def build_batch(self, rollouts: Rollouts) -> tuple[SequenceBatch, dict[str, float]]:
+        raise NotImplementedError
+
+    def loss(self, logits: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+
+_ALGORITHMS: dict[str, Callable[..., Algorithm]] = {}
+
+
+def register_algorithm(name: str):
+    """Decorator: `algorithm=<name>` in a recipe builds this class from the RunConfig."""
+
+    def wrap(cls):
+        _ALGORITHMS[name] = cls
+        return cls
+
+    return wrap
+
+
+def registered_algorithms() -> list[str]:
+    return sorted(_ALGORITHMS)
+
+
+def build_algorithm(cfg) -> Algorithm:
+    if cfg.algorithm not in _ALGORITHMS:
+        raise KeyError(
+            f"Unknown algorithm {cfg.algorithm!r}. Registered: {', '.join(registered_algorithms())}. "
+            "Register your own with @register_algorithm(name) in a module imported before launch."
+        )
+    return _ALGORITHMS[cfg.algorithm](cfg)

@@ -1,0 +1,95 @@
+"""The training side's data: a step's sequences and the padded micro-batches the learner runs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SequenceBatch:
+    """One optimizer step's data, one row per completion.
+
+    `token_fields` hold one value per completion token (advantages, old logprobs, ...), aligned
+    with `input_ids[i][prompt_lens[i]:]`. `loss_normalizer` is the global denominator the loss
+    divides by (tokens, sequences or a constant, decided by the algorithm over the WHOLE step,
+    so that micro-batching and data parallelism do not change the loss).
+    """
+
+    input_ids: list[list[int]]
+    prompt_lens: list[int]
+    token_fields: dict[str, list[list[float]]] = field(default_factory=dict)
+    seq_fields: dict[str, list[float]] = field(default_factory=dict)
+    loss_normalizer: float = 1.0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def completion_lens(self) -> list[int]:
+        return [len(ids) - p for ids, p in zip(self.input_ids, self.prompt_lens)]
+
+    def select(self, indices: list[int]) -> "SequenceBatch":
+        return SequenceBatch(
+            input_ids=[self.input_ids[i] for i in indices],
+            prompt_lens=[self.prompt_lens[i] for i in indices],
+            token_fields={k: [v[i] for i in indices] for k, v in self.token_fields.items()},
+            seq_fields={k: [v[i] for i in indices] for k, v in self.seq_fields.items()},
+            loss_normalizer=self.loss_normalizer,
+        )
+
+
+@dataclass
+class MicroBatch:
+    """Right-padded tensors for one forward pass.
+
+    input_ids/attention_mask: [B, L]. Completion-aligned tensors are [B, T] with T the longest
+    completion: position t of row i is the completion's t-th token, predicted by the logits at
+    input position prompt_len_i - 1 + t. `completion_mask` is 1 on real completion tokens.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_lens: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    token_fields: dict[str, torch.Tensor]
+    seq_fields: dict[str, torch.Tensor]
+    loss_normalizer: float
+
+    @staticmethod
+    def from_sequences(batch: SequenceBatch, pad_id: int = 0) -> "MicroBatch":
+        n = len(batch)
+        width = max(len(x) for x in batch.input_ids)
+        comp_lens = batch.completion_lens()
+        t_max = max(max(comp_lens), 1)
+        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+        attention = torch.zeros((n, width), dtype=torch.long)
+        completion_ids = torch.full((n, t_max), pad_id, dtype=torch.long)
+        completion_mask = torch.zeros((n, t_max), dtype=torch.float32)
+        fields = {k: torch.zeros((n, t_max), dtype=torch.float32) for k in batch.token_fields}
+        for i, (ids, p) in enumerate(zip(batch.input_ids, batch.prompt_lens)):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention[i, : len(ids)] = 1
+            c = len(ids) - p
+            completion_ids[i, :c] = torch.tensor(ids[p:])
+            completion_mask[i, :c] = 1.0
+            for k, v in batch.token_fields.items():
+                fields[k][i, :c] = torch.tensor(v[i], dtype=torch.float32)
+        return MicroBatch(
+            input_ids=input_ids,
+            attention_mask=attention,
+            prompt_lens=torch.tensor(batch.prompt_lens, dtype=torch.long),
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            token_fields=fields,
+            seq_fields={k: torch.tensor(v, dtype=torch.float32) for k, v in batch.seq_fields.items()},
+            loss_normalizer=batch.loss_normalizer,
+        )
+
+    def completion_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gather the [B, T, V] logits that predict each completion token from [B, L, V]."""
+        t = self.completion_ids.shape[1]
+        positions = torch.arange(t, device=logits.device)
+        offsets = (self.prompt_lens.to(logits.device) - 1)[:, None] + positions[None, :]
+        offsets = offsets.clamp(max=logits.shape[1] - 1)
+        return torch.gather(logits, 1, offsets[..., None].expand(-1, -1, logits.shape[-1]))

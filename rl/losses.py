@@ -1,0 +1,87 @@
+"""Loss math: pure functions over tensors and masks, no framework state.
+
+Shapes: per-token tensors are [B, T] (B completions, T completion positions), `mask` is 1.0 on
+valid completion tokens and 0.0 on padding.
+"""
+from __future__ import annotations
+
+import torch
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "sum_constant")
+KL_KINDS = ("k1", "k2", "k3")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool, eps: float = 1e-6) -> torch.Tensor:
+    """A_i = r_i - mean(group), optionally / (std(group) + eps); rewards are grouped contiguously."""
+    grouped = rewards.view(-1, group_size)
+    adv = grouped - grouped.mean(dim=1, keepdim=True)
+    if normalize_std:
+        # Unbiased std, as in the original GRPO implementation (torch.std's default).
+        adv = adv / (grouped.std(dim=1, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the sampled token's log-probabilities."""
+    log_ratio = logp - ref_logp
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio.pow(2)
+    if kind == "k3":
+        # exp(ref - logp) - (ref - logp) - 1: unbiased and non-negative (Schulman, 2020).
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"Unknown KL estimator {kind!r}; choose one of {KL_KINDS}.")
+
+
+def clipped_surrogate(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO loss -min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A) and whether it clipped."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
+    loss = -torch.minimum(unclipped, clipped)
+    return loss, (clipped < unclipped).float()
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: float) -> torch.Tensor:
+    """This batch's share of a loss aggregated over the WHOLE step.
+
+    `normalizer` comes from `step_normalizer` over every sequence of the optimizer step, so that
+    summing this over micro-batches and ranks gives exactly the full-batch aggregate:
+      token_mean:          sum(values * mask) / total valid tokens of the step
+      seq_mean_token_mean: sum_i (token-mean of sequence i) / sequences of the step
+      sum_constant:        sum(values * mask) / constant
+    """
+    if mode in ("token_mean", "sum_constant"):
+        return (values * mask).sum() / normalizer
+    if mode == "seq_mean_token_mean":
+        per_seq = (values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return per_seq.sum() / normalizer
+    raise ValueError(f"Unknown loss aggregation {mode!r}; choose one of {AGGREGATIONS}.")
+
+
+def step_normalizer(completion_lens: list[int], mode: str, constant: float | None = None) -> float:
+    """The denominator `aggregate` needs, from the lengths of all completions of the step."""
+    if mode == "token_mean":
+        return float(max(sum(completion_lens), 1))
+    if mode == "seq_mean_token_mean":
+        return float(max(len(completion_lens), 1))
+    if mode == "sum_constant":
+        if constant is None:
+            raise ValueError("sum_constant aggregation needs a constant (e.g. max_tokens x sequences).")
+        return float(constant)
+    raise ValueError(f"Unknown loss aggregation {mode!r}; choose one of {AGGREGATIONS}.")
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[token] per position, [B, T, V] x [B, T] -> [B, T]."""
+    # logsumexp + gather avoids materialising a second [B, T, V] tensor for log_softmax.
+    return torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per position, [B, T, V] -> [B, T]."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)

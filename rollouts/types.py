@@ -1,0 +1,42 @@
+"""The hand-off between the rollout side and the training side: plain dataclasses, no framework."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How to sample. Engines translate this into their own parameters."""
+
+    n: int = 1  # completions per prompt (GRPO's group size G)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: no top-k cut
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Completion:
+    """One sampled continuation of one prompt."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    # Log-probability of each sampled token under the engine's sampling distribution
+    # (temperature applied), one per entry of token_ids.
+    logprobs: list[float]
+    finish_reason: str  # "stop" (EOS or stop string) or "length" (hit max_tokens)
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+@dataclass
+class ScoringRequest:
+    """Ask an engine for the log-probability of given completion tokens after a prompt."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    meta: dict = field(default_factory=dict)
