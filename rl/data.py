@@ -134,12 +134,15 @@ class PromptStream:
         if not rows:
             raise DataError("The training set is empty after filtering.")
         self.rows, self.seed, self.shuffle, self.position = rows, seed, shuffle, position
+        self._cached: tuple[int, list[int]] = (-1, [])
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.rows)))
-        if self.shuffle and epoch > 0:
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        if self._cached[0] != epoch:
+            order = list(range(len(self.rows)))
+            if self.shuffle and epoch > 0:  # epoch 0 keeps load_rows' (seeded) order
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._cached = (epoch, order)
+        return self._cached[1]
 
     def take(self, n: int) -> list[dict]:
         out = []

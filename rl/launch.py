@@ -24,21 +24,16 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def _validate(cfg, dry_run: bool) -> None:
+def _validate(cfg) -> None:
     """Resolve every name in the config now, so typos cost seconds, not a started cluster."""
     from rl.algorithms import build_algorithm
-    from rl.models import EMBEDDED
+    from rl.models import check_model_path
     from rewards import get_reward
 
     build_algorithm(cfg)
     for spec in cfg.reward.functions:
         get_reward(spec.name)
-    path = cfg.model.path
-    if dry_run and path not in EMBEDDED and not Path(path).expanduser().exists():
-        if not (path.count("/") == 1 and not path.startswith((".", "/", "~"))):
-            from rl.models import ModelError
-
-            raise ModelError(f"Model path {path!r} does not exist and is not a hub id.")
+    check_model_path(cfg.model.path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     user_errors = (ConfigError, ModelError, DataError, RewardError, KeyError, ImportError, AttributeError)
     try:
         cfg = load_config(recipe, overrides)
-        _validate(cfg, dry_run="--dry-run" in flags)
+        _validate(cfg)
     except user_errors as e:
         _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
     if "--print-config" in flags:

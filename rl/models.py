@@ -48,6 +48,18 @@ def _convert_gguf(package: str, filename: str, out_dir: Path) -> Path:
     return out_dir
 
 
+def check_model_path(path: str) -> None:
+    """Fail now, without loading or downloading anything, if `path` cannot name a model."""
+    if path in EMBEDDED or Path(path).expanduser().exists():
+        return
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ModelError(
+            f"Model path {path!r} does not exist. Set `model.path` to an HF model folder, a hub id "
+            f"such as Qwen/Qwen3-1.7B, or the embedded default {', '.join(EMBEDDED)}."
+        )
+
+
 def resolve_model_path(path: str) -> str:
     """A local HF folder for `path`: embedded alias, existing folder, or hub id (downloaded)."""
     if path in EMBEDDED:
@@ -64,12 +76,7 @@ def resolve_model_path(path: str) -> str:
                 "folder. Point `model.path` at the folder that holds config.json and the weights."
             )
         return str(local.resolve())
-    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
-        raise ModelError(
-            f"Model path {path!r} does not exist. Set `model.path` to an HF model folder, a hub id "
-            f"such as Qwen/Qwen3-1.7B, or the embedded default {', '.join(EMBEDDED)}."
-        )
+    check_model_path(path)
     try:
         from huggingface_hub import snapshot_download
 
