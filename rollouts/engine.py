@@ -1,0 +1,80 @@
+"""The contract every rollout engine implements, and the factory that picks one.
+
+Log-probability conventions (shared by every engine, so that the learner can rely on them):
+
+- `generate` returns, per sampled token, its log-probability under the distribution it was
+  actually drawn from: softmax(logits / T), restricted to the top-k / top-p set when those cuts
+  are active and renormalised over that set (vLLM's `logprobs_mode="processed_logprobs"`).
+  With `top_k=-1, top_p=1` this is exactly log_softmax(logits / T), which is what the learner
+  recomputes; with a cut, a learner that recomputes log_softmax(logits / T) sees a larger
+  logprob gap by construction. Greedy decoding (T=0) reports log_softmax(logits).
+- `score` returns log p(token | prefix) at temperature 1 with no cut, under the engine's current
+  weights: the quantity to compare with the learner after each weight push.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from rollouts.types import Completion, SamplingSpec, ScoringRequest
+
+
+class RolloutEngine(ABC):
+    @abstractmethod
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
+        """`spec.n` completions for each prompt, in prompt order."""
+
+    @abstractmethod
+    def score(self, requests: list[ScoringRequest]) -> list[list[float]]:
+        """log p(token_ids[t] | prompt_ids + token_ids[:t]) at temperature 1, one list per request."""
+
+    @abstractmethod
+    def update_weights(self, state_dict: dict) -> None:
+        """Load tensors named as in a transformers model's `state_dict()`; a subset is allowed."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the engine's memory and processes."""
+
+
+def make_engine(
+    kind: str,
+    model_path: str,
+    *,
+    seed: int,
+    dtype: str = "float32",
+    max_model_len: int = 2048,
+    kv_cache_gb: float = 1.0,
+    gpu_memory_utilization: float = 0.4,
+    trust_remote_code: bool = False,
+) -> RolloutEngine:
+    """Build a `kind` ("vllm" or "hf") engine; vLLM and transformers are imported only here."""
+    common = dict(seed=seed, dtype=dtype, max_model_len=max_model_len, trust_remote_code=trust_remote_code)
+    if kind == "vllm":
+        from rollouts.vllm_engine import VLLMEngine
+
+        return VLLMEngine(
+            model_path, kv_cache_gb=kv_cache_gb, gpu_memory_utilization=gpu_memory_utilization, **common
+        )
+    if kind == "hf":
+        from rollouts.hf_engine import HFEngine
+
+        return HFEngine(model_path, **common)
+    raise ValueError(f"unknown rollout engine kind {kind!r}; choose 'vllm' or 'hf'")
+
+
+def check_state_dict(state_dict: dict, expected_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Reject unknown names and wrong shapes before any tensor is loaded.
+
+    A bad tensor half-way through vLLM's in-place reload leaves layers on the meta device and the
+    engine unusable, so the whole dict is checked first.
+    """
+    unknown = sorted(set(state_dict) - set(expected_shapes))
+    if unknown:
+        raise ValueError(f"update_weights: unknown parameter names {unknown[:5]} (of {len(unknown)})")
+    wrong = [
+        f"{name}: got {tuple(t.shape)}, expected {expected_shapes[name]}"
+        for name, t in state_dict.items()
+        if tuple(t.shape) != expected_shapes[name]
+    ]
+    if wrong:
+        raise ValueError(f"update_weights: wrong shapes {wrong[:5]} (of {len(wrong)})")

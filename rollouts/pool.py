@@ -1,0 +1,142 @@
+"""A pool of rollout engines, one per Ray actor, driven from the trainer process."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from rollouts.types import Completion, SamplingSpec, ScoringRequest
+
+
+class RolloutEngineError(RuntimeError):
+    """An engine in a RolloutPool failed, died or did not answer in time."""
+
+
+class _EngineHost:
+    """The actor body: owns one engine and runs its methods."""
+
+    def __init__(self, kind: str, model_path: str, seed: int, engine_kwargs: dict):
+        from rollouts.engine import make_engine
+
+        # Kept and raised from ready(): an exception escaping __init__ reaches the driver only as
+        # the actor's death notice, its cause flattened into a traceback string.
+        self.start_error = None
+        try:
+            self.engine = make_engine(kind, model_path, seed=seed, **engine_kwargs)
+        except Exception as e:
+            self.start_error = e
+
+    def ready(self) -> bool:
+        if self.start_error is not None:
+            raise self.start_error
+        return True
+
+    def call(self, method: str, *args):
+        return getattr(self.engine, method)(*args)
+
+    def apply(self, fn: Callable):
+        return fn(self.engine)
+
+
+class RolloutPool:
+    """`num_engines` engines in Ray actors; engine i is seeded `seed + i`.
+
+    Requests are split into contiguous chunks, one per engine, and answers come back in input
+    order. Any failure inside an actor is raised here as RolloutEngineError naming the engine;
+    with `timeout_s` set, an engine that does not answer in time is reported the same way rather
+    than stalling the trainer. The caller owns `ray.init`.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        model_path: str,
+        num_engines: int = 1,
+        seed: int = 0,
+        engine_cpus: float = 1.0,
+        timeout_s: float | None = None,
+        **engine_kwargs,
+    ):
+        import ray
+
+        self.kind = kind
+        self.timeout_s = timeout_s
+        actor = ray.remote(num_cpus=engine_cpus)(_EngineHost)
+        self._actors = [actor.remote(kind, model_path, seed + i, engine_kwargs) for i in range(num_engines)]
+        try:
+            # Construction errors (bad path, no memory) surface here, not at the first generate.
+            self._gather("start", [a.ready.remote() for a in self._actors])
+        except RolloutEngineError:
+            self._kill()
+            raise
+
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
+        return self._spread("generate", prompts, spec)
+
+    def score(self, requests: list[ScoringRequest]) -> list[list[float]]:
+        return self._spread("score", requests)
+
+    def score_each_engine(self, requests: list[ScoringRequest]) -> list[list[list[float]]]:
+        """Every engine scores every request: the per-engine check after a weight push."""
+        return self._gather("score", [a.call.remote("score", requests) for a in self._actors])
+
+    def update_weights(self, state_dict: dict) -> None:
+        import ray
+
+        ref = ray.put(state_dict)  # one copy in the object store, read by every actor
+        self._gather("update_weights", [a.call.remote("update_weights", ref) for a in self._actors])
+
+    def apply(self, fn: Callable) -> list:
+        """fn(engine) in every actor, for diagnostics and tests; results in engine order."""
+        return self._gather("apply", [a.apply.remote(fn) for a in self._actors])
+
+    def close(self) -> None:
+        try:
+            self._gather("close", [a.call.remote("close") for a in self._actors])
+        finally:
+            self._kill()
+
+    def _spread(self, method: str, items: list, *args) -> list:
+        bounds = _chunk_bounds(len(items), len(self._actors))
+        # Empty chunks are all at the end, so a ref's position is still its engine's index.
+        refs = [a.call.remote(method, items[lo:hi], *args) for a, (lo, hi) in zip(self._actors, bounds) if hi > lo]
+        return [x for part in self._gather(method, refs) for x in part]
+
+    def _gather(self, method: str, refs: list) -> list:
+        """ray.get that fails fast: the first engine error is raised without waiting for the rest."""
+        import ray
+
+        engine_of = {ref: i for i, ref in enumerate(refs)}
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        pending = list(refs)
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not done:
+                late = sorted(engine_of[r] for r in pending)
+                raise RolloutEngineError(f"{self.kind} engines {late} gave no answer to {method} in {self.timeout_s} s")
+            try:
+                ray.get(done[0])
+            except ray.exceptions.RayError as e:
+                cause = getattr(e, "cause", None) or e
+                raise RolloutEngineError(
+                    f"{self.kind} engine {engine_of[done[0]]} failed in {method}: {type(cause).__name__}: {cause}"
+                ) from e
+        return ray.get(refs)
+
+    def _kill(self) -> None:
+        import ray
+
+        for a in self._actors:
+            ray.kill(a)
+        self._actors = []
+
+
+def _chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous [lo, hi) ranges whose sizes differ by at most one."""
+    size, extra = divmod(n, parts)
+    bounds, lo = [], 0
+    for i in range(parts):
+        hi = lo + size + (i < extra)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
