@@ -3,7 +3,8 @@
 The learner knows nothing about the algorithm. A loss function is a picklable callable
 `loss_fn(logits, mb) -> (scalar, metrics)`: `logits` are the float32 completion-aligned logits
 already divided by the temperature, the scalar is this micro-batch's share of the step's GLOBAL
-loss (divided by `mb.loss_normalizer`), and the metrics are sums. The gradient applied is exactly
+loss (divided by `mb.loss_normalizer`), and the metrics are sums (the learner adds `loss`, the
+sum of those scalars, itself). The gradient applied is exactly
 d(sum of all micro-batch losses on all ranks)/d(theta), however the step is split into
 micro-batches and ranks; see `LearnerWorker.train_step`.
 
@@ -76,7 +77,9 @@ def _disable_dropout(model: torch.nn.Module) -> None:
 
 
 def _to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
-    move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+    def move(fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in fields.items()}
+
     return dataclasses.replace(
         mb,
         input_ids=mb.input_ids.to(device),
@@ -171,7 +174,7 @@ class LearnerWorker:
         if self.cfg.zero_stage == 3:
             # Sharded like the policy, so the reference costs 1/world_size of a model per rank.
             engine, *_ = deepspeed.initialize(model=ref, config=ds_config)
-            return engine.eval()
+            return engine
         return ref.to(self.device)
 
     # ------------------------------------------------------------------ micro-batching
@@ -186,15 +189,14 @@ class LearnerWorker:
         if count is None:
             count = max(1, math.ceil(n / self.cfg.micro_batch_size))
         size = max(1, math.ceil(n / count))
-        out: list[MicroBatch | None] = []
-        for i in range(count):
-            idx = list(range(i * size, min(n, (i + 1) * size)))
-            out.append(_to_device(MicroBatch.from_sequences(batch.select(idx), self.pad_id), self.device) if idx else None)
-        return out
+        chunks = [list(range(i * size, min(n, (i + 1) * size))) for i in range(count)]
+        return [self._prepare(batch.select(idx)) if idx else None for idx in chunks]
+
+    def _prepare(self, sequences: SequenceBatch) -> MicroBatch:
+        return _to_device(MicroBatch.from_sequences(sequences, self.pad_id), self.device)
 
     def _placeholder(self) -> MicroBatch:
-        seq = SequenceBatch(input_ids=[[self.pad_id, self.pad_id]], prompt_lens=[1])
-        return _to_device(MicroBatch.from_sequences(seq, self.pad_id), self.device)
+        return self._prepare(SequenceBatch(input_ids=[[self.pad_id, self.pad_id]], prompt_lens=[1]))
 
     def _logits(self, model, mb: MicroBatch, temperature: float) -> torch.Tensor:
         out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
@@ -211,8 +213,9 @@ class LearnerWorker:
     ) -> dict[str, float]:
         """Forward/backward every micro-batch, then one optimizer step.
 
-        Returns the loss_fn metrics summed over micro-batches, `grad_norm` (before clipping) and
-        `lr` (the one this step used).
+        Returns the loss_fn metrics summed over micro-batches, `loss` (the sum of the scalars
+        differentiated, i.e. this rank's share of the step's global loss), `grad_norm` (before
+        clipping) and `lr` (the one this step used).
         """
         self.engine.train()
         micro = self._micro_batches(batch, num_micro_batches)
@@ -225,7 +228,7 @@ class LearnerWorker:
                 loss = self._logits(self.engine, self._placeholder(), temperature).sum() * 0.0
             else:
                 loss, part = loss_fn(self._logits(self.engine, mb, temperature), mb)
-                _add_metrics(metrics, part)
+                _add_metrics(metrics, {**part, "loss": loss.item()})
             # Data parallelism AVERAGES gradients over ranks; the loss is already a share of the
             # global sum, so scaling by world_size turns that average back into the sum.
             # scale_wrt_gas=False: the micro-batch losses are summed, not averaged.
@@ -344,7 +347,7 @@ class LearnerGroup:
             except ray.exceptions.RayError as e:
                 cause = getattr(e, "cause", None) or e
                 raise RuntimeError(
-                    f"learner rank {rank_of[ref]}/{len(refs)} failed in {what}: {type(cause).__name__}: {cause}"
+                    f"learner rank {rank_of[ref]} of {len(refs)} failed in {what}: {type(cause).__name__}: {cause}"
                 ) from e
         return results
 
@@ -355,7 +358,8 @@ class LearnerGroup:
         return [batch.select(p) for p in parts], count
 
     def train_step(self, batch: SequenceBatch, loss_fn, temperature: float = 1.0) -> dict[str, float]:
-        """One optimizer step on the whole batch: metrics summed over ranks, grad_norm and lr of rank 0."""
+        """One optimizer step on the whole batch: metrics (with `loss`, the step's global loss) summed
+        over ranks, grad_norm and lr of rank 0."""
         shards, count = self._shards(batch)
         refs = [w.train_step.remote(s, loss_fn, temperature, count) for w, s in zip(self.workers, shards)]
         results = self._wait(refs, "train_step")
