@@ -1,11 +1,28 @@
-"""Built-in math rewards: answer correctness checked with math-verify, and answer extraction."""
+"""Built-in rewards: math answer correctness (math-verify), boxed format, overlong length penalty.
+
+Gold answers are extracted from dataset rows once, at load (rl.data uses `gsm8k_gold` and
+`last_boxed` from here); the rewards compare a completion's final answer with that `answer`.
+"""
 from __future__ import annotations
 
+import functools
+import logging
 import re
+import threading
 
 from rewards.registry import register_reward
 
 _GSM8K_GOLD = re.compile(r"####\s*(.+?)\s*$", re.S)
+_GSM8K_FINAL = re.compile(r"####\s*([^\n]+)")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# "12 dollars", "\frac{1}{2} cups": plain-word units after a number; LaTeX would read them as a
+# product of single-letter symbols.
+_WORD_UNITS = re.compile(r"^(.*?[\d}])\s+(?:[A-Za-z]{2,}\s*)+$")
+ANSWER_FALLBACKS = ("none", "last_number", "math_verify")
+
+# Set in reward worker processes: there the process kill is the deadline, so math-verify's own
+# signal.alarm timeouts are turned off (they would also turn a hang into a silent 0).
+_SIGNAL_TIMEOUTS = True
 
 
 def gsm8k_gold(worked_solution: str) -> str | None:
@@ -33,31 +50,105 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def answers_match(predicted: str, gold: str) -> bool:
-    """math-verify equivalence of two answer strings (LaTeX or plain)."""
-    from math_verify import LatexExtractionConfig, ExprExtractionConfig, parse, verify
+def final_answer(completion: str, fallback: str = "last_number") -> str | None:
+    """The completion's final answer: the last \\boxed{}, else a GSM8K `#### N` line, else `fallback`.
 
-    configs = [LatexExtractionConfig(), ExprExtractionConfig()]
-    gold_parsed = parse(f"${gold}$", extraction_config=configs)
-    if not gold_parsed:
-        gold_parsed = parse(gold, extraction_config=configs)
-    pred_parsed = parse(f"${predicted}$", extraction_config=configs)
+    fallback: "none" (no answer), "last_number" (the last number in the text) or "math_verify"
+    (math-verify's own extraction over the whole text: "final answer is", last LaTeX expression).
+    """
+    if fallback not in ANSWER_FALLBACKS:
+        raise ValueError(f"answer fallback {fallback!r} is not one of {ANSWER_FALLBACKS}")
+    boxed = last_boxed(completion)
+    if boxed is not None:
+        return boxed
+    hashes = _GSM8K_FINAL.findall(completion)
+    if hashes:
+        return hashes[-1].replace(",", "").strip()
+    if fallback == "last_number":
+        numbers = _NUMBER.findall(completion)
+        return numbers[-1].replace(",", "") if numbers else None
+    if fallback == "math_verify":
+        parsed = _parse(completion)
+        return parsed[-1] if parsed else None
+    return None
+
+
+def disable_signal_timeouts() -> None:
+    """Run math-verify without its signal.alarm timeouts (for killable worker processes)."""
+    global _SIGNAL_TIMEOUTS
+    _SIGNAL_TIMEOUTS = False
+    # Without this, math-verify warns on every call that its timeout is disabled.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+def _timeouts() -> tuple[dict, dict]:
+    # signal.alarm only works in the main thread; elsewhere math-verify raises ValueError.
+    if _SIGNAL_TIMEOUTS and threading.current_thread() is threading.main_thread():
+        return {}, {}
+    return {"parsing_timeout": None}, {"timeout_seconds": None}
+
+
+def _parse(text: str) -> list:
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    return parse(text, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()], **_timeouts()[0])
+
+
+def _clean(answer: str) -> str:
+    answer = answer.strip().rstrip(".").strip()
+    m = _WORD_UNITS.match(answer)
+    return m.group(1) if m else answer
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_answer(answer: str) -> tuple:
+    # Wrapping in \boxed{} makes math-verify read the whole string as one answer (so "2+" is left
+    # unparsed instead of read as 2) and applies its unit/\text/percent normalisation.
+    return tuple(_parse(f"\\boxed{{{answer}}}"))
+
+
+def answers_match(predicted: str, gold: str) -> bool:
+    """math-verify equivalence of two answer strings (LaTeX or plain); empty never matches."""
+    from math_verify import verify
+
+    predicted, gold = _clean(predicted), _clean(gold)
+    if not predicted:
+        return False
+    gold_parsed, pred_parsed = _parse_answer(gold), _parse_answer(predicted)
     if not gold_parsed or not pred_parsed:
-        return predicted.strip() == gold.strip()
-    return bool(verify(gold_parsed, pred_parsed))
+        return predicted == gold
+    return bool(verify(list(gold_parsed), list(pred_parsed), **_timeouts()[1]))
 
 
 @register_reward("math_verify")
-def math_verify_reward(completion: str, answer: str, **row) -> float:
+def math_verify_reward(completion: str, answer: str, *, answer_fallback: str = "last_number", **row) -> float:
     """1.0 if the completion's final answer equals the gold `answer`, else 0.0.
 
-    The final answer is the last \\boxed{} content; without one, the last number in the text
-    (small models often answer without the box; this fallback keeps their signal).
+    The final answer is the last \\boxed{} content, else a `#### N` line, else `answer_fallback`
+    (default the last number: small models often answer without the box; this keeps their signal).
     """
-    predicted = last_boxed(completion)
-    if predicted is None:
-        numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", completion)
-        if not numbers:
-            return 0.0
-        predicted = numbers[-1].replace(",", "")
-    return 1.0 if answers_match(predicted, str(answer)) else 0.0
+    predicted = final_answer(completion, answer_fallback)
+    return 1.0 if predicted is not None and answers_match(predicted, str(answer)) else 0.0
+
+
+@register_reward("boxed_format")
+def boxed_format_reward(completion: str, **row) -> float:
+    """1.0 if the completion gives a non-empty final \\boxed{} answer, else 0.0 (format only)."""
+    boxed = last_boxed(completion)
+    return 1.0 if boxed is not None and boxed.strip() else 0.0
+
+
+@register_reward("overlong")
+def overlong_reward(
+    completion: str, *, completion_tokens: int, max_tokens: int, overlong_buffer_frac: float = 0.2, **row
+) -> float:
+    """DAPO's soft overlong penalty: 0 up to max_tokens - buffer, then linear down to -1 at max_tokens.
+
+    buffer = overlong_buffer_frac * max_tokens. The trainer passes `completion_tokens` (tokens
+    sampled) and `max_tokens` (rollout.max_tokens); a truncated completion gets the full -1.
+    """
+    if completion_tokens >= max_tokens:
+        return -1.0
+    buffer = overlong_buffer_frac * max_tokens
+    start = max_tokens - buffer
+    return 0.0 if completion_tokens <= start else -(completion_tokens - start) / buffer

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from typing import Callable
@@ -16,12 +17,25 @@ RewardFn = Callable[..., "float | dict"]
 _REGISTRY: dict[str, RewardFn] = {}
 
 
+def _same_definition(a: RewardFn, b: RewardFn) -> bool:
+    # One file imported twice (as a module and as `file.py:function`, or again in a worker) gives
+    # two function objects for one definition: that is a re-registration, not a name clash.
+    code_a, code_b = getattr(a, "__code__", None), getattr(b, "__code__", None)
+    return (
+        code_a is not None
+        and code_b is not None
+        and a.__qualname__ == b.__qualname__
+        and Path(code_a.co_filename).resolve() == Path(code_b.co_filename).resolve()
+    )
+
+
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     """Decorator: make `fn` selectable as `name` in a recipe's reward list."""
 
     def wrap(fn: RewardFn) -> RewardFn:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"A reward named {name!r} is already registered ({_REGISTRY[name].__module__}).")
+        old = _REGISTRY.get(name)
+        if old is not None and old is not fn and not _same_definition(old, fn):
+            raise ValueError(f"A reward named {name!r} is already registered ({old.__module__}.{old.__qualname__}).")
         _REGISTRY[name] = fn
         return fn
 
@@ -73,3 +87,22 @@ def get_reward(ref: str) -> RewardFn:
     if fn is None or not callable(fn):
         raise AttributeError(f"Reward {ref!r}: {target} has no function {fn_name!r}.")
     return fn
+
+
+def portable_ref(ref: str) -> str:
+    """A reference that resolves to the same function in a fresh (spawned) process.
+
+    Built-in names resolve anywhere. A name registered by user code only exists once that code is
+    imported, so it becomes the `module:function` (or `file.py:function`) that defines it; relative
+    file paths become absolute, so a worker's working directory does not matter.
+    """
+    if ":" in ref:
+        target, fn_name = ref.rsplit(":", 1)
+        return f"{Path(target).resolve()}:{fn_name}" if target.endswith(".py") else ref
+    fn = get_reward(ref)
+    module = fn.__module__
+    if module.startswith("rewards."):
+        return ref
+    if module == "__main__" or module.startswith("_user_reward_"):
+        return f"{Path(inspect.getfile(fn)).resolve()}:{fn.__name__}"
+    return f"{module}:{fn.__name__}"

@@ -107,14 +107,56 @@ class GRPOConfig(Section):
 
 
 class RewardSpec(Section):
-    name: str = Field(..., description="Registered reward name, `module.path:function` or `file.py:function`.")
-    weight: float = Field(1.0, description="Weight in the total reward.")
+    name: str = Field(
+        ...,
+        description="Registered reward name (math_verify, boxed_format, overlong, or one registered "
+        "with @rewards.register_reward), `module.path:function` or `path/to/file.py:function`.",
+    )
+    weight: float = Field(1.0, description="Weight of this reward in the total (e.g. 0.1 for a format bonus).")
 
 
 class RewardConfig(Section):
     functions: list[RewardSpec] = Field(
         default_factory=lambda: [RewardSpec(name="math_verify")],
         description="Rewards summed with weights; the default is math-verify answer correctness.",
+    )
+    workers: int = Field(
+        2,
+        ge=0,
+        description="Reward worker processes. Each completion's reward runs in one of them under a hard "
+        "`timeout_s` deadline (a hung check is killed and the worker replaced). 0 scores inline in "
+        "the trainer: no timeout possible, for debugging. 2 matches the 2-core CPU machine; a "
+        "math-verify check takes about 1-3 ms, so the pool is for isolation more than speed.",
+    )
+    timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds one reward call on one completion may take in a worker before it is "
+        "killed; the call scores 0 and is counted (`reward_timeouts`) and logged with the "
+        "completion in <run>/reward_failures.jsonl. 10 s is thousands of times a normal "
+        "math-verify call, yet a stuck sympy simplification costs a step only seconds.",
+    )
+    on_error: Literal["raise", "zero"] = Field(
+        "raise",
+        description="A reward that raises or returns a non-finite or non-numeric value: `raise` stops "
+        "the run with the function, the completion and the row (a bug in a reward silently "
+        "scored 0 would train on a wrong signal); `zero` scores it 0, counts it "
+        "(`reward_errors_scored_zero`) and logs it like a timeout.",
+    )
+    answer_fallback: Literal["none", "last_number", "math_verify"] = Field(
+        "last_number",
+        description="How math_verify finds a completion's answer when it has no \\boxed{} and no "
+        "`#### N` line: `last_number` (default: small models often answer without the box and "
+        "this keeps their signal), `math_verify` (math-verify's own extraction over the whole "
+        "text, e.g. `final answer is $x$`), or `none` (no box, no credit: strict format).",
+    )
+    overlong_buffer_frac: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="The `overlong` reward (DAPO's soft overlong penalty) is 0 up to "
+        "rollout.max_tokens x (1 - this), then falls linearly to -1 at rollout.max_tokens "
+        "(truncated completions). 0.2 is DAPO's 4096-token buffer over 20480 tokens.",
     )
 
 

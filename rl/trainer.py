@@ -14,7 +14,7 @@ from rl.config import PROJECT_ROOT, RunConfig
 from rl.data import PromptStream, build_prompt, load_rows
 from rl.models import resolve_model_path
 from rl.tracking import Tracker
-from rewards.scoring import RewardScorer
+from rewards.scoring import RewardScorer, log_failures
 from rollouts.types import ScoringRequest
 
 CORRECTNESS_PARTS = ("math_verify", "correct")
@@ -97,7 +97,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     stream = PromptStream(load_rows(cfg.data, cfg.seed), cfg.seed, shuffle=cfg.data.shuffle)
     algorithm = build_algorithm(cfg)
-    scorer = RewardScorer([(r.name, r.weight) for r in cfg.reward.functions])
+    scorer = RewardScorer.from_config(cfg.reward, max_tokens=cfg.rollout.max_tokens)
     spec = algorithm.sampling_spec()
 
     init_ray(cfg)
@@ -133,7 +133,10 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
             t1 = time.time()
 
             flat = [(c, row) for row, group in zip(rows, completions) for c in group]
-            totals, parts = scorer.score([c.text for c, _ in flat], [row for _, row in flat])
+            info = [{"completion_tokens": len(c.token_ids), "truncated": c.truncated} for c, _ in flat]
+            scored = scorer.score([c.text for c, _ in flat], [row for _, row in flat], info)
+            totals, parts = scored.totals, scored.parts
+            log_failures(run_dir / "reward_failures.jsonl", step, scored.failures)
             per_prompt = len(completions[0])
             rewards = [totals[i : i + per_prompt] for i in range(0, len(totals), per_prompt)]
             rollouts = Rollouts(rows=rows, prompt_ids=prompt_ids, completions=completions, rewards=rewards)
@@ -158,6 +161,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
             metrics = {
                 "reward": _mean(totals),
                 **{f"reward/{k}": _mean(v) for k, v in parts.items()},
+                **scored.counts,
                 "response_length": _mean(lengths),
                 "truncated_fraction": _mean(c.truncated for c, _ in flat),
                 "rollout_tokens": sum(lengths),
@@ -182,6 +186,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         if cfg.train.save_final:
             learners.save_hf(str(run_dir / "final"))
     finally:
+        scorer.close()
         tracker.close()
         pool.close()
         learners.close()
