@@ -21,6 +21,10 @@ class SequenceBatch:
     token_fields: dict[str, list[list[float]]] = field(default_factory=dict)
     seq_fields: dict[str, list[float]] = field(default_factory=dict)
     loss_normalizer: float = 1.0
+    # A second context for the same completions (OPSD's teacher sees the reference solution):
+    # teacher_input_ids[i] = teacher prompt + the SAME completion tokens as input_ids[i].
+    teacher_input_ids: list[list[int]] | None = None
+    teacher_prompt_lens: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -35,7 +39,16 @@ class SequenceBatch:
             token_fields={k: [v[i] for i in indices] for k, v in self.token_fields.items()},
             seq_fields={k: [v[i] for i in indices] for k, v in self.seq_fields.items()},
             loss_normalizer=self.loss_normalizer,
+            teacher_input_ids=None if self.teacher_input_ids is None else [self.teacher_input_ids[i] for i in indices],
+            teacher_prompt_lens=None if self.teacher_prompt_lens is None else [self.teacher_prompt_lens[i] for i in indices],
         )
+
+    def teacher_view(self) -> "SequenceBatch | None":
+        """The teacher-context sequences as a batch of their own (same completions, same fields)."""
+        if self.teacher_input_ids is None:
+            return None
+        return SequenceBatch(self.teacher_input_ids, self.teacher_prompt_lens, self.token_fields, self.seq_fields,
+                             self.loss_normalizer)
 
 
 @dataclass
