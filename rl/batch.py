@@ -101,8 +101,41 @@ class MicroBatch:
 
     def completion_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Gather the [B, T, V] logits that predict each completion token from [B, L, V]."""
+        return self.completion_aligned(logits)
+
+    def completion_aligned(self, per_position: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] values of the input positions that predict each completion token -> [B, T, D]
+        (logits, or hidden states before the output layer)."""
         t = self.completion_ids.shape[1]
-        positions = torch.arange(t, device=logits.device)
-        offsets = (self.prompt_lens.to(logits.device) - 1)[:, None] + positions[None, :]
-        offsets = offsets.clamp(max=logits.shape[1] - 1)
-        return torch.gather(logits, 1, offsets[..., None].expand(-1, -1, logits.shape[-1]))
+        positions = torch.arange(t, device=per_position.device)
+        offsets = (self.prompt_lens.to(per_position.device) - 1)[:, None] + positions[None, :]
+        offsets = offsets.clamp(max=per_position.shape[1] - 1)
+        return torch.gather(per_position, 1, offsets[..., None].expand(-1, -1, per_position.shape[-1]))
+
+
+@dataclass
+class PolicyOutputs:
+    """What a loss function sees of one micro-batch: `loss_fn(out, mb) -> (scalar, metrics)`.
+
+    All [B, T, ...] tensors are completion-aligned like `MicroBatch.completion_ids`: position t of
+    row i belongs to the input position that predicts the row's t-th completion token.
+    hidden: [B, T, H] final hidden states (after the final norm), with grad.
+    lm_head_weight: [V, H] output layer (logits = hidden @ W^T), with grad. Pass it with `hidden`
+        to `rl.divergences.chunked_divergence` / `rl.entropy.chunked_entropy` so that [B, T, V]
+        logits never exist at once.
+    temperature: the learner's logit divisor (the sampling temperature, or 1).
+    teacher_hidden: [B, T, H] without grad: the teacher's hidden states at the SAME completion
+        tokens, from its forward on the batch's teacher view; None when the batch has none.
+    teacher_lm_head_weight: the teacher's own output layer when it is another copy (frozen or EMA
+        teacher of a fully trained model); None when it is `lm_head_weight` itself.
+    """
+
+    hidden: torch.Tensor
+    lm_head_weight: torch.Tensor
+    temperature: float = 1.0
+    teacher_hidden: torch.Tensor | None = None
+    teacher_lm_head_weight: torch.Tensor | None = None
+
+    def logits(self) -> torch.Tensor:
+        """[B, T, V] float32 logits / temperature, materialised: for small vocabularies and simple losses."""
+        return torch.nn.functional.linear(self.hidden, self.lm_head_weight).float() / self.temperature

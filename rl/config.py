@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = PROJECT_ROOT / "recipes"
@@ -22,6 +22,33 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Section):
+    """LoRA adapters on the learner (peft); the engines always receive merged weights."""
+
+    enabled: bool = Field(
+        False,
+        description="Train low-rank adapters instead of all weights. The frozen reference (and OPSD's "
+        "frozen teacher) is then the same model with adapters disabled, so no second copy is kept.",
+    )
+    rank: int = Field(64, ge=1, description="Adapter rank r [64 in the OPSD paper's recipe, arXiv 2601.18734].")
+    alpha: float = Field(
+        128.0, gt=0, description="Scale numerator: the update is (alpha / rank) * B @ A [128 in the OPSD recipe, i.e. 2x]."
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the adapter input. 0 keeps the learner computing exactly the function the "
+        "engines sample from (they run the merged weights, without dropout), as importance ratios assume.",
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Module names that get adapters: by default every attention and MLP projection "
+        "(the OPSD paper's choice; names of Llama/Qwen-style models). The output layer cannot be one.",
+    )
 
 
 class ModelConfig(Section):
@@ -36,6 +63,7 @@ class ModelConfig(Section):
         "slower there and engine/learner logprobs agree to 1e-6 only in fp32).",
     )
     trust_remote_code: bool = Field(False, description="Needed for models with their own code (LLaDA).")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (off: full fine-tuning).")
 
 
 class DataConfig(Section):
@@ -67,6 +95,16 @@ class DataConfig(Section):
     )
     system_prompt: Optional[str] = Field(None, description="Optional system message (chat format).")
     max_prompt_tokens: int = Field(512, ge=1, description="Longer prompts are skipped with a count in the log.")
+    enable_thinking: Optional[bool] = Field(
+        None,
+        description="Passed to chat templates that have a thinking switch (Qwen3's `enable_thinking`); "
+        "None leaves the template's default. OPSD's student runs with thinking off (the paper's pairing).",
+    )
+    skip_rows_without_answer: bool = Field(
+        False,
+        description="Drop rows with no gold answer (counted in the log) instead of stopping: for sets "
+        "used only as context (OPSD's solutions) where a few rows lack a final answer.",
+    )
 
 
 class RolloutConfig(Section):
@@ -104,6 +142,51 @@ class GRPOConfig(Section):
         None, description="Denominator for sum_constant; None uses rollout.max_tokens x sequences."
     )
     updates_per_batch: int = Field(1, ge=1, description="mu: optimizer steps per rollout batch [1-4]; >1 needs an old-policy forward.")
+
+
+class OPSDConfig(Section):
+    """On-policy self-distillation (arXiv 2601.18734): the student is pulled toward the same model
+    shown the reference solution, at every position of the student's own rollout."""
+
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="Per-position divergence over the full vocabulary; forward KL(p_T||p_S) is the paper's final choice."
+    )
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="beta of the generalized JSD [0.5 in the paper's first version].")
+    clip: Optional[float] = Field(
+        0.05,
+        gt=0,
+        description="Cap tau on each (position, vocab entry) term before the vocabulary sum [0.05 for "
+        "1.7B/4B]; without it style tokens ('wait') dominate and training collapses. None disables.",
+    )
+    scale_logits_by_temperature: bool = Field(
+        False,
+        description="Divide both logit sets by rollout.temperature before log_softmax, as the released "
+        "code does; the paper's form (default) compares the untempered distributions.",
+    )
+    token_loss: Literal["full", "sampled", "top_k"] = Field(
+        "full",
+        description="full: divergence over the whole vocabulary (the paper); sampled: -a_t log p_S(y_t) "
+        "with a_t = log p_T(y_t) - log p_S(y_t) detached (cheaper, worse); top_k: both renormalised "
+        "over the teacher's top k entries.",
+    )
+    top_k: int = Field(20, ge=1, description="k for token_loss=top_k.")
+    aggregation: Literal["paper", "code"] = Field(
+        "paper",
+        description="paper: mean over each sequence's tokens, then over sequences; code: mean over all "
+        "valid completion tokens of the step (the released code's token mean).",
+    )
+    chunk_size: int = Field(
+        512, ge=1, description="Positions per chunk of the full-vocabulary divergence; peak memory ~ chunk_size x vocab."
+    )
+    teacher_instruction: str = Field(
+        "Read the reference solution carefully until you understand why it works. Then solve the "
+        "problem yourself, reasoning step by step in your own words, and reach the same final "
+        "answer. Do not copy the reference solution.",
+        description="Told to the teacher after the reference solution (the paper's structure, our wording).",
+    )
+    teacher_enable_thinking: Optional[bool] = Field(
+        True, description="Teacher-side chat-template thinking switch (student off, teacher on: the paper's strongest pairing)."
+    )
 
 
 class RewardSpec(Section):
@@ -160,6 +243,27 @@ class RewardConfig(Section):
     )
 
 
+class TeacherConfig(Section):
+    """The model that scores a batch's teacher view (OPSD's teacher, arXiv 2601.18734)."""
+
+    kind: Literal["frozen", "live", "ema"] = Field(
+        "frozen",
+        description="frozen: the initial policy (the paper's main setting; a live teacher was unstable "
+        "there); with LoRA the same model with adapters disabled, else the frozen reference copy "
+        "(ZeRO-3-sharded like the learner). live: the current policy under no_grad. ema: a copy "
+        "whose weights follow an exponential moving average of the policy's, updated after every "
+        "optimizer step (one more model copy, sharded under ZeRO-3, plus a float32 master of the "
+        "trained weights on every rank for bf16 models; with LoRA only its adapters move).",
+    )
+    ema_decay: float = Field(
+        0.99,
+        gt=0,
+        lt=1,
+        description="For kind=ema: teacher <- decay * teacher + (1 - decay) * policy after each step. "
+        "The paper gives no value; 0.99 averages over about the last 100 steps, the length of its runs.",
+    )
+
+
 class LearnerConfig(Section):
     num_learners: int = Field(1, ge=1, description="Data-parallel DeepSpeed ranks (Ray actors).")
     zero_stage: Literal[2, 3] = Field(2, description="ZeRO stage: 2 shards optimizer state and gradients, 3 also parameters.")
@@ -171,6 +275,9 @@ class LearnerConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     learner_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner actor.")
+    teacher: TeacherConfig = Field(
+        default_factory=TeacherConfig, description="Which model scores a batch's teacher view (OPSD)."
+    )
 
 
 class SyncConfig(Section):
@@ -199,6 +306,81 @@ class TrackingConfig(Section):
     tensorboard: bool = Field(False, description="Write TensorBoard events (needs `tensorboard`).")
 
 
+class EvalConfig(Section):
+    """Benchmark evaluation: `python -m rl.evaluate`, and periodic evaluation during training."""
+
+    every_steps: int = Field(
+        0,
+        ge=0,
+        description="During training, evaluate the current weights after every N-th step's weight sync "
+        "and after the last step, so that each curve ends at the final model. 0 turns periodic "
+        "evaluation off.",
+    )
+    at_start: bool = Field(
+        False,
+        description="Also evaluate the initial model before the first step (logged as step 0 with 0 "
+        "rollout tokens): the common starting point of every method's curve.",
+    )
+    benchmarks: list[Literal["gsm8k", "math500", "amc23", "aime24"]] = Field(
+        default_factory=lambda: ["gsm8k"],
+        min_length=1,
+        description="Sets to evaluate on, by short name: from the hub (openai/gsm8k test, "
+        "HuggingFaceH4/MATH-500, math-ai/amc23, HuggingFaceH4/aime_2024), or from `local_dir` when set.",
+    )
+    local_dir: Optional[str] = Field(
+        None,
+        description="Folder holding `<name>/test.jsonl` for each benchmark (such as ../shared/data); "
+        "relative paths are taken from the project root. None reads from the hub.",
+    )
+    limit: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Evaluate only the first N problems of each benchmark, in file order: a fixed "
+        "subset, the same at every evaluation, so points of a curve are comparable. None: all.",
+    )
+    k: int = Field(
+        1,
+        ge=1,
+        description="Samples per problem. 1 with the default temperature is greedy accuracy; k > 1 "
+        "gives avg@k and unbiased pass@j for j = 1, 2, 4, ... up to k.",
+    )
+    temperature: Optional[float] = Field(
+        None,
+        ge=0,
+        description="Sampling temperature. None: 0 (greedy) when k = 1, else 0.6 (the DeepSeek-R1 / "
+        "Qwen3 evaluation setting). k > 1 needs a temperature above 0.",
+    )
+    top_p: float = Field(
+        0.95, gt=0, le=1, description="Nucleus cut when sampling [0.95, with temperature 0.6]; greedy ignores it."
+    )
+    max_tokens: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Maximum completion length. None: rollout.max_tokens. During training it must not "
+        "exceed rollout.max_tokens: the engines' context is sized for rollouts.",
+    )
+    answer_fallback: Literal["none", "last_number", "math_verify"] = Field(
+        "last_number",
+        description="How grading finds an answer without \\boxed{} or `#### N`, as reward.answer_fallback "
+        "(default the same as the training reward, so evaluation measures what training rewards).",
+    )
+    batch_size: int = Field(
+        64, ge=1, description="Problems per generate call; progress is reported and records written after each."
+    )
+    save_records: bool = Field(
+        True,
+        description="Write each evaluation's per-problem records (completions, per-sample correctness) "
+        "as <benchmark>.jsonl next to its summary.json (during training: <run>/eval/step_N/). About "
+        "4 bytes a generated token: turn off for long completions on large sets.",
+    )
+
+    @model_validator(mode="after")
+    def _sampling_needs_temperature(self) -> "EvalConfig":
+        if self.k > 1 and self.temperature == 0:
+            raise ValueError(f"eval.k={self.k} samples at temperature 0 would all be identical; set eval.temperature > 0 or eval.k=1")
+        return self
+
+
 class RunConfig(Section):
     recipe: str = Field("custom", description="Name of the recipe this config came from.")
     seed: int = Field(0, description="Seeds data order, engines and learner.")
@@ -207,11 +389,13 @@ class RunConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    opsd: OPSDConfig = Field(default_factory=OPSDConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Benchmark evaluation (off during training by default).")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -28,6 +28,10 @@ class DataError(ValueError):
     """A data source cannot be read or a row lacks what training needs."""
 
 
+class MissingAnswerError(DataError):
+    """A row has no gold final answer."""
+
+
 def _resolve(path: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() else (PROJECT_ROOT / p)
@@ -94,9 +98,10 @@ def normalize_row(row: dict, index: int, question_key: str | None = None) -> dic
     if answer in (None, "") and isinstance(row.get("solution"), str):
         answer = last_boxed(row["solution"])
     if answer in (None, ""):
-        raise DataError(
+        raise MissingAnswerError(
             f"Row {index} has no gold answer: no `answer` column, no `#### N` line and no \\boxed{{}} "
-            f"in `solution` (columns: {sorted(row)}). Fix the data or drop the row."
+            f"in `solution` (columns: {sorted(row)}). Fix the data, drop the row, "
+            "or set data.skip_rows_without_answer=true."
         )
     out["answer"] = str(answer)
     return out
@@ -104,23 +109,51 @@ def normalize_row(row: dict, index: int, question_key: str | None = None) -> dic
 
 def load_rows(cfg: DataConfig, seed: int, split: str | None = None) -> list[dict]:
     raw = read_source(cfg.train, split or cfg.split, cfg.local_dir)
-    rows = [normalize_row(r, i, cfg.question_key) for i, r in enumerate(raw)]
+    rows = []
+    for i, r in enumerate(raw):
+        try:
+            rows.append(normalize_row(r, i, cfg.question_key))
+        except MissingAnswerError:
+            if not cfg.skip_rows_without_answer:
+                raise
+    if len(rows) < len(raw):
+        print(f"[data] skipped {len(raw) - len(rows)} of {len(raw)} rows without a gold answer", flush=True)
     if cfg.shuffle:
         random.Random(seed).shuffle(rows)
     return rows[: cfg.max_rows] if cfg.max_rows else rows
 
 
+def chat_prompt_ids(tokenizer, content: str, system_prompt: str | None, enable_thinking: bool | None) -> list[int]:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": content})
+    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
+    # transformers 5 may return a BatchEncoding-like mapping here.
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def build_prompt(row: dict, cfg: DataConfig, tokenizer) -> list[int]:
     if cfg.prompt_format == "plain":
         return tokenizer(row["problem"], add_special_tokens=False)["input_ids"]
-    messages = []
-    if cfg.system_prompt:
-        messages.append({"role": "system", "content": cfg.system_prompt})
     content = f"{row['problem']}\n{cfg.instruction}" if cfg.instruction else row["problem"]
-    messages.append({"role": "user", "content": content})
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    # transformers 5 may return a BatchEncoding-like mapping here.
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return chat_prompt_ids(tokenizer, content, cfg.system_prompt, cfg.enable_thinking)
+
+
+def build_teacher_prompt(row: dict, cfg: DataConfig, tokenizer, teacher_instruction: str, enable_thinking) -> list[int]:
+    """OPSD's privileged context: the problem, the reference solution between markers, the
+    instruction to understand it and derive the answer in its own reasoning, the answer format."""
+    if "solution" not in row:
+        raise DataError(
+            f"OPSD needs a reference solution per row, but this row has none (columns: {sorted(row)}). "
+            "Use a set with worked solutions (GSM8K, MATH, the OPSD set) or add a `solution` column."
+        )
+    content = (
+        f"{row['problem']}\n\n=== Reference solution ===\n{row['solution']}\n=== End of reference solution ===\n\n"
+        f"{teacher_instruction}\n{cfg.instruction}"
+    )
+    if cfg.prompt_format == "plain":
+        return tokenizer(content, add_special_tokens=False)["input_ids"]
+    return chat_prompt_ids(tokenizer, content, cfg.system_prompt, enable_thinking)
 
 
 class PromptStream:

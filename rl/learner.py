@@ -1,29 +1,39 @@
 """The learner: data-parallel DeepSpeed ranks (ZeRO-2/3) that train on whatever loss they are given.
 
 The learner knows nothing about the algorithm. A loss function is a picklable callable
-`loss_fn(logits, mb) -> (scalar, metrics)`: `logits` are the float32 completion-aligned logits
-already divided by the temperature, the scalar is this micro-batch's share of the step's GLOBAL
-loss (divided by `mb.loss_normalizer`), and the metrics are sums (the learner adds `loss`, the
-sum of those scalars, itself). The gradient applied is exactly
-d(sum of all micro-batch losses on all ranks)/d(theta), however the step is split into
-micro-batches and ranks; see `LearnerWorker.train_step`.
+`loss_fn(out: PolicyOutputs, mb: MicroBatch) -> (scalar, metrics)`. `out` holds the final hidden
+states at the completion positions, the output layer's weight and the temperature (so that a loss
+over a large vocabulary can work chunk by chunk, `rl.divergences.chunked_divergence`), and
+`out.logits()` for losses happy with materialised [B, T, V] float32 logits / temperature. The
+scalar is this micro-batch's share of the step's GLOBAL loss (divided by `mb.loss_normalizer`), and
+the metrics are sums (the learner adds `loss`, the sum of those scalars, itself). The gradient
+applied is exactly d(sum of all micro-batch losses on all ranks)/d(theta), however the step is
+split into micro-batches and ranks; see `LearnerWorker.train_step`.
+
+A batch with a teacher view (OPSD) also gets a no-grad teacher forward on it per micro-batch,
+aligned to the same completion tokens (`out.teacher_hidden`); `learner.teacher.kind` picks the
+teacher: the frozen initial policy, the live policy, or an EMA copy. With `model.lora.enabled`
+only peft adapters train, the frozen model is the same one with adapters disabled, and
+`full_state_dict`/`save_hf` give merged weights under the base model's HF names.
 
 `LearnerWorker` is one rank (usable in-process with world_size=1); `LearnerGroup` runs
 `num_learners` of them as Ray actors.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
 import os
 import socket
+from contextlib import nullcontext
 from functools import partial
 
 import torch
 
-from rl.batch import MicroBatch, SequenceBatch
-from rl.config import LearnerConfig
+from rl.batch import MicroBatch, PolicyOutputs, SequenceBatch
+from rl.config import LearnerConfig, LoraConfig
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +107,150 @@ def _add_metrics(total: dict[str, float], part: dict[str, float]) -> None:
         total[k] = total.get(k, 0.0) + float(v)
 
 
+# ---------------------------------------------------------------------------------------------
+# The module DeepSpeed wraps
+
+
+def _causal_lm(lm: torch.nn.Module) -> torch.nn.Module:
+    """The HF causal LM itself, whether or not peft wraps it."""
+    get_base = getattr(lm, "get_base_model", None)  # peft's; HF models have none
+    return lm if get_base is None else get_base()
+
+
+# Config attributes of architectures whose logits are more than hidden @ W^T.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _check_output_layer(causal_lm: torch.nn.Module) -> None:
+    """Losses compute logits as hidden @ W^T themselves: refuse a model whose output layer is more."""
+    head = causal_lm.get_output_embeddings()
+    transforms = [k for k in _LOGIT_TRANSFORMS if getattr(causal_lm.config, k, None) not in (None, 1, 1.0)]
+    if type(head) is not torch.nn.Linear or head.bias is not None or transforms:
+        raise ValueError(
+            f"The learner computes logits as hidden @ lm_head.weight^T, but this model's output layer is a "
+            f"{type(head).__name__} (bias: {getattr(head, 'bias', None) is not None}, logit transforms: "
+            f"{transforms or 'none'}). Use a model with a plain bias-free output layer, and keep the "
+            "output layer out of model.lora.target_modules."
+        )
+
+
+class _Head(torch.nn.Module):
+    """Calls `fn(hidden, weight)` as a module of its own, for ZeRO-3.
+
+    ZeRO-3 holds a parameter whole only within the forward and backward of a module that uses it,
+    and the learner never runs the output layer's own module. Registered here as an external
+    parameter (DeepSpeed's documented way, rather than its guess when some forward reads a
+    foreign parameter), the output weight is gathered around this forward and again around its
+    backward, so a loss that multiplies by it chunk by chunk, even in its own backward
+    (`chunked_divergence`), sees the full weight, and the gradient it returns reaches the
+    partitioned parameter. Without ZeRO-3 this is a plain call. `hidden` is positional so that
+    DeepSpeed sees it and releases the weight once the gradient has passed back through it.
+    """
+
+    def forward(self, hidden: torch.Tensor, *, weight: torch.nn.Parameter, fn):
+        return fn(hidden, weight)
+
+
+class _Policy(torch.nn.Module):
+    """Decoder body -> hidden states at the completion positions -> `fn(hidden, output weight)`.
+
+    The body instead of the whole causal LM, so that [B, L, V] logits are never built: losses get
+    hidden states and the output weight, and only `PolicyOutputs.logits()` makes logits (for the
+    T completion positions). With `fn=None` the forward returns the hidden states (teacher).
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        import deepspeed
+
+        super().__init__()
+        self.lm = lm  # the HF causal LM, or the peft model around it
+        self.head = _Head()
+        deepspeed.zero.register_external_parameter(self.head, self.output_weight)
+
+    @property
+    def output_weight(self) -> torch.nn.Parameter:
+        return _causal_lm(self.lm).get_output_embeddings().weight
+
+    def forward(self, *, mb: MicroBatch, fn=None):
+        body = _causal_lm(self.lm).get_decoder()
+        out = body(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+        hidden = mb.completion_aligned(out.last_hidden_state)
+        return hidden if fn is None else self.head(hidden, weight=self.output_weight, fn=fn)
+
+
+def _unwrap(module) -> _Policy:
+    return module if isinstance(module, _Policy) else module.module
+
+
+def _full_weight(param: torch.nn.Parameter) -> torch.Tensor:
+    """A parameter's value without grad; under ZeRO-3 a gathered copy (it is partitioned outside forwards)."""
+    import deepspeed
+
+    if not hasattr(param, "ds_id"):
+        return param.detach()
+    with deepspeed.zero.GatheredParameters([param]):
+        return param.detach().clone()
+
+
+def _call_loss(loss_fn, mb, temperature, teacher_hidden, teacher_weight, hidden, weight):
+    return loss_fn(PolicyOutputs(hidden, weight, temperature, teacher_hidden, teacher_weight), mb)
+
+
+def _placeholder_loss(out: PolicyOutputs, mb: MicroBatch):
+    # Touches every parameter, so that every rank's backward reduces the same gradients.
+    return out.logits().sum() * 0.0, {}
+
+
+def _token_scores(mb: MicroBatch, temperature: float, with_entropy: bool, hidden, weight):
+    logp = torch.log_softmax(PolicyOutputs(hidden, weight, temperature).logits(), dim=-1)
+    token_logp = logp.gather(-1, mb.completion_ids[..., None]).squeeze(-1)
+    return token_logp, (-(logp.exp() * logp).sum(-1) if with_entropy else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+
+ADAPTER = "default"  # peft's name for the one adapter
+
+
+def _with_lora(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
+    """The model with trainable peft adapters on `lora.target_modules`; everything else frozen."""
+    import peft
+
+    config = peft.LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
+    )
+    return peft.get_peft_model(model, config)
+
+
+def _merged_lora_state(causal_lm: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A peft-injected model's state (HF-relative names) -> the plain HF model's: W + (alpha/r) B @ A
+    for every adapted layer, `base_layer.` dropped from the names, no adapter tensors."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = {}
+    for name, layer in causal_lm.named_modules():
+        if isinstance(layer, LoraLayer):
+            a, b = state[f"{name}.lora_A.{ADAPTER}.weight"], state[f"{name}.lora_B.{ADAPTER}.weight"]
+            delta = (b.float() @ a.float()) * layer.scaling[ADAPTER]
+            weight = state[f"{name}.base_layer.weight"]
+            # Merged in float32, so that a bf16 model rounds once, not at the product and again at the sum.
+            delta = delta.T if layer.fan_in_fan_out else delta
+            merged[f"{name}.base_layer.weight"] = (weight.float() + delta).to(weight.dtype)
+    return {
+        key.replace(".base_layer.", "."): merged.get(key, value)
+        for key, value in state.items()
+        if ".lora_" not in key
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
 class LearnerWorker:
-    """One data-parallel rank: a DeepSpeed engine over an HF causal LM, plus an optional frozen reference."""
+    """One data-parallel rank: a DeepSpeed engine over an HF causal LM (optionally with LoRA adapters),
+    plus the frozen reference and the teacher copies it is asked for."""
 
     def __init__(
         self,
@@ -112,15 +264,21 @@ class LearnerWorker:
         seed: int,
         total_steps: int,
         with_reference: bool = False,
+        with_teacher: bool = False,
+        lora: LoraConfig | None = None,
     ):
+        """with_reference: keep the frozen initial policy (`compute_logprobs(reference=True)`).
+        with_teacher: keep what `learner_cfg.teacher.kind` needs (frozen: the same reference; ema: an
+        EMA copy; live: nothing). With LoRA the frozen model is the policy with adapters disabled."""
         import deepspeed
 
         self.cfg = learner_cfg
         self.model_path = model_path
         self.rank = rank
         self.world_size = world_size
+        self.lora = lora if lora is not None and lora.enabled else None
         self._init_distributed(master_addr, master_port)
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # peft's adapter initialisation: the same on every rank
         if learner_cfg.warmup_steps > total_steps:
             logger.warning(
                 "learner.warmup_steps=%d exceeds the run's %d steps: the lr never reaches its peak.",
@@ -131,19 +289,28 @@ class LearnerWorker:
         model = self._load(model_path, dtype)
         if learner_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.lora is not None:
+            model = _with_lora(model, self.lora)
+        _check_output_layer(_causal_lm(model))
+        teacher = learner_cfg.teacher.kind if with_teacher else None
+        ema = copy.deepcopy(model) if teacher == "ema" else None
+        policy = _Policy(model)
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=learner_cfg.lr, betas=tuple(learner_cfg.betas),
-            weight_decay=learner_cfg.weight_decay,
+            [p for p in policy.parameters() if p.requires_grad], lr=learner_cfg.lr,
+            betas=tuple(learner_cfg.betas), weight_decay=learner_cfg.weight_decay,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, partial(warmup_factor, warmup_steps=learner_cfg.warmup_steps)
         )
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+            model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
         self.device = self.engine.device
-        self.pad_id = model.config.pad_token_id or 0
-        self.reference = self._frozen_reference(model_path, dtype, ds_config) if with_reference else None
+        self.pad_id = _causal_lm(model).config.pad_token_id or 0
+        frozen_copy = (with_reference or teacher == "frozen") and self.lora is None
+        self.reference = self._frozen(self._load(model_path, dtype), ds_config) if frozen_copy else None
+        self.ema = None if ema is None else self._frozen(ema, ds_config)
+        self._ema_masters: dict[str, torch.Tensor] = {}
 
     def _init_distributed(self, master_addr: str, master_port: int) -> None:
         import deepspeed
@@ -164,23 +331,88 @@ class LearnerWorker:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
-        _disable_dropout(model)
+        _disable_dropout(model)  # before peft: LoRA's own dropout stays as configured
         return model
 
-    def _frozen_reference(self, model_path: str, dtype: str, ds_config: dict):
+    def _frozen(self, lm: torch.nn.Module, ds_config: dict):
         import deepspeed
 
-        ref = self._load(model_path, dtype).eval().requires_grad_(False)
+        policy = _Policy(lm.eval().requires_grad_(False))
         if self.cfg.zero_stage == 3:
-            # Sharded like the policy, so the reference costs 1/world_size of a model per rank.
-            engine, *_ = deepspeed.initialize(model=ref, config=ds_config)
+            # Sharded like the policy, so a frozen copy costs 1/world_size of a model per rank.
+            engine, *_ = deepspeed.initialize(model=policy, config=ds_config)
             return engine
-        return ref.to(self.device)
+        return policy.to(self.device)
+
+    # ------------------------------------------------------------------ scoring models
+
+    def _scorer(self, which: str):
+        """(module, context) that scores as `which`: "policy", "reference" or a teacher kind."""
+        if which in ("policy", "live"):
+            return self.engine, nullcontext()
+        if which == "ema":
+            if self.ema is None:
+                raise ValueError("learner.teacher.kind=ema needs the learner built with with_teacher=True.")
+            return self.ema, nullcontext()
+        if self.lora is not None:
+            return self.engine, self.engine.module.lm.disable_adapter()
+        if self.reference is None:
+            raise ValueError(
+                f"Scoring with the frozen initial policy ({which}) needs the learner built with "
+                "with_reference=True, or with_teacher=True for learner.teacher.kind=frozen."
+            )
+        return self.reference, nullcontext()
+
+    @torch.no_grad()
+    def _score(self, which: str, mb: MicroBatch, fn=None):
+        """`which`'s forward on `mb` in eval mode: hidden states, or `fn(hidden, output weight)`."""
+        module, context = self._scorer(which)
+        training = module.training
+        module.eval()
+        try:
+            with context:
+                return module(mb=mb, fn=fn)
+        finally:
+            module.train(training)
+
+    def _teacher_head_weight(self) -> torch.Tensor | None:
+        """The teacher's output weight when it is another copy's (frozen or EMA), else None."""
+        module, _ = self._scorer(self.cfg.teacher.kind)
+        return None if module is self.engine else _full_weight(_unwrap(module).output_weight)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """teacher <- decay * teacher + (1 - decay) * policy, over the parameters that train."""
+        import deepspeed
+
+        decay = self.cfg.teacher.ema_decay
+        ema = dict(_unwrap(self.ema).lm.named_parameters())
+        for name, p in self.engine.module.lm.named_parameters():
+            if not p.requires_grad:
+                continue
+            q = ema[name]
+            # modifier_rank=0: on leaving, rank 0's new value is re-partitioned to all (ZeRO-3).
+            with deepspeed.zero.GatheredParameters([p]), deepspeed.zero.GatheredParameters([q], modifier_rank=0):
+                master = self._ema_master(name, q)
+                master.lerp_(p.detach().to(master.dtype), 1.0 - decay)
+                if master is not q:
+                    q.copy_(master)
+
+    def _ema_master(self, name: str, q: torch.nn.Parameter) -> torch.Tensor:
+        # A bf16 average would round away updates below ~0.4% of a weight (most of them, at RL
+        # learning rates), so lower-precision copies follow a float32 master (whole on every rank,
+        # ZeRO-3 included: the price of an EMA of a fully trained bf16 model).
+        if q.dtype == torch.float32:
+            return q
+        if name not in self._ema_masters:
+            self._ema_masters[name] = q.detach().float().clone()
+        return self._ema_masters[name]
 
     # ------------------------------------------------------------------ micro-batching
 
-    def _micro_batches(self, batch: SequenceBatch, count: int | None) -> list[MicroBatch | None]:
-        """This rank's micro-batches; None marks a placeholder forward run only to keep ranks in step.
+    def _micro_batches(self, batch: SequenceBatch, count: int | None) -> list[tuple[MicroBatch, MicroBatch | None] | None]:
+        """This rank's (micro-batch, its teacher view or None) pairs; None marks a placeholder forward
+        run only to keep ranks in step.
 
         Every rank must run the same number of forwards and backwards (ZeRO-3 gathers parameters
         in them, ZeRO-2 reduces gradients in them), so a short shard is padded with placeholders.
@@ -192,15 +424,27 @@ class LearnerWorker:
         chunks = [list(range(i * size, min(n, (i + 1) * size))) for i in range(count)]
         return [self._prepare(batch.select(idx)) if idx else None for idx in chunks]
 
-    def _prepare(self, sequences: SequenceBatch) -> MicroBatch:
+    def _tensors(self, sequences: SequenceBatch) -> MicroBatch:
         return _to_device(MicroBatch.from_sequences(sequences, self.pad_id), self.device)
 
-    def _placeholder(self) -> MicroBatch:
-        return self._prepare(SequenceBatch(input_ids=[[self.pad_id, self.pad_id]], prompt_lens=[1]))
+    def _prepare(self, sequences: SequenceBatch) -> tuple[MicroBatch, MicroBatch | None]:
+        mb = self._tensors(sequences)
+        view = sequences.teacher_view()
+        if view is None:
+            return mb, None
+        teacher = self._tensors(view)
+        if not torch.equal(teacher.completion_ids, mb.completion_ids) or not torch.equal(
+            teacher.completion_mask, mb.completion_mask
+        ):
+            raise ValueError(
+                "The teacher view must end with the same completion tokens as the student's sequences: "
+                "teacher_input_ids[i][teacher_prompt_lens[i]:] == input_ids[i][prompt_lens[i]:]."
+            )
+        return mb, teacher
 
-    def _logits(self, model, mb: MicroBatch, temperature: float) -> torch.Tensor:
-        out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
-        return mb.completion_logits(out.logits).float() / temperature
+    def _placeholder(self, with_teacher: bool) -> tuple[MicroBatch, MicroBatch | None]:
+        mb = self._tensors(SequenceBatch(input_ids=[[self.pad_id, self.pad_id]], prompt_lens=[1]))
+        return mb, (mb if with_teacher else None)
 
     # ------------------------------------------------------------------ public API
 
@@ -211,7 +455,10 @@ class LearnerWorker:
         temperature: float = 1.0,
         num_micro_batches: int | None = None,
     ) -> dict[str, float]:
-        """Forward/backward every micro-batch, then one optimizer step.
+        """Forward/backward every micro-batch, then one optimizer step (then the EMA teacher's update).
+
+        A batch with a teacher view also gets, per micro-batch, a no-grad forward of the teacher
+        (`learner.teacher.kind`) on its teacher sequences, passed on as `out.teacher_hidden`.
 
         Returns the loss_fn metrics summed over micro-batches, `loss` (the sum of the scalars
         differentiated, i.e. this rank's share of the step's global loss), `grad_norm` (before
@@ -219,15 +466,19 @@ class LearnerWorker:
         """
         self.engine.train()
         micro = self._micro_batches(batch, num_micro_batches)
+        with_teacher = batch.teacher_input_ids is not None
+        teacher_weight = self._teacher_head_weight() if with_teacher else None
         metrics: dict[str, float] = {}
-        for i, mb in enumerate(micro):
+        for i, pair in enumerate(micro):
             # The boundary (reduction bookkeeping, then step) is the last micro-batch, whatever
             # the count; DeepSpeed's fixed gradient_accumulation_steps cannot express that.
             self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
-            if mb is None:
-                loss = self._logits(self.engine, self._placeholder(), temperature).sum() * 0.0
-            else:
-                loss, part = loss_fn(self._logits(self.engine, mb, temperature), mb)
+            mb, teacher_mb = pair or self._placeholder(with_teacher)
+            teacher_hidden = None if teacher_mb is None else self._score(self.cfg.teacher.kind, teacher_mb)
+            loss_or_placeholder = loss_fn if pair else _placeholder_loss
+            fn = partial(_call_loss, loss_or_placeholder, mb, temperature, teacher_hidden, teacher_weight)
+            loss, part = self.engine(mb=mb, fn=fn)
+            if pair:
                 _add_metrics(metrics, {**part, "loss": loss.item()})
             # Data parallelism AVERAGES gradients over ranks; the loss is already a share of the
             # global sum, so scaling by world_size turns that average back into the sum.
@@ -235,6 +486,8 @@ class LearnerWorker:
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
         lr = self.engine.get_lr()[0]
         self.engine.step()
+        if self.ema is not None:
+            self._update_ema()
         return {**metrics, "grad_norm": float(self.engine.get_global_grad_norm()), "lr": lr}
 
     @torch.no_grad()
@@ -247,54 +500,71 @@ class LearnerWorker:
         num_micro_batches: int | None = None,
     ) -> tuple[list[list[float]], list[list[float]] | None]:
         """Per completion token: log_softmax(logits/T) at the token, and optionally the entropy."""
-        if reference and self.reference is None:
-            raise ValueError("compute_logprobs(reference=True) needs the learner built with with_reference=True.")
-        model = self.reference if reference else self.engine
-        model.eval()
+        which = "reference" if reference else "policy"
         logprobs: list[list[float]] = []
         entropies: list[list[float]] = []
-        for mb in self._micro_batches(batch, num_micro_batches):
-            if mb is None:
-                self._logits(model, self._placeholder(), temperature)
+        for pair in self._micro_batches(batch, num_micro_batches):
+            mb = pair[0] if pair else self._placeholder(False)[0]
+            token_logp, ent = self._score(which, mb, partial(_token_scores, mb, temperature, with_entropy))
+            if not pair:
                 continue
-            logp = torch.log_softmax(self._logits(model, mb, temperature), dim=-1)
             lens = mb.completion_mask.sum(-1).long().tolist()
-            token_logp = logp.gather(-1, mb.completion_ids[..., None]).squeeze(-1)
             logprobs += [row[:n].tolist() for row, n in zip(token_logp.cpu(), lens)]
             if with_entropy:
-                ent = -(logp.exp() * logp).sum(-1)
                 entropies += [row[:n].tolist() for row, n in zip(ent.cpu(), lens)]
         return logprobs, (entropies if with_entropy else None)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The HF model's full state dict as CPU tensors on rank 0 ({} elsewhere); a collective call.
+    def _gather_cpu(self) -> dict[int, torch.Tensor]:
+        """Every policy parameter as a CPU tensor on rank 0, by id ({} elsewhere); a collective call.
 
-        Parameters are gathered one at a time so that ZeRO-3 never holds the whole model on the
-        accelerator. Tied weights stay one shared tensor under both names, as in model.state_dict().
+        One parameter at a time, so that ZeRO-3 never holds the whole model on the accelerator.
         """
         import deepspeed
 
-        module = self.engine.module
         gathered: dict[int, torch.Tensor] = {}
-        for p in module.parameters():
+        for p in self.engine.module.parameters():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 if self.rank == 0:
                     gathered[id(p)] = p.detach().to("cpu", copy=True)
-        if self.rank != 0:
-            return {}
+        return gathered
+
+    @staticmethod
+    def _state_on_cpu(module: torch.nn.Module, gathered: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Tied weights stay one shared tensor under both names, as in module.state_dict().
         return {
             name: gathered[id(t)] if id(t) in gathered else t.detach().to("cpu", copy=True)
             for name, t in module.state_dict(keep_vars=True).items()
         }
 
-    def save_hf(self, out_dir: str) -> None:
-        """Write an HF folder (config, safetensors, tokenizer) on rank 0; a collective call."""
+    def _hf_state(self, gathered: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+        causal_lm = _causal_lm(self.engine.module.lm)
+        state = self._state_on_cpu(causal_lm, gathered)
+        return state if self.lora is None else _merged_lora_state(causal_lm, state)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The HF model's full state dict as CPU tensors on rank 0 ({} elsewhere); a collective call.
+
+        With LoRA: the merged weights W + (alpha/r) B @ A under the base model's HF names, what
+        the engines load.
+        """
+        gathered = self._gather_cpu()
+        return self._hf_state(gathered) if self.rank == 0 else {}
+
+    def save_hf(self, out_dir: str, adapter: bool = False) -> None:
+        """Write an HF folder (config, safetensors, tokenizer; with LoRA the merged model) on rank 0,
+        and with `adapter=True` the peft adapter alone in out_dir/adapter; a collective call."""
         from transformers import AutoTokenizer
 
-        state = self.full_state_dict()
-        if self.rank == 0:
-            self.engine.module.save_pretrained(out_dir, state_dict=state)
-            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(out_dir)
+        if adapter and self.lora is None:
+            raise ValueError("save_hf(adapter=True) needs model.lora.enabled.")
+        gathered = self._gather_cpu()
+        if self.rank != 0:
+            return
+        lm = self.engine.module.lm
+        _causal_lm(lm).save_pretrained(out_dir, state_dict=self._hf_state(gathered))
+        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(out_dir)
+        if adapter:
+            lm.save_pretrained(os.path.join(out_dir, "adapter"), state_dict=self._state_on_cpu(lm, gathered))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +587,10 @@ class LearnerGroup:
         seed: int,
         total_steps: int,
         with_reference: bool = False,
+        with_teacher: bool = False,
+        lora: LoraConfig | None = None,
     ):
+        """Arguments as LearnerWorker's."""
         import ray
 
         self.cfg = learner_cfg
@@ -326,7 +599,10 @@ class LearnerGroup:
         actor = ray.remote(num_cpus=learner_cfg.learner_cpus, num_gpus=gpus)(LearnerWorker)
         port = _free_port()
         self.workers = [
-            actor.remote(model_path, learner_cfg, dtype, rank, n, "127.0.0.1", port, seed, total_steps, with_reference)
+            actor.remote(
+                model_path, learner_cfg, dtype, rank, n, "127.0.0.1", port, seed, total_steps,
+                with_reference, with_teacher, lora,
+            )
             for rank in range(n)
         ]
         # Actors are constructed concurrently; DeepSpeed's init returns once all ranks joined.
@@ -389,8 +665,8 @@ class LearnerGroup:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self._wait([w.full_state_dict.remote() for w in self.workers], "full_state_dict")[0]
 
-    def save_hf(self, out_dir: str) -> None:
-        self._wait([w.save_hf.remote(out_dir) for w in self.workers], "save_hf")
+    def save_hf(self, out_dir: str, adapter: bool = False) -> None:
+        self._wait([w.save_hf.remote(out_dir, adapter) for w in self.workers], "save_hf")
 
     def close(self) -> None:
         import ray

@@ -12,6 +12,7 @@ from rl.algorithms import Rollouts, build_algorithm
 from rl.batch import SequenceBatch
 from rl.config import PROJECT_ROOT, RunConfig
 from rl.data import PromptStream, build_prompt, load_rows
+from rl.evaluate import Evaluator, eval_due
 from rl.models import resolve_model_path
 from rl.tracking import Tracker
 from rewards.scoring import RewardScorer, log_failures
@@ -97,8 +98,13 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     stream = PromptStream(load_rows(cfg.data, cfg.seed), cfg.seed, shuffle=cfg.data.shuffle)
     algorithm = build_algorithm(cfg)
+    algorithm.attach_tokenizer(tokenizer)
     scorer = RewardScorer.from_config(cfg.reward, max_tokens=cfg.rollout.max_tokens)
     spec = algorithm.sampling_spec()
+    # Built before the cluster starts, so that evaluation data errors surface in seconds.
+    evaluator = None
+    if cfg.eval.every_steps or cfg.eval.at_start:
+        evaluator = Evaluator(tokenizer, cfg.data, cfg.eval, fallback_max_tokens=cfg.rollout.max_tokens)
 
     init_ray(cfg)
     pool = RolloutPool(
@@ -108,7 +114,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         seed=cfg.seed,
         engine_cpus=cfg.rollout.engine_cpus,
         dtype=cfg.model.dtype,
-        max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_tokens,
+        max_model_len=cfg.data.max_prompt_tokens + max(cfg.rollout.max_tokens, cfg.eval.max_tokens or 0),
         kv_cache_gb=cfg.rollout.kv_cache_gb,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         trust_remote_code=cfg.model.trust_remote_code,
@@ -120,12 +126,16 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         seed=cfg.seed,
         total_steps=cfg.train.steps * algorithm.updates_per_batch,
         with_reference=algorithm.needs_reference,
+        with_teacher=algorithm.needs_teacher,
+        lora=cfg.model.lora,
     )
     tracker = Tracker(run_dir, cfg.train.steps, cfg.model_dump(mode="json"), cfg.tracking.wandb, cfg.tracking.tensorboard)
-    temperature = cfg.rollout.temperature
+    temperature = algorithm.loss_temperature()
     rollout_tokens = 0
     metrics: dict = {}
     try:
+        if evaluator is not None and eval_due(cfg.eval, 0, cfg.train.steps):
+            tracker.log(0, {**evaluator.run(pool, run_dir / "eval" / "step_000000"), "cumulative_rollout_tokens": 0})
         for step in range(1, cfg.train.steps + 1):
             t0 = time.time()
             rows, prompt_ids, skipped = _take_prompts(stream, cfg.train.prompts_per_step, cfg, tokenizer)
@@ -178,6 +188,8 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
                 "time/learner": t3 - t2,
                 "time/sync": t4 - t3,
             }
+            if evaluator is not None and eval_due(cfg.eval, step, cfg.train.steps):
+                metrics.update(evaluator.run(pool, run_dir / "eval" / f"step_{step:06d}"))
             for name in CORRECTNESS_PARTS:
                 if name in parts:
                     metrics["accuracy"] = _mean(parts[name])

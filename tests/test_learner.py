@@ -55,13 +55,13 @@ def make_batch(seed: int) -> SequenceBatch:
 STEP_BATCHES = [make_batch(1), make_batch(2)]
 
 
-def token_mean_pg_loss(logits, mb):
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, mb.completion_ids[..., None]).squeeze(-1)
+def token_mean_pg_loss(out, mb):
+    logp = torch.log_softmax(out.logits(), dim=-1).gather(-1, mb.completion_ids[..., None]).squeeze(-1)
     loss = -(mb.token_fields["advantages"] * logp * mb.completion_mask).sum() / mb.loss_normalizer
     return loss, {"tokens": mb.completion_mask.sum().item()}
 
 
-def failing_loss(logits, mb):
+def failing_loss(out, mb):
     raise ValueError("loss exploded on purpose")
 
 

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from rl.batch import MicroBatch, SequenceBatch
+from rl.batch import MicroBatch, PolicyOutputs, SequenceBatch
 from rollouts.types import Completion, SamplingSpec
 
 
@@ -26,11 +26,21 @@ class Algorithm:
     needs_reference: the loop fills token_fields["ref_logprobs"] from the frozen reference.
     needs_old_logprobs: the loop fills token_fields["old_logprobs"] from the learner before
     the first update (needed when several optimizer steps reuse one rollout batch).
+    needs_teacher: batches carry a teacher view; the learner keeps a teacher model to score it.
     """
 
     needs_reference: bool = False
     needs_old_logprobs: bool = False
+    needs_teacher: bool = False
     updates_per_batch: int = 1
+
+    def attach_tokenizer(self, tokenizer) -> None:
+        """Called once before training, for algorithms that build prompts of their own."""
+
+    def loss_temperature(self) -> float:
+        """The learner divides logits by this before the loss (the sampling temperature for
+        importance ratios that compare with the engine's sampling distribution)."""
+        return 1.0
 
     def sampling_spec(self) -> SamplingSpec:
         raise NotImplementedError
@@ -38,7 +48,7 @@ class Algorithm:
     def build_batch(self, rollouts: Rollouts) -> tuple[SequenceBatch, dict[str, float]]:
         raise NotImplementedError
 
-    def loss(self, logits: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, out: PolicyOutputs, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
 

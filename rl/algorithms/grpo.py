@@ -5,7 +5,7 @@ import torch
 
 from rl import losses
 from rl.algorithms.base import Algorithm, Rollouts, register_algorithm
-from rl.batch import MicroBatch, SequenceBatch
+from rl.batch import MicroBatch, PolicyOutputs, SequenceBatch
 from rollouts.types import SamplingSpec
 
 
@@ -17,6 +17,9 @@ class GRPO(Algorithm):
         self.needs_reference = self.cfg.kl_coef > 0
         self.updates_per_batch = self.cfg.updates_per_batch
         self.needs_old_logprobs = self.updates_per_batch > 1
+
+    def loss_temperature(self) -> float:
+        return self.rollout_cfg.temperature
 
     def sampling_spec(self) -> SamplingSpec:
         r = self.rollout_cfg
@@ -46,8 +49,9 @@ class GRPO(Algorithm):
         zero_adv_groups = (rewards.view(-1, g).std(dim=1) == 0).float().mean().item()
         return batch, {"zero_advantage_fraction": zero_adv_groups}
 
-    def loss(self, logits: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, out: PolicyOutputs, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
         mask = mb.completion_mask
+        logits = out.logits()
         logp = losses.token_logprobs(logits, mb.completion_ids)
         # With one update per batch the data is on-policy: old = current (detached), ratio == 1.
         old = mb.token_fields.get("old_logprobs", logp.detach())
