@@ -142,6 +142,47 @@ class GRPOConfig(Section):
         None, description="Denominator for sum_constant; None uses rollout.max_tokens x sequences."
     )
     updates_per_batch: int = Field(1, ge=1, description="mu: optimizer steps per rollout batch [1-4]; >1 needs an old-policy forward.")
+    entropy_top_fraction: Optional[float] = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Train the policy-gradient term only on this top fraction of response tokens by "
+        "entropy under the current policy [0.2: the 80/20 paper, arXiv 2506.01939, where high-entropy "
+        "'forking' tokens carry the learning signal]. None trains on every token. The KL term and the "
+        "loss normaliser still cover every token: the filter removes gradient, it does not reweight.",
+    )
+    entropy_scope: Literal["batch", "sequence"] = Field(
+        "batch", description="Rank tokens by entropy across the whole step's batch (the paper) or within each sequence."
+    )
+    dynamic_sampling: bool = Field(
+        False,
+        description="DAPO's dynamic sampling: drop groups whose rewards are all equal (no signal) and "
+        "sample more prompts until prompts_per_step groups with signal are collected. The dropped "
+        "groups' tokens still count in cumulative_rollout_tokens.",
+    )
+    max_sampling_rounds: int = Field(
+        4, ge=1, description="Cap on generation rounds per step for dynamic sampling; a short batch trains as it is."
+    )
+    overlong_filter: bool = Field(
+        False,
+        description="DAPO's overlong filtering: truncated completions (finish_reason=length) are left "
+        "out of the loss, so a cut-off answer is not punished as wrong. (The soft overlong penalty "
+        "is the `overlong` reward.)",
+    )
+    importance_sampling: Literal["off", "token", "sequence"] = Field(
+        "off",
+        description="Truncated importance-sampling correction of the training-inference mismatch: "
+        "weight the policy-gradient term by min(pi_learner_old / pi_engine, cap), per token or per "
+        "sequence (as in verl/Fengyao's TIS). Needs a learner forward before the update.",
+    )
+    importance_cap: float = Field(2.0, gt=0, description="C of the truncated importance weight [about 2].")
+    track_mismatch: bool = Field(
+        True,
+        description="Log the rollout-vs-learner logprob gap of each step's sampled tokens (mean, max, "
+        "and the mean importance weight). Costs one no-grad learner forward per step; the mismatch "
+        "it shows is what silently biases training when engines and learner disagree.",
+    )
+    chunk_size: int = Field(512, ge=1, description="Positions per chunk for logprobs and entropy over the vocabulary.")
 
 
 class OPSDConfig(Section):
@@ -381,6 +422,27 @@ class EvalConfig(Section):
         return self
 
 
+class CheckpointConfig(Section):
+    """Run-state checkpoints for exact resume: `python -m rl.launch resume=RUN_DIR`."""
+
+    every_steps: int = Field(
+        0,
+        ge=0,
+        description="Save the whole run state (learner model, optimizer, lr schedule, EMA teacher, RNG "
+        "states, data position, counters) into <run>/checkpoints/step_N after every N-th step and "
+        "after the last one; a killed run resumes from the newest. 0 turns checkpoints off: with "
+        "AdamW a checkpoint weighs about 3x the trained weights in float32 (12 bytes a parameter), "
+        "so a recipe opts in with a period that fits its disk and its step time.",
+    )
+    keep_last: int = Field(
+        2,
+        ge=1,
+        description="Complete checkpoints kept; older ones are deleted only after a newer one is "
+        "complete. 2 keeps one fallback should the newest be damaged after it was written (a "
+        "failing disk), for one more checkpoint of space.",
+    )
+
+
 class RunConfig(Section):
     recipe: str = Field("custom", description="Name of the recipe this config came from.")
     seed: int = Field(0, description="Seeds data order, engines and learner.")
@@ -396,6 +458,9 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Benchmark evaluation (off during training by default).")
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="Run-state checkpoints for exact resume (off by default)."
+    )
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -34,6 +34,8 @@ import torch
 
 from rl.batch import MicroBatch, PolicyOutputs, SequenceBatch
 from rl.config import LearnerConfig, LoraConfig
+from rl.entropy import chunked_entropy
+from rl.losses import chunked_token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -202,9 +204,9 @@ def _placeholder_loss(out: PolicyOutputs, mb: MicroBatch):
 
 
 def _token_scores(mb: MicroBatch, temperature: float, with_entropy: bool, hidden, weight):
-    logp = torch.log_softmax(PolicyOutputs(hidden, weight, temperature).logits(), dim=-1)
-    token_logp = logp.gather(-1, mb.completion_ids[..., None]).squeeze(-1)
-    return token_logp, (-(logp.exp() * logp).sum(-1) if with_entropy else None)
+    # Chunked over positions: never a [B, T, V] tensor, however long the completions.
+    token_logp = chunked_token_logprobs(hidden, weight, mb.completion_ids, temperature)
+    return token_logp, (chunked_entropy(hidden, weight, None, temperature) if with_entropy else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -85,3 +85,36 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) per position, [B, T, V] -> [B, T]."""
     logp = torch.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(dim=-1)
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, chunk_size: int = 512
+) -> torch.Tensor:
+    """log_softmax(hidden @ W^T / T)[token] per position, [B, T, H] -> [B, T], with gradients.
+
+    Each chunk of positions is checkpointed: its [chunk, V] logits exist once in the forward and
+    once more in the backward, never as a whole [B, T, V] tensor.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return token_logprobs(torch.nn.functional.linear(h, w).float() / temperature, t)
+
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
+    parts = [
+        checkpoint(chunk, flat_h[i : i + chunk_size], weight, flat_t[i : i + chunk_size], use_reentrant=False)
+        for i in range(0, flat_h.shape[0], chunk_size)
+    ]
+    return torch.cat(parts).view(tokens.shape)
+
+
+def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, level: str,
+                         cap: float) -> torch.Tensor:
+    """Truncated importance weights correcting for the engine sampling from a slightly different
+    policy than the learner's: min(pi_learner / pi_engine, cap), per token or per sequence."""
+    log_ratio = (old_logp - rollout_logp) * mask
+    if level == "token":
+        return torch.exp(log_ratio).clamp(max=cap) * mask
+    if level == "sequence":
+        return torch.exp(log_ratio.sum(dim=1, keepdim=True)).clamp(max=cap) * mask
+    raise ValueError(f"Unknown importance-sampling level {level!r}; choose token or sequence.")

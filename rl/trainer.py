@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -80,6 +81,65 @@ def _take_prompts(stream: PromptStream, n: int, cfg: RunConfig, tokenizer) -> tu
     return rows, prompts, skipped
 
 
+@dataclass
+class CollectedRollouts:
+    """The groups a step trains on, and everything generated for it (dropped groups included:
+    their tokens were spent, so they count in the token budget and the reward curves)."""
+
+    rollouts: Rollouts
+    generated: list[tuple] = field(default_factory=list)  # (completion, row) pairs
+    totals: list[float] = field(default_factory=list)
+    parts: dict[str, list[float]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    failures: list = field(default_factory=list)
+    skipped_prompts: int = 0
+    rounds: int = 0
+    generation_s: float = 0.0
+    reward_s: float = 0.0
+
+
+def collect_rollouts(stream, pool, scorer, algorithm, spec, cfg: RunConfig, tokenizer) -> CollectedRollouts:
+    """Generate and score groups until `prompts_per_step` groups the algorithm keeps are collected
+    (one round unless it drops groups, as dynamic sampling does; at most max_sampling_rounds)."""
+    want = cfg.train.prompts_per_step
+    out = CollectedRollouts(Rollouts(rows=[], prompt_ids=[], completions=[], rewards=[]))
+    while len(out.rollouts.rows) < want and out.rounds < algorithm.max_sampling_rounds:
+        out.rounds += 1
+        t0 = time.time()
+        rows, prompts, skipped = _take_prompts(stream, want - len(out.rollouts.rows), cfg, tokenizer)
+        groups = pool.generate(prompts, spec)
+        t1 = time.time()
+        flat = [(c, row) for row, group in zip(rows, groups) for c in group]
+        info = [{"completion_tokens": len(c.token_ids), "truncated": c.truncated} for c, _ in flat]
+        scored = scorer.score([c.text for c, _ in flat], [row for _, row in flat], info)
+        out.generation_s += t1 - t0
+        out.reward_s += time.time() - t1
+        out.skipped_prompts += skipped
+        out.generated += flat
+        out.totals += scored.totals
+        out.failures += scored.failures
+        for k, v in scored.parts.items():
+            out.parts.setdefault(k, []).extend(v)
+        for k, v in scored.counts.items():
+            out.counts[k] = out.counts.get(k, 0) + v
+        start = 0
+        for row, prompt, group in zip(rows, prompts, groups):
+            rewards = scored.totals[start : start + len(group)]
+            start += len(group)
+            if algorithm.keep_group(rewards) and len(out.rollouts.rows) < want:
+                out.rollouts.rows.append(row)
+                out.rollouts.prompt_ids.append(prompt)
+                out.rollouts.completions.append(group)
+                out.rollouts.rewards.append(rewards)
+    if not out.rollouts.rows:
+        raise RuntimeError(
+            f"No group with a learning signal in {out.rounds} sampling rounds (every group's rewards "
+            "were equal). The task may be too hard or too easy for the model; raise "
+            "grpo.max_sampling_rounds or turn grpo.dynamic_sampling off."
+        )
+    return out
+
+
 def _mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else 0.0
@@ -137,26 +197,17 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         if evaluator is not None and eval_due(cfg.eval, 0, cfg.train.steps):
             tracker.log(0, {**evaluator.run(pool, run_dir / "eval" / "step_000000"), "cumulative_rollout_tokens": 0})
         for step in range(1, cfg.train.steps + 1):
-            t0 = time.time()
-            rows, prompt_ids, skipped = _take_prompts(stream, cfg.train.prompts_per_step, cfg, tokenizer)
-            completions = pool.generate(prompt_ids, spec)
-            t1 = time.time()
-
-            flat = [(c, row) for row, group in zip(rows, completions) for c in group]
-            info = [{"completion_tokens": len(c.token_ids), "truncated": c.truncated} for c, _ in flat]
-            scored = scorer.score([c.text for c, _ in flat], [row for _, row in flat], info)
-            totals, parts = scored.totals, scored.parts
-            log_failures(run_dir / "reward_failures.jsonl", step, scored.failures)
-            per_prompt = len(completions[0])
-            rewards = [totals[i : i + per_prompt] for i in range(0, len(totals), per_prompt)]
-            rollouts = Rollouts(rows=rows, prompt_ids=prompt_ids, completions=completions, rewards=rewards)
+            collected = collect_rollouts(stream, pool, scorer, algorithm, spec, cfg, tokenizer)
+            log_failures(run_dir / "reward_failures.jsonl", step, collected.failures)
+            rollouts, flat = collected.rollouts, collected.generated
             t2 = time.time()
 
             batch, algo_metrics = algorithm.build_batch(rollouts)
             if algorithm.needs_reference:
                 batch.token_fields["ref_logprobs"], _ = learners.compute_logprobs(batch, temperature, reference=True)
-            if algorithm.needs_old_logprobs:
-                batch.token_fields["old_logprobs"], _ = learners.compute_logprobs(batch, temperature)
+            if algorithm.needs_policy_scores:
+                scores = learners.compute_logprobs(batch, temperature, with_entropy=algorithm.wants_entropy)
+                algo_metrics.update(algorithm.use_policy_scores(batch, *scores))
             for _ in range(algorithm.updates_per_batch):
                 train_metrics = learners.train_step(batch, algorithm.loss, temperature)
             t3 = time.time()
@@ -169,30 +220,32 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
             rollout_tokens += sum(lengths)
             tokens = max(train_metrics.pop("tokens", 1.0), 1.0)
             metrics = {
-                "reward": _mean(totals),
-                **{f"reward/{k}": _mean(v) for k, v in parts.items()},
-                **scored.counts,
+                "reward": _mean(collected.totals),
+                **{f"reward/{k}": _mean(v) for k, v in collected.parts.items()},
+                **collected.counts,
                 "response_length": _mean(lengths),
                 "truncated_fraction": _mean(c.truncated for c, _ in flat),
                 "rollout_tokens": sum(lengths),
                 "cumulative_rollout_tokens": rollout_tokens,
-                "prompts_skipped_too_long": skipped,
+                "prompts_skipped_too_long": collected.skipped_prompts,
+                "sampling_rounds": collected.rounds,
+                "groups_trained": len(rollouts.rows),
                 **algo_metrics,
                 "loss": train_metrics.pop("loss", float("nan")),
                 "grad_norm": train_metrics.pop("grad_norm", float("nan")),
                 "lr": train_metrics.pop("lr", float("nan")),
                 **{k.removesuffix("_sum"): v / tokens for k, v in train_metrics.items() if k.endswith("_sum")},
                 **sync_metrics,
-                "time/generation": t1 - t0,
-                "time/reward": t2 - t1,
+                "time/generation": collected.generation_s,
+                "time/reward": collected.reward_s,
                 "time/learner": t3 - t2,
                 "time/sync": t4 - t3,
             }
             if evaluator is not None and eval_due(cfg.eval, step, cfg.train.steps):
                 metrics.update(evaluator.run(pool, run_dir / "eval" / f"step_{step:06d}"))
             for name in CORRECTNESS_PARTS:
-                if name in parts:
-                    metrics["accuracy"] = _mean(parts[name])
+                if name in collected.parts:
+                    metrics["accuracy"] = _mean(collected.parts[name])
                     break
             tracker.log(step, metrics)
         if cfg.train.save_final:

@@ -24,15 +24,25 @@ class Algorithm:
     """Hooks the loop calls; the learner only ever sees `loss` (a picklable callable).
 
     needs_reference: the loop fills token_fields["ref_logprobs"] from the frozen reference.
-    needs_old_logprobs: the loop fills token_fields["old_logprobs"] from the learner before
-    the first update (needed when several optimizer steps reuse one rollout batch).
+    needs_policy_scores: the loop scores the batch with the learner before the first update
+    (logprobs, and entropies if wants_entropy) and hands them to `use_policy_scores`.
     needs_teacher: batches carry a teacher view; the learner keeps a teacher model to score it.
     """
 
     needs_reference: bool = False
-    needs_old_logprobs: bool = False
+    needs_policy_scores: bool = False
+    wants_entropy: bool = False
     needs_teacher: bool = False
     updates_per_batch: int = 1
+    max_sampling_rounds: int = 1
+
+    def keep_group(self, rewards: list[float]) -> bool:
+        """Whether a prompt's group goes into the batch (False: resample, as in dynamic sampling)."""
+        return True
+
+    def use_policy_scores(self, batch: SequenceBatch, logprobs, entropies) -> dict[str, float]:
+        """Current-policy logprobs/entropies per completion token, before any update."""
+        return {}
 
     def attach_tokenizer(self, tokenizer) -> None:
         """Called once before training, for algorithms that build prompts of their own."""

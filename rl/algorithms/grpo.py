@@ -1,4 +1,6 @@
-"""GRPO: group sampling, group-relative advantages, clipped surrogate, optional KL to a reference."""
+"""GRPO: group sampling, group-relative advantages, clipped surrogate, optional KL to a reference,
+plus the options practitioners run it with: 80/20 entropy filtering, DAPO dynamic sampling and
+overlong filtering, truncated importance-sampling correction of the engine/learner mismatch."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +8,17 @@ import torch
 from rl import losses
 from rl.algorithms.base import Algorithm, Rollouts, register_algorithm
 from rl.batch import MicroBatch, PolicyOutputs, SequenceBatch
+from rl.entropy import chunked_entropy, top_entropy_mask
 from rollouts.types import SamplingSpec
+
+
+def _padded(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(max((len(r) for r in rows), default=0), 1)
+    values, mask = torch.zeros(len(rows), width), torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        values[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
+        mask[i, : len(r)] = 1.0
+    return values, mask
 
 
 @register_algorithm("grpo")
@@ -16,7 +28,12 @@ class GRPO(Algorithm):
         self.rollout_cfg = cfg.rollout
         self.needs_reference = self.cfg.kl_coef > 0
         self.updates_per_batch = self.cfg.updates_per_batch
-        self.needs_old_logprobs = self.updates_per_batch > 1
+        self.max_sampling_rounds = self.cfg.max_sampling_rounds if self.cfg.dynamic_sampling else 1
+        self.wants_entropy = self.cfg.entropy_top_fraction is not None
+        self.needs_policy_scores = (
+            self.updates_per_batch > 1 or self.wants_entropy or self.cfg.track_mismatch
+            or self.cfg.importance_sampling != "off"
+        )
 
     def loss_temperature(self) -> float:
         return self.rollout_cfg.temperature
@@ -27,45 +44,76 @@ class GRPO(Algorithm):
             n=self.cfg.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_tokens
         )
 
+    def keep_group(self, rewards: list[float]) -> bool:
+        # An all-equal group has zero advantage everywhere: no gradient, only cost.
+        return not self.cfg.dynamic_sampling or max(rewards) > min(rewards)
+
     def build_batch(self, rollouts: Rollouts) -> tuple[SequenceBatch, dict[str, float]]:
         g = self.cfg.group_size
         rewards = torch.tensor([r for group in rollouts.rewards for r in group], dtype=torch.float32)
-        advantages = losses.group_advantages(rewards, g, self.cfg.normalize_std)
-        input_ids, prompt_lens, adv_tokens = [], [], []
-        for prompt, group in zip(rollouts.prompt_ids, rollouts.completions):
-            for c in group:
-                input_ids.append(list(prompt) + list(c.token_ids))
-                prompt_lens.append(len(prompt))
-        for (ids, p), a in zip(zip(input_ids, prompt_lens), advantages.tolist()):
-            adv_tokens.append([a] * (len(ids) - p))
-        lens = [len(x) - p for x, p in zip(input_ids, prompt_lens)]
+        advantages = losses.group_advantages(rewards, g, self.cfg.normalize_std).tolist()
+        completions = [c for group in rollouts.completions for c in group]
+        prompts = [p for p, group in zip(rollouts.prompt_ids, rollouts.completions) for _ in group]
+        trained = [not (self.cfg.overlong_filter and c.truncated) for c in completions]
+        lens = [len(c.token_ids) for c in completions]
+        kept_lens = [n for n, keep in zip(lens, trained) if keep]
         constant = self.cfg.loss_constant or float(self.rollout_cfg.max_tokens * len(lens))
         batch = SequenceBatch(
-            input_ids=input_ids,
-            prompt_lens=prompt_lens,
-            token_fields={"advantages": adv_tokens},
-            loss_normalizer=losses.step_normalizer(lens, self.cfg.loss_agg, constant),
+            input_ids=[list(p) + list(c.token_ids) for p, c in zip(prompts, completions)],
+            prompt_lens=[len(p) for p in prompts],
+            token_fields={
+                "advantages": [[a] * n for a, n in zip(advantages, lens)],
+                "rollout_logprobs": [list(c.logprobs) for c in completions],
+                "loss_mask": [[float(keep)] * n for keep, n in zip(trained, lens)],
+            },
+            loss_normalizer=losses.step_normalizer(kept_lens or [0], self.cfg.loss_agg, constant),
         )
-        zero_adv_groups = (rewards.view(-1, g).std(dim=1) == 0).float().mean().item()
-        return batch, {"zero_advantage_fraction": zero_adv_groups}
+        metrics = {
+            "zero_advantage_fraction": (rewards.view(-1, g).std(dim=1) == 0).float().mean().item(),
+            "overlong_filtered_fraction": 1.0 - sum(trained) / len(trained),
+        }
+        return batch, metrics
+
+    def use_policy_scores(self, batch: SequenceBatch, logprobs, entropies) -> dict[str, float]:
+        """Current-policy scores before the update: old logprobs, the entropy filter, mismatch stats."""
+        if self.updates_per_batch > 1:
+            batch.token_fields["old_logprobs"] = logprobs
+        metrics = {}
+        if self.wants_entropy:
+            entropy, mask = _padded(entropies)
+            keep = top_entropy_mask(entropy, mask, self.cfg.entropy_top_fraction, self.cfg.entropy_scope)
+            batch.token_fields["pg_mask"] = [keep[i, : len(r)].tolist() for i, r in enumerate(entropies)]
+            metrics["entropy_filter_kept_fraction"] = float(keep.sum() / mask.sum())
+        learner_lp, mask = _padded(logprobs)
+        rollout_lp, _ = _padded(batch.token_fields["rollout_logprobs"])
+        gap = (learner_lp - rollout_lp).abs() * mask
+        metrics["mismatch/logprob_gap_mean"] = float(gap.sum() / mask.sum())
+        metrics["mismatch/logprob_gap_max"] = float(gap.max())
+        weights = losses.truncated_is_weights(learner_lp, rollout_lp, mask, "token", self.cfg.importance_cap)
+        metrics["mismatch/is_weight_mean"] = float(weights.sum() / mask.sum())
+        return metrics
 
     def loss(self, out: PolicyOutputs, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        mask = mb.completion_mask
-        logits = out.logits()
-        logp = losses.token_logprobs(logits, mb.completion_ids)
+        c, fields = self.cfg, mb.token_fields
+        mask = mb.completion_mask * fields["loss_mask"] if "loss_mask" in fields else mb.completion_mask
+        logp = losses.chunked_token_logprobs(out.hidden, out.lm_head_weight, mb.completion_ids, out.temperature, c.chunk_size)
         # With one update per batch the data is on-policy: old = current (detached), ratio == 1.
-        old = mb.token_fields.get("old_logprobs", logp.detach())
-        per_token, clipped = losses.clipped_surrogate(
-            logp, old, mb.token_fields["advantages"], self.cfg.clip_low, self.cfg.clip_high
-        )
+        old = fields.get("old_logprobs", logp.detach())
+        per_token, clipped = losses.clipped_surrogate(logp, old, fields["advantages"], c.clip_low, c.clip_high)
+        if "pg_mask" in fields:
+            per_token = per_token * fields["pg_mask"]
+        if c.importance_sampling != "off":
+            per_token = per_token * losses.truncated_is_weights(
+                old, fields["rollout_logprobs"], mask, c.importance_sampling, c.importance_cap
+            )
         metrics = {}
         if self.needs_reference:
-            kl = losses.kl_penalty(logp, mb.token_fields["ref_logprobs"], self.cfg.kl_kind)
-            per_token = per_token + self.cfg.kl_coef * kl
+            kl = losses.kl_penalty(logp, fields["ref_logprobs"], c.kl_kind)
+            per_token = per_token + c.kl_coef * kl
             metrics["kl_sum"] = float((kl.detach() * mask).sum())
-        loss = losses.aggregate(per_token, mask, self.cfg.loss_agg, mb.loss_normalizer)
-        with torch.no_grad():
-            metrics["entropy_sum"] = float((losses.token_entropy(logits) * mask).sum())
-            metrics["clip_fraction_sum"] = float((clipped * mask).sum())
-            metrics["tokens"] = float(mask.sum())
+        loss = losses.aggregate(per_token, mask, c.loss_agg, mb.loss_normalizer)
+        entropy = chunked_entropy(out.hidden.detach(), out.lm_head_weight.detach(), mask, out.temperature, c.chunk_size)
+        metrics["entropy_sum"] = float((entropy * mask).sum())
+        metrics["clip_fraction_sum"] = float((clipped * mask).sum())
+        metrics["tokens"] = float(mask.sum())
         return loss, metrics
