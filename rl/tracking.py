@@ -48,11 +48,12 @@ class Tracker:
 
     def _console(self, step: int, record: dict) -> None:
         elapsed = time.time() - self.start
-        rate = step / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
         parts = [f"step {step}/{self.total}"]
         parts += [fmt.format(record[k]) for k, fmt in CONSOLE_KEYS if k in record]
-        parts.append(f"{elapsed / max(step, 1):.1f}s/step, ETA {eta / 60:.1f} min")
+        parts += [f"{k} {v:.3f}" for k, v in record.items() if k.startswith("eval/") and k.endswith("pass@1")]
+        if step > 0:  # step 0 is the evaluation before training: no rate yet
+            rate = step / elapsed
+            parts.append(f"{elapsed / step:.1f}s/step, ETA {(self.total - step) / rate / 60:.1f} min")
         print(" | ".join(parts), file=sys.stderr, flush=True)
 
     def close(self) -> None:
