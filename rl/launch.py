@@ -1,4 +1,5 @@
 """`python -m rl.launch recipe=NAME key=value ... [--print-config] [--dry-run]`
+`python -m rl.launch resume=RUN_DIR [key=value ...]`
 
 Every problem found before training (a misspelled key, a bad value, a missing recipe, model or
 dataset) is reported as one paragraph and exit code 2, before any heavy work starts.
@@ -10,9 +11,16 @@ import time
 from pathlib import Path
 
 USAGE = """usage: python -m rl.launch recipe=NAME [key=value ...] [--print-config] [--dry-run]
+       python -m rl.launch resume=RUN_DIR [key=value ...] [--print-config] [--dry-run]
 
   recipe=NAME      a file recipes/NAME.yaml (or a path to a .yaml file)
   key=value        override any option by its dotted name, e.g. train.steps=5 grpo.kl_coef=0.01
+  resume=RUN_DIR   continue the run in RUN_DIR from its newest complete checkpoint (see
+                   checkpoint.every_steps), with its config.yaml; steps after that checkpoint
+                   run again exactly as they first did and replace their records. Overrides
+                   may only change what leaves the math alone: train.steps (to extend a run),
+                   train.save_final, checkpoint.*, tracking.wandb, tracking.tensorboard,
+                   eval.every_steps, sync.check_sequences, reward.workers
   --print-config   print the resolved config
   --dry-run        resolve and validate everything (config, algorithm, rewards, data source,
                    model path) without loading models or downloading anything, then exit
@@ -46,14 +54,19 @@ def main(argv: list[str] | None = None) -> int:
     if unknown_flags:
         _fail(f"unknown flag(s) {', '.join(sorted(unknown_flags))}.\n{USAGE}")
     args = [a for a in argv if not a.startswith("--")]
-    recipe = None
+    recipe = resume_dir = None
     overrides = []
     for a in args:
         if a.startswith("recipe="):
             recipe = a.split("=", 1)[1]
+        elif a.startswith("resume="):
+            resume_dir = Path(a.split("=", 1)[1])
         else:
             overrides.append(a)
+    if recipe is not None and resume_dir is not None:
+        _fail("give recipe= or resume=, not both: a resumed run keeps the config in its directory.")
 
+    from rl import checkpoint
     from rl.config import ConfigError, load_config
     from rl.data import DataError
     from rl.models import ModelError
@@ -61,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     user_errors = (ConfigError, ModelError, DataError, RewardError, KeyError, ImportError, AttributeError)
     try:
-        cfg = load_config(recipe, overrides)
+        cfg = checkpoint.resume_config(resume_dir, overrides) if resume_dir else load_config(recipe, overrides)
         _validate(cfg)
     except user_errors as e:
         _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
@@ -72,16 +85,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     run_name = cfg.tracking.run_name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.tracking.output_dir) / run_name
+    run_dir = resume_dir or Path(cfg.tracking.output_dir) / run_name
+    if resume_dir is None and checkpoint.newest(run_dir) is not None:
+        _fail(f"{run_dir} holds checkpoints of an earlier run: continue it with resume={run_dir}, or set another tracking.run_name.")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    # Atomic: a resume reads it back, and the run may be killed at any moment.
+    checkpoint.atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
     print(f"run directory: {run_dir}", file=sys.stderr)
 
     from rl.trainer import train
 
     try:
-        train(cfg, run_dir)
-    except (ModelError, DataError, RewardError) as e:
+        train(cfg, run_dir, resume=resume_dir is not None)
+    except (ModelError, DataError, RewardError, checkpoint.CheckpointError) as e:
         _fail(str(e))
     print(f"done: metrics in {run_dir / 'metrics.jsonl'}, final model in {run_dir / 'final'}", file=sys.stderr)
     return 0

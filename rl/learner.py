@@ -33,6 +33,7 @@ from functools import partial
 import torch
 
 from rl.batch import MicroBatch, PolicyOutputs, SequenceBatch
+from rl.checkpoint import rng_state, set_rng_state
 from rl.config import LearnerConfig, LoraConfig
 from rl.entropy import chunked_entropy
 from rl.losses import chunked_token_logprobs
@@ -40,6 +41,8 @@ from rl.losses import chunked_token_logprobs
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEEPSPEED_TAG = "deepspeed"  # save_checkpoint's subfolder for DeepSpeed's own files
+EMA_FILE = "ema_teacher.pt"
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -568,6 +571,57 @@ class LearnerWorker:
         if adapter:
             lm.save_pretrained(os.path.join(out_dir, "adapter"), state_dict=self._state_on_cpu(lm, gathered))
 
+    # ------------------------------------------------------------------ run-state checkpoints
+
+    def save_checkpoint(self, out_dir: str) -> None:
+        """This rank's training state into out_dir (shared by all ranks); a collective call.
+
+        DeepSpeed's checkpoint (weights, optimizer, lr schedule; with LoRA only the adapters: the
+        frozen base is the model's own), this rank's RNG states, and the EMA teacher's moving weights.
+        """
+        self.engine.save_checkpoint(out_dir, tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
+        torch.save(rng_state(), os.path.join(out_dir, f"rng_rank{self.rank}.pt"))
+        if self.ema is not None:
+            ema = self._ema_state()
+            if self.rank == 0:
+                torch.save(ema, os.path.join(out_dir, EMA_FILE))
+
+    def load_checkpoint(self, in_dir: str) -> None:
+        """Restore what save_checkpoint wrote, on ranks built as the saving ones; a collective call."""
+        path, _ = self.engine.load_checkpoint(in_dir, tag=DEEPSPEED_TAG, load_module_strict=self.lora is None)
+        if path is None:
+            raise FileNotFoundError(f"No DeepSpeed checkpoint in {os.path.join(in_dir, DEEPSPEED_TAG)}.")
+        set_rng_state(torch.load(os.path.join(in_dir, f"rng_rank{self.rank}.pt"), weights_only=False))
+        if self.ema is not None:
+            self._load_ema(torch.load(os.path.join(in_dir, EMA_FILE)))
+
+    def _ema_moving(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The EMA teacher's parameters that follow the policy's (the trained ones); the rest stay initial."""
+        ema = dict(_unwrap(self.ema).lm.named_parameters())
+        return [(name, ema[name]) for name, p in self.engine.module.lm.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def _ema_state(self) -> dict[str, torch.Tensor]:
+        """The moving EMA weights on rank 0, as their float32 masters where kept; a collective call."""
+        import deepspeed
+
+        state = {}
+        for name, q in self._ema_moving():
+            with deepspeed.zero.GatheredParameters([q]):
+                if self.rank == 0:
+                    state[name] = self._ema_masters.get(name, q.detach()).to("cpu", copy=True)
+        return state
+
+    @torch.no_grad()
+    def _load_ema(self, state: dict[str, torch.Tensor]) -> None:
+        import deepspeed
+
+        for name, q in self._ema_moving():
+            if q.dtype != torch.float32:
+                self._ema_masters[name] = state[name].float().to(self.device)
+            with deepspeed.zero.GatheredParameters([q], modifier_rank=0):
+                q.copy_(state[name])
+
 
 # ---------------------------------------------------------------------------------------------
 
@@ -669,6 +723,13 @@ class LearnerGroup:
 
     def save_hf(self, out_dir: str, adapter: bool = False) -> None:
         self._wait([w.save_hf.remote(out_dir, adapter) for w in self.workers], "save_hf")
+
+    def save_checkpoint(self, out_dir: str) -> None:
+        """Every rank's training state into out_dir (LearnerWorker.save_checkpoint)."""
+        self._wait([w.save_checkpoint.remote(out_dir) for w in self.workers], "save_checkpoint")
+
+    def load_checkpoint(self, in_dir: str) -> None:
+        self._wait([w.load_checkpoint.remote(in_dir) for w in self.workers], "load_checkpoint")
 
     def close(self) -> None:
         import ray

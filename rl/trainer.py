@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from rl import checkpoint
 from rl.algorithms import Rollouts, build_algorithm
 from rl.batch import SequenceBatch
 from rl.config import PROJECT_ROOT, RunConfig
@@ -145,8 +146,9 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def train(cfg: RunConfig, run_dir: Path) -> dict:
-    """Run cfg.train.steps steps; returns the last step's metrics."""
+def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Run cfg.train.steps steps, with `resume` from run_dir's newest checkpoint on; returns the
+    last step's metrics."""
     from transformers import AutoTokenizer
 
     from rl.learner import LearnerGroup
@@ -189,14 +191,16 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         with_teacher=algorithm.needs_teacher,
         lora=cfg.model.lora,
     )
+    done = checkpoint.resume(run_dir, cfg, learners, pool, stream) if resume else checkpoint.TrainerState()
     tracker = Tracker(run_dir, cfg.train.steps, cfg.model_dump(mode="json"), cfg.tracking.wandb, cfg.tracking.tensorboard)
     temperature = algorithm.loss_temperature()
-    rollout_tokens = 0
+    rollout_tokens = done.cumulative_rollout_tokens
     metrics: dict = {}
     try:
-        if evaluator is not None and eval_due(cfg.eval, 0, cfg.train.steps):
+        if evaluator is not None and done.step == 0 and eval_due(cfg.eval, 0, cfg.train.steps):
             tracker.log(0, {**evaluator.run(pool, run_dir / "eval" / "step_000000"), "cumulative_rollout_tokens": 0})
-        for step in range(1, cfg.train.steps + 1):
+        for step in range(done.step + 1, cfg.train.steps + 1):
+            pool.set_step_seed(checkpoint.step_seed(cfg.seed, step))
             collected = collect_rollouts(stream, pool, scorer, algorithm, spec, cfg, tokenizer)
             log_failures(run_dir / "reward_failures.jsonl", step, collected.failures)
             rollouts, flat = collected.rollouts, collected.generated
@@ -248,6 +252,8 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
                     metrics["accuracy"] = _mean(collected.parts[name])
                     break
             tracker.log(step, metrics)
+            if checkpoint.save_due(cfg, step):
+                checkpoint.save(run_dir, cfg, learners, checkpoint.TrainerState(step, stream.position, rollout_tokens))
         if cfg.train.save_final:
             learners.save_hf(str(run_dir / "final"))
     finally:

@@ -24,6 +24,11 @@ class RolloutEngine(ABC):
         """`spec.n` completions for each prompt, in prompt order."""
 
     @abstractmethod
+    def set_step_seed(self, seed: int) -> None:
+        """Reseed the sampler: the next `generate` calls sample as they would right after any
+        other `set_step_seed(seed)` with the same weights, whatever ran in between."""
+
+    @abstractmethod
     def score(self, requests: list[ScoringRequest]) -> list[list[float]]:
         """log p(token_ids[t] | prompt_ids + token_ids[:t]) at temperature 1, one list per request."""
 

@@ -59,6 +59,9 @@ class HFEngine(RolloutEngine):
         completions = [self._completion(r, new[i].tolist(), logprobs[i].tolist(), spec) for i, r in enumerate(rows)]
         return [completions[i * spec.n : (i + 1) * spec.n] for i in range(len(prompts))]
 
+    def set_step_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
     def _generation_config(self, spec: SamplingSpec):
         from transformers import GenerationConfig
 

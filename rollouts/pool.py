@@ -72,6 +72,10 @@ class RolloutPool:
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
         return self._spread("generate", prompts, spec)
 
+    def set_step_seed(self, seed: int) -> None:
+        """Engine i samples next with seed + i, so that engines draw different samples."""
+        self._gather("set_step_seed", [a.call.remote("set_step_seed", seed + i) for i, a in enumerate(self._actors)])
+
     def score(self, requests: list[ScoringRequest]) -> list[list[float]]:
         return self._spread("score", requests)
 

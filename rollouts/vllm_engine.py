@@ -36,6 +36,14 @@ def _repack_lm_head(worker) -> None:
     dispatch_cpu_unquantized_gemm(worker.model_runner.get_model().lm_head, remove_weight=False)
 
 
+def _seed_sampler(worker, seed: int) -> None:
+    """Reseed the generators the worker's sampler draws from (torch's global ones, on CPU and GPU
+    alike: requests carry no generator of their own, since SamplingParams(seed=...) crashes on CPU)."""
+    from vllm.utils.torch_utils import set_random_seed
+
+    set_random_seed(seed)
+
+
 class VLLMEngine(RolloutEngine):
     # Off only in tests, to show that the tied-embedding repack is what keeps logprobs right.
     repack_tied_lm_head = True
@@ -108,6 +116,9 @@ class VLLMEngine(RolloutEngine):
             ]
             for prompt, out in zip(prompts, outputs)
         ]
+
+    def set_step_seed(self, seed: int) -> None:
+        self.llm.collective_rpc(_seed_sampler, args=(seed,))
 
     def score(self, requests: list[ScoringRequest]) -> list[list[float]]:
         from vllm import SamplingParams
