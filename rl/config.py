@@ -494,7 +494,7 @@ def _check_keys(data: dict, model_cls: type[BaseModel], prefix: str = "") -> Non
 def _format_validation_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"] if not isinstance(x, int) or True)
+        loc = ".".join(str(x) for x in e["loc"])
         parts.append(f"`{loc}`: {e['msg']} (got {e.get('input')!r})")
     return "Invalid config value: " + "; ".join(parts) + ". Fix the recipe or the override."
 

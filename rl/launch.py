@@ -93,11 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint.atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
     print(f"run directory: {run_dir}", file=sys.stderr)
 
-    from rl.trainer import train
+    from rl.trainer import WeightSyncError, train
+    from rollouts.pool import RolloutEngineError
 
     try:
         train(cfg, run_dir, resume=resume_dir is not None)
-    except (ModelError, DataError, RewardError, checkpoint.CheckpointError) as e:
+    except (ModelError, DataError, RewardError, checkpoint.CheckpointError, WeightSyncError, RolloutEngineError) as e:
+        # Errors that name their cause and fix: one paragraph, not a traceback through Ray.
         _fail(str(e))
     print(f"done: metrics in {run_dir / 'metrics.jsonl'}, final model in {run_dir / 'final'}", file=sys.stderr)
     return 0

@@ -7,7 +7,7 @@ import torch
 from rl import losses
 from rl.algorithms import Rollouts
 from rl.algorithms.grpo import GRPO
-from rl.batch import MicroBatch, PolicyOutputs, SequenceBatch
+from rl.batch import MicroBatch, PolicyOutputs
 from rl.config import RunConfig
 from rl.trainer import collect_rollouts
 from rollouts.types import Completion
