@@ -626,7 +626,7 @@ class LearnerWorker:
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -653,7 +653,7 @@ class LearnerGroup:
         n = learner_cfg.num_learners
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         actor = ray.remote(num_cpus=learner_cfg.learner_cpus, num_gpus=gpus)(LearnerWorker)
-        port = _free_port()
+        port = free_port()
         self.workers = [
             actor.remote(
                 model_path, learner_cfg, dtype, rank, n, "127.0.0.1", port, seed, total_steps,

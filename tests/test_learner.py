@@ -6,7 +6,6 @@ from the warm-up formula. Every learner configuration (micro-batch size, 1 or 2 
 or ZeRO-3) must end at those parameters.
 """
 import random
-import socket
 import sys
 from types import SimpleNamespace
 
@@ -17,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rl.batch import SequenceBatch
 from rl.config import LearnerConfig
-from rl.learner import LearnerGroup, LearnerWorker
+from rl.learner import LearnerGroup, LearnerWorker, free_port
 from rl.tiny import build_model
 
 pytestmark = pytest.mark.slow
@@ -69,11 +68,6 @@ def learner_cfg(**kw) -> LearnerConfig:
     base = dict(lr=LR, weight_decay=0.1, betas=(0.8, 0.95), warmup_steps=WARMUP, max_grad_norm=MAX_GRAD_NORM)
     return LearnerConfig(**{**base, **kw})
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def in_process_worker(model_dir, **cfg) -> LearnerWorker:

@@ -7,7 +7,6 @@ chunked divergence, on ZeRO-2 in this process and on two ZeRO-3 ranks where the 
 partitioned.
 """
 import random
-import socket
 import sys
 
 import pytest
@@ -18,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from rl.batch import SequenceBatch
 from rl.config import LearnerConfig, TeacherConfig
 from rl.divergences import chunked_divergence
-from rl.learner import LearnerGroup, LearnerWorker
+from rl.learner import LearnerGroup, LearnerWorker, free_port
 from rl.tiny import build_model
 
 pytestmark = pytest.mark.slow
@@ -97,11 +96,6 @@ def learner_cfg(**kw) -> LearnerConfig:
     base = dict(lr=LR, weight_decay=0.1, betas=(0.8, 0.95), warmup_steps=WARMUP, max_grad_norm=MAX_GRAD_NORM)
     return LearnerConfig(**{**base, **kw})
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def in_process_worker(model_dir, kind="frozen", decay=0.99, **cfg) -> LearnerWorker:

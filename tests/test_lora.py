@@ -8,7 +8,6 @@ Ray groups of 1 and 2 ranks (ZeRO-2 and ZeRO-3).
 """
 import json
 import random
-import socket
 import sys
 from types import SimpleNamespace
 
@@ -21,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from rl.batch import SequenceBatch
 from rl.config import LearnerConfig, LoraConfig, TeacherConfig
-from rl.learner import LearnerGroup, LearnerWorker, _with_lora
+from rl.learner import LearnerGroup, LearnerWorker, _with_lora, free_port
 from rl.tiny import build_model
 
 pytestmark = pytest.mark.slow
@@ -63,11 +62,6 @@ def learner_cfg(**kw) -> LearnerConfig:
     base = dict(lr=LR, weight_decay=0.1, betas=(0.8, 0.95), max_grad_norm=MAX_GRAD_NORM, micro_batch_size=2)
     return LearnerConfig(**{**base, **kw})
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------
