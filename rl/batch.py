@@ -99,10 +99,6 @@ class MicroBatch:
             loss_normalizer=batch.loss_normalizer,
         )
 
-    def completion_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Gather the [B, T, V] logits that predict each completion token from [B, L, V]."""
-        return self.completion_aligned(logits)
-
     def completion_aligned(self, per_position: torch.Tensor) -> torch.Tensor:
         """[B, L, D] values of the input positions that predict each completion token -> [B, T, D]
         (logits, or hidden states before the output layer)."""

@@ -18,7 +18,6 @@ def entropy_phases(impl: str, tokens: int, args: argparse.Namespace) -> Phases:
     import torch
 
     from rl.entropy import chunked_entropy
-    from rl.losses import token_entropy
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(args.vocab, args.hidden, generator=g) * args.hidden**-0.5
@@ -30,7 +29,9 @@ def entropy_phases(impl: str, tokens: int, args: argparse.Namespace) -> Phases:
         if impl == "chunked":
             entropy = chunked_entropy(hidden, weight, mask, chunk_size=args.chunk_size)
         else:
-            entropy = token_entropy(hidden @ weight.T)
+            # The naive way: the whole [1, tokens, V] log-softmax at once.
+            logp = torch.log_softmax(hidden @ weight.T, dim=-1)
+            entropy = -(logp.exp() * logp).sum(-1)
         return entropy.mean().item()
 
     return [("forward", forward)]
