@@ -133,3 +133,15 @@ def warm_up_partial(model_dir: str | Path, steps: int = 130, lr: float = 3e-3, s
         opt.zero_grad()
     model.save_pretrained(model_dir)
     return model_dir
+
+
+def addition_task(root: str | Path, warmup_steps: int, n_rows: int, seed: int = 5) -> tuple[Path, Path]:
+    """A warmed-up tiny Qwen3 in root/model and `a+b=` training rows in root/train.jsonl."""
+    import json
+
+    root = Path(root)
+    model = build_model(root / "model", arch="qwen3", tied=True)
+    warm_up_partial(model, steps=warmup_steps)
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in addition_rows(n_rows, seed=seed)))
+    return model, data

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rl.config import PROJECT_ROOT, load_config
-from rl.tiny import addition_rows, build_model, warm_up_partial
+from rl.tiny import addition_task
 
 pytestmark = pytest.mark.slow
 
@@ -19,10 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def addition_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("addition")
-    model = build_model(root / "model", arch="qwen3", tied=True)
-    warm_up_partial(model, steps=130)
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in addition_rows(2000, seed=5)))
+    model, data = addition_task(root, warmup_steps=130, n_rows=2000)
     return model, data, root
 
 

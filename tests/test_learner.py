@@ -5,7 +5,6 @@ loop, divides by the global token count, clips and steps a torch AdamW whose lr 
 from the warm-up formula. Every learner configuration (micro-batch size, 1 or 2 ranks, ZeRO-2
 or ZeRO-3) must end at those parameters.
 """
-import random
 import sys
 from types import SimpleNamespace
 
@@ -18,6 +17,7 @@ from rl.batch import SequenceBatch
 from rl.config import LearnerConfig
 from rl.learner import LearnerGroup, LearnerWorker, free_port
 from rl.tiny import build_model
+from tests.batches import varied_batch
 
 pytestmark = pytest.mark.slow
 
@@ -37,21 +37,7 @@ GRAD_SCALE = 1e4
 MAX_GRAD_NORM = 1e3
 
 
-def make_batch(seed: int) -> SequenceBatch:
-    """Five sequences with different prompt and completion lengths, so a per-micro-batch mean
-    would weight tokens differently from the global token mean."""
-    rng = random.Random(seed)
-    shapes = [(3, 5), (1, 2), (4, 6), (2, 1), (2, 4)]
-    ids, prompt_lens, adv = [], [], []
-    for p, c in shapes:
-        ids.append([rng.randrange(5, 300) for _ in range(p + c)])
-        prompt_lens.append(p)
-        adv.append([rng.uniform(-1, 1) for _ in range(c)])
-    n_tokens = sum(c for _, c in shapes)
-    return SequenceBatch(ids, prompt_lens, token_fields={"advantages": adv}, loss_normalizer=n_tokens / GRAD_SCALE)
-
-
-STEP_BATCHES = [make_batch(1), make_batch(2)]
+STEP_BATCHES = [varied_batch(1, GRAD_SCALE), varied_batch(2, GRAD_SCALE)]
 
 
 def token_mean_pg_loss(out, mb):

@@ -7,7 +7,6 @@ base model with adapters disabled, unchanged by training. One ZeRO-2 rank in thi
 Ray groups of 1 and 2 ranks (ZeRO-2 and ZeRO-3).
 """
 import json
-import random
 import sys
 from types import SimpleNamespace
 
@@ -22,6 +21,7 @@ from rl.batch import SequenceBatch
 from rl.config import LearnerConfig, LoraConfig, TeacherConfig
 from rl.learner import LearnerGroup, LearnerWorker, _with_lora, free_port
 from rl.tiny import build_model
+from tests.batches import varied_batch
 
 pytestmark = pytest.mark.slow
 
@@ -35,21 +35,7 @@ GRAD_SCALE = 1e4  # gradients far above Adam's eps, so steps compare tightly (se
 MAX_GRAD_NORM = 1e3
 
 
-def make_batch(seed: int) -> SequenceBatch:
-    rng = random.Random(seed)
-    shapes = [(3, 5), (1, 2), (4, 6), (2, 1), (2, 4)]
-    ids, prompt_lens, adv = [], [], []
-    for p, c in shapes:
-        ids.append([rng.randrange(5, 300) for _ in range(p + c)])
-        prompt_lens.append(p)
-        adv.append([rng.uniform(-1, 1) for _ in range(c)])
-    n_tokens = sum(c for _, c in shapes)
-    # The teacher view is the student's own: with a frozen teacher it must score like the base model.
-    return SequenceBatch(ids, prompt_lens, token_fields={"advantages": adv}, loss_normalizer=n_tokens / GRAD_SCALE,
-                         teacher_input_ids=ids, teacher_prompt_lens=prompt_lens)
-
-
-STEP_BATCHES = [make_batch(1), make_batch(2)]
+STEP_BATCHES = [varied_batch(1, GRAD_SCALE, teacher_is_student=True), varied_batch(2, GRAD_SCALE, teacher_is_student=True)]
 
 
 def token_mean_pg_loss(out, mb):

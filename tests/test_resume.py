@@ -24,7 +24,7 @@ from rl.batch import SequenceBatch
 from rl.checkpoint import CheckpointError, TrainerState
 from rl.config import PROJECT_ROOT, ConfigError, LearnerConfig, LoraConfig, TeacherConfig, load_config
 from rl.data import PromptStream
-from rl.tiny import addition_rows, build_model, warm_up_partial
+from rl.tiny import addition_task
 from rollouts.types import SamplingSpec
 
 pytestmark = pytest.mark.slow
@@ -36,10 +36,7 @@ def resume_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     # 60 warm-up steps leave the model right on a few `a+b=` prompts in ten: rewards vary within
     # groups, so every step has a gradient.
-    model = build_model(root / "model", arch="qwen3", tied=True)
-    warm_up_partial(model, steps=60)
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in addition_rows(500, seed=5)))
+    model, data = addition_task(root, warmup_steps=60, n_rows=500)
     return model, data
 
 
