@@ -118,7 +118,9 @@ class PolicyOutputs:
     hidden: [B, T, H] final hidden states (after the final norm), with grad.
     lm_head_weight: [V, H] output layer (logits = hidden @ W^T), with grad. Pass it with `hidden`
         to `rl.divergences.chunked_divergence` / `rl.entropy.chunked_entropy` so that [B, T, V]
-        logits never exist at once.
+        logits never exist at once. None for masked-diffusion models, whose forward is the whole
+        model's: `hidden` then holds the [B, T, V] logits at the answer positions (one-step
+        estimator: every answer position masked), which those functions accept as such.
     temperature: the learner's logit divisor (the sampling temperature, or 1).
     teacher_hidden: [B, T, H] without grad: the teacher's hidden states at the SAME completion
         tokens, from its forward on the batch's teacher view; None when the batch has none.
@@ -134,4 +136,5 @@ class PolicyOutputs:
 
     def logits(self) -> torch.Tensor:
         """[B, T, V] float32 logits / temperature, materialised: for small vocabularies and simple losses."""
-        return torch.nn.functional.linear(self.hidden, self.lm_head_weight).float() / self.temperature
+        logits = self.hidden if self.lm_head_weight is None else torch.nn.functional.linear(self.hidden, self.lm_head_weight)
+        return logits.float() / self.temperature

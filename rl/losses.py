@@ -83,17 +83,19 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def chunked_token_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, chunk_size: int = 512
+    hidden: torch.Tensor, weight: torch.Tensor | None, tokens: torch.Tensor, temperature: float = 1.0, chunk_size: int = 512
 ) -> torch.Tensor:
     """log_softmax(hidden @ W^T / T)[token] per position, [B, T, H] -> [B, T], with gradients.
 
     Each chunk of positions is checkpointed: its [chunk, V] logits exist once in the forward and
-    once more in the backward, never as a whole [B, T, V] tensor.
+    once more in the backward, never as a whole [B, T, V] tensor. `weight=None`: `hidden` already
+    holds logits (masked-diffusion models).
     """
     from torch.utils.checkpoint import checkpoint
 
-    def chunk(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return token_logprobs(torch.nn.functional.linear(h, w).float() / temperature, t)
+    def chunk(h: torch.Tensor, w: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+        logits = h if w is None else torch.nn.functional.linear(h, w)
+        return token_logprobs(logits.float() / temperature, t)
 
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
     parts = [
@@ -101,6 +103,12 @@ def chunked_token_logprobs(
         for i in range(0, flat_h.shape[0], chunk_size)
     ]
     return torch.cat(parts).view(tokens.shape)
+
+
+def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean token log-ratio of each sequence, [B, T] -> [B, 1]: one importance ratio per sequence
+    (exp of it), the length-normalised form a sequence-level clip needs."""
+    return ((logp - old_logp) * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
 def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, level: str,

@@ -20,8 +20,12 @@ from rollouts.types import Completion, SamplingSpec, ScoringRequest
 
 class RolloutEngine(ABC):
     @abstractmethod
-    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
-        """`spec.n` completions for each prompt, in prompt order."""
+    def generate(
+        self, prompts: list[list[int]], spec: SamplingSpec, hints: list[dict[int, int]] | None = None
+    ) -> list[list[Completion]]:
+        """`spec.n` completions for each prompt, in prompt order. `hints[i]` (completion position ->
+        token id) fixes tokens of prompt i's completions: inpainting, which only masked-diffusion
+        engines can do."""
 
     @abstractmethod
     def set_step_seed(self, seed: int) -> None:
@@ -51,8 +55,10 @@ def make_engine(
     kv_cache_gb: float = 1.0,
     gpu_memory_utilization: float = 0.4,
     trust_remote_code: bool = False,
+    diffusion: dict | None = None,
 ) -> RolloutEngine:
-    """Build a `kind` ("vllm" or "hf") engine; vLLM and transformers are imported only here."""
+    """Build a `kind` ("vllm", "hf" or "diffusion") engine; vLLM and transformers are imported only
+    here. `diffusion`: the masked-diffusion engine's sampler settings (MaskedDiffusionEngine's kwargs)."""
     common = dict(seed=seed, dtype=dtype, max_model_len=max_model_len, trust_remote_code=trust_remote_code)
     if kind == "vllm":
         from rollouts.vllm_engine import VLLMEngine
@@ -64,7 +70,19 @@ def make_engine(
         from rollouts.hf_engine import HFEngine
 
         return HFEngine(model_path, **common)
-    raise ValueError(f"unknown rollout engine kind {kind!r}; choose 'vllm' or 'hf'")
+    if kind == "diffusion":
+        from rollouts.diffusion_engine import MaskedDiffusionEngine
+
+        return MaskedDiffusionEngine(model_path, **common, **(diffusion or {}))
+    raise ValueError(f"unknown rollout engine kind {kind!r}; choose 'vllm', 'hf' or 'diffusion'")
+
+
+def refuse_hints(hints) -> None:
+    if hints is not None:
+        raise ValueError(
+            "Inpainting hints need a masked-diffusion engine (rollout.engine=diffusion); an "
+            "autoregressive engine cannot fix tokens ahead of the ones it samples."
+        )
 
 
 def check_state_dict(state_dict: dict, expected_shapes: dict[str, tuple[int, ...]]) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from rollouts.engine import RolloutEngine, check_state_dict
+from rollouts.engine import RolloutEngine, check_state_dict, refuse_hints
 from rollouts.types import Completion, SamplingSpec, ScoringRequest
 
 _SCORE_BATCH = 8  # bounds the [batch, length, vocab] logits held at once
@@ -34,7 +34,8 @@ class HFEngine(RolloutEngine):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec, hints=None) -> list[list[Completion]]:
+        refuse_hints(hints)
         if not prompts:
             return []
         rows = [p for p in prompts for _ in range(spec.n)]

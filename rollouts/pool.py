@@ -69,8 +69,10 @@ class RolloutPool:
             self._kill()
             raise
 
-    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
-        return self._spread("generate", prompts, spec)
+    def generate(
+        self, prompts: list[list[int]], spec: SamplingSpec, hints: list[dict[int, int]] | None = None
+    ) -> list[list[Completion]]:
+        return self._spread("generate", prompts, spec, aligned=hints)
 
     def set_step_seed(self, seed: int) -> None:
         """Engine i samples next with seed + i, so that engines draw different samples."""
@@ -99,10 +101,16 @@ class RolloutPool:
         finally:
             self._kill()
 
-    def _spread(self, method: str, items: list, *args) -> list:
+    def _spread(self, method: str, items: list, *args, aligned: list | None = None) -> list:
+        """Contiguous chunks of `items` to the engines, as method(chunk, *args[, aligned chunk]):
+        `aligned` (one entry per item, such as hints per prompt) is cut the same way."""
         bounds = _chunk_bounds(len(items), len(self._actors))
+
+        def arguments(lo: int, hi: int) -> tuple:
+            return (items[lo:hi], *args) if aligned is None else (items[lo:hi], *args, aligned[lo:hi])
+
         # Empty chunks are all at the end, so a ref's position is still its engine's index.
-        refs = [a.call.remote(method, items[lo:hi], *args) for a, (lo, hi) in zip(self._actors, bounds) if hi > lo]
+        refs = [a.call.remote(method, *arguments(lo, hi)) for a, (lo, hi) in zip(self._actors, bounds) if hi > lo]
         return [x for part in self._gather(method, refs) for x in part]
 
     def _gather(self, method: str, refs: list) -> list:

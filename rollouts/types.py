@@ -27,6 +27,8 @@ class Completion:
     # (temperature applied), one per entry of token_ids.
     logprobs: list[float]
     finish_reason: str  # "stop" (EOS or stop string) or "length" (hit max_tokens)
+    # Masked-diffusion inpainting: True at tokens that were fixed hints, not sampled (None: no hints).
+    hint_mask: list[bool] | None = None
 
     @property
     def truncated(self) -> bool:

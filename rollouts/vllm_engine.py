@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from rollouts.engine import RolloutEngine, check_state_dict
+from rollouts.engine import RolloutEngine, check_state_dict, refuse_hints
 from rollouts.types import Completion, SamplingSpec, ScoringRequest
 
 
@@ -89,7 +89,8 @@ class VLLMEngine(RolloutEngine):
         # The first sampling call pays a one-off setup cost (~2.5 s on CPU); pay it here.
         self.generate([[0]], SamplingSpec(max_tokens=2))
 
-    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec, hints=None) -> list[list[Completion]]:
+        refuse_hints(hints)
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

@@ -20,6 +20,18 @@ class Rollouts:
     rewards: list[list[float]] = field(default_factory=list)
 
 
+@dataclass
+class SampledRound:
+    """One sampling round's groups as scored, before the algorithm keeps or drops them:
+    `completions[i]`, `rewards[i]` and `correct[i]` are the samples of `rows[i]`."""
+
+    rows: list[dict]
+    prompt_ids: list[list[int]]
+    completions: list[list[Completion]]
+    rewards: list[list[float]]
+    correct: list[list[bool]]
+
+
 class Algorithm:
     """Hooks the loop calls; the learner only ever sees `loss` (a picklable callable).
 
@@ -39,6 +51,13 @@ class Algorithm:
     def keep_group(self, rewards: list[float]) -> bool:
         """Whether a prompt's group goes into the batch (False: resample, as in dynamic sampling)."""
         return True
+
+    def repair_groups(self, sampled: SampledRound, generate, score) -> list[Completion]:
+        """Called on every sampling round after scoring, before keep_group; may replace completions
+        and their rewards in `sampled` in place (IGPO's inpainting). `generate(prompts, spec, hints)`
+        samples with the loop's engines, `score(completions, rows)` gives (rewards, correct).
+        Returns every completion it generated: their tokens count in the rollout budget."""
+        return []
 
     def use_policy_scores(self, batch: SequenceBatch, logprobs, entropies) -> dict[str, float]:
         """Current-policy logprobs/entropies per completion token, before any update."""

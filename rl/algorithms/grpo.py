@@ -30,6 +30,7 @@ class GRPO(Algorithm):
         self.updates_per_batch = self.cfg.updates_per_batch
         self.max_sampling_rounds = self.cfg.max_sampling_rounds if self.cfg.dynamic_sampling else 1
         self.wants_entropy = self.cfg.entropy_top_fraction is not None
+        self.ratio_level = "token"
         self.needs_policy_scores = (
             self.updates_per_batch > 1 or self.wants_entropy or self.cfg.track_mismatch
             or self.cfg.importance_sampling != "off"
@@ -79,7 +80,7 @@ class GRPO(Algorithm):
         if self.updates_per_batch > 1:
             batch.token_fields["old_logprobs"] = logprobs
         metrics = {}
-        if self.wants_entropy:
+        if self.cfg.entropy_top_fraction is not None:
             entropy, mask = _padded(entropies)
             keep = top_entropy_mask(entropy, mask, self.cfg.entropy_top_fraction, self.cfg.entropy_scope)
             batch.token_fields["pg_mask"] = [keep[i, : len(r)].tolist() for i, r in enumerate(entropies)]
@@ -99,7 +100,9 @@ class GRPO(Algorithm):
         logp = losses.chunked_token_logprobs(out.hidden, out.lm_head_weight, mb.completion_ids, out.temperature, c.chunk_size)
         # With one update per batch the data is on-policy: old = current (detached), ratio == 1.
         old = fields.get("old_logprobs", logp.detach())
-        per_token, clipped = losses.clipped_surrogate(logp, old, fields["advantages"], c.clip_low, c.clip_high)
+        # A sequence-level ratio enters the same clipped surrogate as old + mean log-ratio at every token.
+        ratio_logp = logp if self.ratio_level == "token" else old + losses.sequence_log_ratio(logp, old, mask)
+        per_token, clipped = losses.clipped_surrogate(ratio_logp, old, fields["advantages"], c.clip_low, c.clip_high)
         if "pg_mask" in fields:
             per_token = per_token * fields["pg_mask"]
         if c.importance_sampling != "off":
@@ -112,7 +115,8 @@ class GRPO(Algorithm):
             per_token = per_token + c.kl_coef * kl
             metrics["kl_sum"] = float((kl.detach() * mask).sum())
         loss = losses.aggregate(per_token, mask, c.loss_agg, mb.loss_normalizer)
-        entropy = chunked_entropy(out.hidden.detach(), out.lm_head_weight.detach(), mask, out.temperature, c.chunk_size)
+        weight = None if out.lm_head_weight is None else out.lm_head_weight.detach()
+        entropy = chunked_entropy(out.hidden.detach(), weight, mask, out.temperature, c.chunk_size)
         metrics["entropy_sum"] = float((entropy * mask).sum())
         metrics["clip_fraction_sum"] = float((clipped * mask).sum())
         metrics["tokens"] = float(mask.sum())

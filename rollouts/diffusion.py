@@ -1,0 +1,170 @@
+"""Masked-diffusion sampling (LLaDA's semi-autoregressive block sampler) and the one-step
+log-probability estimator, as pure functions over a `logits_fn`.
+
+Layout shared with the learner: each row is its prompt followed by `gen_length` answer positions,
+right-padded to the batch width, so a model with absolute positions sees the same positions here
+and in training. Position i's logits predict token i (no shift, unlike a causal LM).
+
+Sampling: the answer starts fully masked and is filled block by block, left to right. Within a
+block, each step predicts every masked position (Gumbel-max at `temperature`), scores each
+prediction (its probability under the model for "low_confidence", a uniform draw for "random"),
+and commits the best-scored masked positions of the current block; how many per step is the
+block's masked count spread evenly over the block's steps (earlier steps take the remainder).
+Hint positions (IGPO's inpainting) are filled before the first step and are never masked, so they
+are never overwritten and do not count in the per-step budget.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids [B, W], attention [B, W]) -> [B, W, V]
+REMASKING = ("low_confidence", "random")
+
+
+@dataclass
+class DiffusionSample:
+    tokens: torch.Tensor  # [B, gen_length] the filled answers
+    committed: torch.Tensor  # [B, steps] masked positions committed at each step (hints excluded)
+    hint_mask: torch.Tensor  # [B, gen_length] True where the answer token was a fixed hint
+
+
+def check_schedule(gen_length: int, block_length: int, steps: int) -> None:
+    if gen_length % block_length:
+        raise ValueError(
+            f"The answer length ({gen_length}) must be a multiple of the block length ({block_length}); "
+            "change rollout.max_tokens or diffusion.block_length."
+        )
+    blocks = gen_length // block_length
+    if steps % blocks:
+        raise ValueError(
+            f"diffusion.steps ({steps}) must be a multiple of the number of blocks ({blocks} = "
+            f"{gen_length} / {block_length}), since the steps are shared evenly across blocks."
+        )
+
+
+def steps_budget(masked_counts: torch.Tensor, steps: int) -> torch.Tensor:
+    """[B] masked counts of a block -> [B, steps] tokens to commit per step: n // steps each, the
+    first n % steps steps one more (LLaDA's schedule, linear in the masked fraction)."""
+    base = masked_counts // steps
+    extra = masked_counts % steps
+    return base[:, None] + (torch.arange(steps, device=masked_counts.device)[None, :] < extra[:, None]).long()
+
+
+def answer_layout(prompts: list[list[int]], gen_length: int, pad_id: int, mask_id: int):
+    """(ids [B, W] with every answer position masked, attention [B, W], answer positions [B, L])."""
+    width = max(len(p) for p in prompts) + gen_length
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        ids[i, len(p) : len(p) + gen_length] = mask_id
+        attention[i, : len(p) + gen_length] = 1
+    starts = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    positions = starts[:, None] + torch.arange(gen_length)[None, :]
+    return ids, attention, positions
+
+
+def _gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    # Gumbel-max on logits / T in float64: the same law as LLaDA's exp(logits) / (-log u)^T,
+    # whose low precision in bf16 is a known source of degraded samples.
+    u = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device=logits.device)
+    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+    return (logits.double() / temperature + gumbel).argmax(-1)
+
+
+@torch.no_grad()
+def diffusion_sample(
+    logits_fn: LogitsFn,
+    prompts: list[list[int]],
+    *,
+    mask_id: int,
+    pad_id: int,
+    gen_length: int,
+    block_length: int,
+    steps: int,
+    temperature: float,
+    remasking: str = "low_confidence",
+    hints: list[dict[int, int]] | None = None,
+    generator: torch.Generator | None = None,
+) -> DiffusionSample:
+    """Fill `gen_length` answer positions after each prompt in `steps` model calls; see the module doc.
+
+    hints[i] maps answer positions of row i to fixed token ids (IGPO's revealed reasoning).
+    """
+    check_schedule(gen_length, block_length, steps)
+    if remasking not in REMASKING:
+        raise ValueError(f"diffusion.remasking must be one of {REMASKING}, got {remasking!r}.")
+    ids, attention, positions = answer_layout(prompts, gen_length, pad_id, mask_id)
+    rows = torch.arange(len(prompts))[:, None]
+    hint_mask = torch.zeros((len(prompts), gen_length), dtype=torch.bool)
+    for i, hint in enumerate(hints or []):
+        for pos, token in hint.items():
+            if not 0 <= pos < gen_length:
+                raise ValueError(f"Hint position {pos} of row {i} is outside the answer (length {gen_length}).")
+            ids[i, positions[i, pos]] = token
+            hint_mask[i, pos] = True
+    blocks = gen_length // block_length
+    per_block = steps // blocks
+    committed = torch.zeros((len(prompts), steps), dtype=torch.long)
+    for b in range(blocks):
+        in_block = torch.zeros(gen_length, dtype=torch.bool)
+        in_block[b * block_length : (b + 1) * block_length] = True
+        answer = ids[rows, positions]
+        budget = steps_budget(((answer == mask_id) & in_block).sum(1), per_block)
+        for s in range(per_block):
+            logits = logits_fn(ids, attention)[rows, positions].float()  # [B, L, V]
+            answer = ids[rows, positions]
+            masked = answer == mask_id
+            predicted = _gumbel_argmax(logits, temperature, generator)
+            if remasking == "low_confidence":
+                score = torch.softmax(logits, -1).gather(-1, predicted[..., None]).squeeze(-1)
+            else:
+                score = torch.rand(predicted.shape, generator=generator, device=predicted.device)
+            score = torch.where(masked & in_block, score.double(), torch.tensor(-torch.inf, dtype=torch.float64))
+            # The k best-scored masked positions of the block: rank < k (stable sort: ties go left).
+            order = score.argsort(dim=1, descending=True, stable=True)
+            rank = torch.empty_like(order)
+            rank.scatter_(1, order, torch.arange(gen_length).expand_as(order).contiguous())
+            take = (rank < budget[:, s : s + 1]) & torch.isfinite(score)
+            ids[rows, positions] = torch.where(take, predicted, answer)
+            committed[:, b * per_block + s] = take.sum(1)
+    return DiffusionSample(ids[rows, positions], committed, hint_mask)
+
+
+def one_step_logprobs(
+    logits: torch.Tensor, answer_positions: torch.Tensor, answer_ids: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """diffu-GRPO's estimator from d1: log p(answer token k) read at answer position k of ONE
+    forward with every answer position masked. logits [B, W, V], positions/ids [B, T] -> [B, T]."""
+    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
+    picked = logits[rows, answer_positions].float() / temperature
+    return torch.log_softmax(picked, -1).gather(-1, answer_ids[..., None]).squeeze(-1)
+
+
+def load_masked_diffusion_model(model_path: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    """A model mapping token ids to per-position logits: a transformers masked LM (the tiny local
+    models), else the model's own class via AutoModel (LLaDA registers its LM there)."""
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    try:
+        return AutoModelForMaskedLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        return AutoModel.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def resolve_mask_id(tokenizer, mask_token_id: int | None) -> int:
+    if mask_token_id is not None:
+        return mask_token_id
+    if tokenizer.mask_token_id is None:
+        raise ValueError(
+            "This tokenizer has no mask token, which masked-diffusion sampling needs. Set "
+            "rollout.diffusion.mask_token_id (126336 for LLaDA)."
+        )
+    return tokenizer.mask_token_id

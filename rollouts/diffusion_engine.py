@@ -1,0 +1,132 @@
+"""The masked-diffusion rollout engine (LLaDA-style sampling) behind the RolloutEngine contract.
+
+Log-probabilities here are diffu-GRPO's one-step estimates (`rollouts.diffusion.one_step_logprobs`
+at temperature 1, every answer position masked), the quantity the learner recomputes for dLLMs:
+a diffusion model has no exact per-token likelihood to report.
+"""
+from __future__ import annotations
+
+import torch
+
+from rollouts.diffusion import (
+    answer_layout,
+    check_schedule,
+    diffusion_sample,
+    load_masked_diffusion_model,
+    one_step_logprobs,
+    resolve_mask_id,
+)
+from rollouts.engine import RolloutEngine, check_state_dict
+from rollouts.types import Completion, SamplingSpec, ScoringRequest
+
+_BATCH = 64  # rows per model call: bounds the [rows, width, vocab] logits held at once
+
+
+class MaskedDiffusionEngine(RolloutEngine):
+    """answer_length: the masked span of the one-step estimator in `score` (the rollout length, as
+    in the learner); generation uses each call's `spec.max_tokens`. steps None: half the answer
+    length (LLaDA's default of two tokens per step)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        seed: int,
+        dtype: str = "float32",
+        max_model_len: int = 2048,
+        trust_remote_code: bool = False,
+        answer_length: int = 256,
+        block_length: int = 32,
+        steps: int | None = None,
+        remasking: str = "low_confidence",
+        mask_token_id: int | None = None,
+    ):
+        from transformers import AutoTokenizer
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.model = load_masked_diffusion_model(model_path, getattr(torch, dtype), trust_remote_code).to(self.device).eval()
+        self.mask_id = resolve_mask_id(self.tokenizer, mask_token_id)
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        self.eos_ids = {i for i in ([self.tokenizer.eos_token_id] + (eos if isinstance(eos, list) else [eos])) if i is not None}
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.max_model_len = max_model_len
+        self.answer_length, self.block_length, self.steps, self.remasking = answer_length, block_length, steps, remasking
+        check_schedule(answer_length, block_length, self._steps(answer_length))
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+
+    def _steps(self, length: int) -> int:
+        return self.steps if self.steps is not None else length // 2
+
+    def _logits(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids.to(self.device), attention_mask=attention.to(self.device)).logits
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[list[int]], spec: SamplingSpec, hints: list[dict[int, int]] | None = None
+    ) -> list[list[Completion]]:
+        """spec.n answers per prompt; hints[i] (answer position -> token) fixes tokens of prompt i's
+        answers (IGPO's inpainting). top_p/top_k/stop are not supported by this sampler."""
+        if spec.top_p < 1 or spec.top_k > 0 or spec.stop:
+            raise ValueError("The masked-diffusion sampler supports temperature only: set top_p=1, top_k=-1, no stop strings.")
+        rows = [p for p in prompts for _ in range(spec.n)]
+        row_hints = None if hints is None else [h for h in hints for _ in range(spec.n)]
+        self._check_lengths([len(p) + spec.max_tokens for p in rows])
+        completions: list[Completion] = []
+        for start in range(0, len(rows), _BATCH):
+            chunk = rows[start : start + _BATCH]
+            sample = diffusion_sample(
+                self._logits, chunk, mask_id=self.mask_id, pad_id=self.pad_id, gen_length=spec.max_tokens,
+                block_length=self.block_length, steps=self._steps(spec.max_tokens), temperature=spec.temperature,
+                remasking=self.remasking, generator=self.generator,
+                hints=None if row_hints is None else row_hints[start : start + _BATCH],
+            )
+            logprobs = self._estimate(chunk, sample.tokens.cpu(), spec.max_tokens)
+            for prompt, tokens, lp, hint in zip(chunk, sample.tokens.tolist(), logprobs, sample.hint_mask.tolist()):
+                completions.append(self._completion(prompt, tokens, lp, hint if row_hints is not None else None))
+        return [completions[i * spec.n : (i + 1) * spec.n] for i in range(len(prompts))]
+
+    def _completion(self, prompt, tokens, logprobs, hint_mask) -> Completion:
+        # Cut after the first end token (kept, as the causal engines do); the rest is EOS padding.
+        end = next((t + 1 for t, tok in enumerate(tokens) if tok in self.eos_ids), None)
+        reason = "length" if end is None else "stop"
+        end = end or len(tokens)
+        return Completion(
+            list(prompt), tokens[:end], self.tokenizer.decode(tokens[:end], skip_special_tokens=True),
+            logprobs[:end], reason, hint_mask=None if hint_mask is None else hint_mask[:end],
+        )
+
+    def _estimate(self, prompts: list[list[int]], answers: torch.Tensor, length: int) -> list[list[float]]:
+        ids, attention, positions = answer_layout(prompts, length, self.pad_id, self.mask_id)
+        logits = self._logits(ids, attention).cpu()
+        return one_step_logprobs(logits, positions, answers[:, : positions.shape[1]]).tolist()
+
+    def set_step_seed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    @torch.no_grad()
+    def score(self, requests: list[ScoringRequest]) -> list[list[float]]:
+        """The one-step estimate of each request's tokens as the first answer tokens of an
+        `answer_length`-position masked answer."""
+        out = []
+        for start in range(0, len(requests), _BATCH):
+            chunk = requests[start : start + _BATCH]
+            self._check_lengths([len(r.prompt_ids) + self.answer_length for r in chunk])
+            answers = torch.full((len(chunk), self.answer_length), self.pad_id, dtype=torch.long)
+            for i, r in enumerate(chunk):
+                answers[i, : len(r.token_ids)] = torch.tensor(r.token_ids, dtype=torch.long)
+            lps = self._estimate([r.prompt_ids for r in chunk], answers, self.answer_length)
+            out += [lp[: len(r.token_ids)] for lp, r in zip(lps, chunk)]
+        return out
+
+    def _check_lengths(self, lengths: list[int]) -> None:
+        if max(lengths, default=0) > self.max_model_len:
+            raise ValueError(f"sequence of {max(lengths)} tokens exceeds max_model_len={self.max_model_len}")
+
+    @torch.no_grad()
+    def update_weights(self, state_dict: dict) -> None:
+        check_state_dict(state_dict, {k: tuple(v.shape) for k, v in self.model.state_dict().items()})
+        self.model.load_state_dict(state_dict, strict=False)
+
+    def close(self) -> None:
+        del self.model
