@@ -77,7 +77,8 @@ class DataConfig(Section):
     train: str = Field(
         "gsm8k",
         description="Training set: `gsm8k`, `math500` (resolved under `local_dir` when set, else "
-        "from the hub), a hub dataset id, or a path to a .jsonl file.",
+        "from the hub), a hub dataset id, a path to a .jsonl file, or `synthetic:<task>` (rl.tiny's "
+        "offline tasks, e.g. synthetic:chain_addition).",
     )
     split: str = Field("train", description="Split to read for named or hub sets.")
     local_dir: Optional[str] = Field(
@@ -87,6 +88,12 @@ class DataConfig(Section):
     )
     question_key: Optional[str] = Field(
         None, description="Column with the problem text. None: first of question/problem/prompt."
+    )
+    solution_key: Optional[str] = Field(
+        None,
+        description="Column with the worked reference solution (OPSD's context, IGPO's hints), copied to "
+        "`solution`; None: a `solution` column, or GSM8K's text before `#### N`. MetaMathQA: `response`, "
+        "whose closing 'The answer is: N' also gives the gold answer.",
     )
     max_rows: Optional[int] = Field(None, ge=1, description="Use only the first N rows (after shuffling).")
     shuffle: bool = Field(True, description="Shuffle rows once with the run seed; epochs reshuffle.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 from rl.config import PROJECT_ROOT, DataConfig
@@ -22,6 +23,9 @@ HUB_NAMES = {
     "aime24": ("HuggingFaceH4/aime_2024", None),
 }
 QUESTION_KEYS = ("question", "problem", "prompt")
+# MetaMathQA's responses (IGPO's training data) end with "The answer is: N".
+STATED_ANSWER = re.compile(r"The answer is:?\s*(.+?)\s*$", re.DOTALL)
+SYNTHETIC_PREFIX = "synthetic:"
 
 
 class DataError(ValueError):
@@ -64,6 +68,10 @@ def _read_hub(name: str, config: str | None, split: str) -> list[dict]:
 
 
 def read_source(source: str, split: str, local_dir: str | None) -> list[dict]:
+    if source.startswith(SYNTHETIC_PREFIX):
+        from rl.tiny import synthetic_rows
+
+        return synthetic_rows(source[len(SYNTHETIC_PREFIX):], split)
     if source.endswith(".jsonl"):
         path = _resolve(source)
         if not path.exists():
@@ -81,8 +89,12 @@ def read_source(source: str, split: str, local_dir: str | None) -> list[dict]:
     return _read_hub(hub_name, hub_config, split)
 
 
-def normalize_row(row: dict, index: int, question_key: str | None = None) -> dict:
+def normalize_row(row: dict, index: int, question_key: str | None = None, solution_key: str | None = None) -> dict:
     """Add `problem`, `answer` (gold) and `solution` (when present); raise if no gold answer."""
+    if solution_key is not None:
+        if solution_key not in row:
+            raise DataError(f"Row {index} has no `{solution_key}` column (data.solution_key); its columns are {sorted(row)}.")
+        row = {**row, "solution": row[solution_key]}
     out = dict(row)
     key = question_key or next((k for k in QUESTION_KEYS if k in row), None)
     if key is None or key not in row:
@@ -97,6 +109,9 @@ def normalize_row(row: dict, index: int, question_key: str | None = None) -> dic
         answer = gsm8k_gold(answer)
     if answer in (None, "") and isinstance(row.get("solution"), str):
         answer = last_boxed(row["solution"])
+        stated = STATED_ANSWER.search(row["solution"])
+        if answer is None and stated:
+            answer = stated.group(1)
     if answer in (None, ""):
         raise MissingAnswerError(
             f"Row {index} has no gold answer: no `answer` column, no `#### N` line and no \\boxed{{}} "
@@ -112,7 +127,7 @@ def load_rows(cfg: DataConfig, seed: int, split: str | None = None) -> list[dict
     rows = []
     for i, r in enumerate(raw):
         try:
-            rows.append(normalize_row(r, i, cfg.question_key))
+            rows.append(normalize_row(r, i, cfg.question_key, cfg.solution_key))
         except MissingAnswerError:
             if not cfg.skip_rows_without_answer:
                 raise

@@ -277,13 +277,14 @@ def _token_scores(mb: MicroBatch, temperature: float, with_entropy: bool, hidden
 ADAPTER = "default"  # peft's name for the one adapter
 
 
-def _with_lora(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
-    """The model with trainable peft adapters on `lora.target_modules`; everything else frozen."""
+def _with_lora(model: torch.nn.Module, lora: LoraConfig, causal: bool = True) -> torch.nn.Module:
+    """The model with trainable peft adapters on `lora.target_modules`; everything else frozen.
+    A masked-diffusion model gets peft's plain wrapper: the causal-LM one expects generate()."""
     import peft
 
     config = peft.LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
+        target_modules=list(lora.target_modules), task_type="CAUSAL_LM" if causal else None,
     )
     return peft.get_peft_model(model, config)
 
@@ -360,7 +361,7 @@ class LearnerWorker:
         if learner_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.lora is not None:
-            model = _with_lora(model, self.lora)
+            model = _with_lora(model, self.lora, causal=diffusion is None)
         self.pad_id = _causal_lm(model).config.pad_token_id or 0
         if diffusion is None:
             _check_output_layer(_causal_lm(model))

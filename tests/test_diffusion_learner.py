@@ -71,7 +71,7 @@ def reference(model_dir, mask_id):
 
 
 def config(**kw) -> LearnerConfig:
-    return LearnerConfig(lr=LR, max_grad_norm=MAX_GRAD_NORM, **kw)
+    return LearnerConfig(**{"lr": LR, "max_grad_norm": MAX_GRAD_NORM, **kw})
 
 
 def assert_rows_close(actual, expected, atol=1e-5):
@@ -174,3 +174,21 @@ def test_engine_inpaints_and_other_engines_refuse_hints(model_dir):
 
     with pytest.raises(ValueError, match="masked-diffusion engine"):
         HFEngine.generate(None, [[1]], SamplingSpec(), hints=[{0: 1}])
+
+
+def test_lora_on_a_masked_diffusion_model(model_dir, mask_id, reference):
+    from rl.config import LoraConfig
+
+    initial, _ = reference
+    lora = LoraConfig(enabled=True, rank=4, alpha=8, target_modules=["query", "value"])
+    worker = LearnerWorker(str(model_dir), config(micro_batch_size=2, lr=1e-2), "float32", 0, 1, "127.0.0.1", free_port(),
+                           0, 10, with_reference=True, lora=lora, diffusion=DiffusionForward(ANSWER_LEN, mask_id))
+    for _ in range(2):  # B starts at zero: the first step moves B, the second moves the merged weights
+        worker.train_step(BATCHES[0], pg_loss)
+    merged = worker.full_state_dict()
+    start = AutoModelForMaskedLM.from_pretrained(str(model_dir)).state_dict()
+    assert merged.keys() == start.keys()  # the engines' names, no adapter tensors
+    changed = {k for k in start if not torch.equal(merged[k], start[k])}
+    assert changed and all(k.endswith(("query.weight", "value.weight")) for k in changed)
+    # Adapters disabled is the frozen reference: still the initial model's estimates.
+    assert_rows_close(worker.compute_logprobs(BATCHES[0], reference=True)[0], initial)
