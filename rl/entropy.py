@@ -41,22 +41,26 @@ def chunked_entropy(
     return out.new_zeros(leading.numel()).index_copy(0, valid, out).view(leading)
 
 
-def keep_counts(valid_counts: torch.Tensor, fraction: float) -> torch.Tensor:
-    """How many of n valid tokens to keep: ceil(fraction * n), so at least one whenever n >= 1.
+def keep_counts(valid_counts: torch.Tensor, fraction: float, round_up: bool = True) -> torch.Tensor:
+    """How many of n valid tokens to keep: ceil(fraction * n) (the 80/20 filter), or with
+    round_up=False floor(fraction * n) (IGPO's released hint filter); at least one whenever n >= 1.
 
-    fraction * n is first rounded to 9 decimals so that float noise cannot add a token
+    fraction * n is first rounded to 9 decimals so that float noise cannot add or drop a token
     (0.28 * 25 = 7.000000000000001 keeps 7, not 8).
     """
     exact = torch.round(valid_counts.double() * fraction, decimals=9)
-    return torch.ceil(exact).long().clamp(max=valid_counts.long())
+    counts = torch.ceil(exact) if round_up else torch.floor(exact)
+    return torch.minimum(counts.long().clamp(min=1), valid_counts.long())
 
 
-def top_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, fraction: float, scope: str = "batch") -> torch.Tensor:
+def top_entropy_mask(
+    entropy: torch.Tensor, mask: torch.Tensor, fraction: float, scope: str = "batch", round_up: bool = True
+) -> torch.Tensor:
     """Mask (dtype of `mask`) keeping the top `fraction` of the valid tokens by entropy.
 
     scope "batch": ranks all valid tokens of `entropy` together (any shape).
     scope "sequence": ranks each row of a [B, T] `entropy` separately.
-    Keeps exactly `keep_counts(n, fraction)` of the n valid tokens per scope (ceil, at least one);
+    Keeps exactly `keep_counts(n, fraction, round_up)` of the n valid tokens per scope (at least one);
     ties are broken toward the earlier position (row-major order), so the result is deterministic.
     """
     if scope not in SCOPES:
@@ -70,7 +74,7 @@ def top_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, fraction: float,
     order = _rank_order(values, valid)
     positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(-1, order, positions)
-    keep = valid & (rank < keep_counts(valid.sum(dim=-1), fraction).unsqueeze(-1))
+    keep = valid & (rank < keep_counts(valid.sum(dim=-1), fraction, round_up).unsqueeze(-1))
     return keep.reshape(mask.shape).to(mask.dtype)
 
 

@@ -15,6 +15,8 @@ from fractions import Fraction
 
 import torch
 
+from rl.entropy import top_entropy_mask
+
 GSM8K_MARKER = "####"
 METAMATH_MARKER = "The answer is:"  # MetaMathQA's final line; its responses are IGPO's training traces
 BOXED_OPEN = "\\boxed{"
@@ -280,11 +282,5 @@ def hint_loss_mask(
         )
     in_completion = completion_mask > 0
     hints = in_completion & (hint_mask > 0)
-    # Non-hints sort last; a stable descending sort keeps equal entropies in position order.
-    order = torch.sort(entropy.masked_fill(~hints, float("-inf")), dim=-1, descending=True, stable=True).indices
-    positions = torch.arange(entropy.shape[-1], device=entropy.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(-1, order, positions)
-    n_hints = hints.sum(dim=-1).double()
-    keep_count = torch.floor(torch.round(n_hints * keep_fraction, decimals=9)).long().clamp(min=1)
-    kept_hints = hints & (rank < keep_count.unsqueeze(-1))
+    kept_hints = top_entropy_mask(entropy, hints, keep_fraction, scope="sequence", round_up=False) > 0
     return ((in_completion & ~hints) | kept_hints).to(completion_mask.dtype)

@@ -96,6 +96,9 @@ def test_keep_counts_rounding():
     # Float products just above an integer must not add a token.
     assert keep_counts(torch.tensor([25, 50, 100]), 0.28).tolist() == [7, 14, 28]
     assert keep_counts(torch.tensor([100]), 0.07).tolist() == [7]
+    # IGPO's hint count: floor, at least one.
+    assert keep_counts(counts, 0.2, round_up=False).tolist() == [0, 1, 1, 2, 2, 2]
+    assert keep_counts(torch.tensor([7, 25]), 0.28, round_up=False).tolist() == [1, 7]
 
 
 def test_filter_rejects_bad_arguments():
