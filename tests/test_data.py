@@ -48,3 +48,11 @@ def test_prompt_stream_order_is_reproducible_and_covers_each_epoch():
     assert sorted(first[:7]) == list(range(7))  # one epoch: every row exactly once
     b = PromptStream(rows, seed=3, position=4)
     assert [r["i"] for r in b.take(6)] == first[4:10]  # resuming at a position continues exactly
+
+
+def test_metamath_rows_take_solution_and_answer_from_the_response():
+    row = {"query": "What is 2+3?", "response": "We add: 2+3=5.\nThe answer is: 5", "type": "GSM_AnsAug"}
+    out = normalize_row(row, 0, question_key="query", solution_key="response")
+    assert (out["problem"], out["solution"], out["answer"]) == ("What is 2+3?", row["response"], "5")
+    with pytest.raises(DataError, match="data.solution_key"):
+        normalize_row({"query": "q", "answer": "1"}, 3, question_key="query", solution_key="response")
