@@ -3,11 +3,14 @@
 Everything here is built on the machine (no hub): a byte-level BPE tokenizer trained on a small
 corpus, a randomly initialised transformers model (Qwen3 with tied embeddings or Llama without),
 and a short supervised warm-up that gives the model partial accuracy on `a+b=` so that RL has a
-signal to amplify.
+signal to amplify. The masked-diffusion counterpart: a tiny bidirectional BERT warmed up with the
+masked-diffusion SFT loss on chains like `7-3+5-2=` whose solutions are step-by-step traces
+(the reference reasoning IGPO inpaints).
 """
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -27,13 +30,18 @@ def addition_rows(n: int, seed: int = 0, max_operand: int = 9) -> list[dict]:
     return rows
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 320):
-    """Train a byte-level BPE tokenizer locally and save it as a transformers fast tokenizer."""
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 320, extra_corpus: Iterable[str] = ()):
+    """Train a byte-level BPE tokenizer locally and save it as a transformers fast tokenizer.
+
+    extra_corpus: more training texts, so that a task's recurring strings (`####`) become single
+    tokens; the default corpus is the addition task's.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     corpus = [f"{r['question']}{r['answer']}" for r in addition_rows(2000, seed=123, max_operand=99)]
     corpus += ["The answer is \\boxed{12}. Let us think step by step about the question."] * 20
+    corpus += list(extra_corpus)
     tok = Tokenizer(models.BPE())
     # Digits are split one by one so that numbers share a small, well-trained vocabulary.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -145,3 +153,163 @@ def addition_task(root: str | Path, warmup_steps: int, n_rows: int, seed: int = 
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in addition_rows(n_rows, seed=seed)))
     return model, data
+
+
+def chain_addition_rows(n: int, seed: int = 0, operands: int = 4, max_value: int = 9) -> list[dict]:
+    """Rows {question, solution, answer} for chains like `7-3+5-2=`, solved left to right.
+
+    e.g. {"question": "7-3+5-2=", "solution": "7-3=4 4+5=9 9-2=7", "answer": "7"}. Every operand
+    and every partial result stays in 0..max_value, so each step of the trace is one fact from
+    the same small table of single-digit additions and subtractions: a partly trained model knows
+    some facts and not others, and a chain fails when any of its steps does. The trace is the
+    reference reasoning IGPO inpaints: a revealed step is one fact the model no longer needs,
+    while the last step (the answer, which hints leave out) is a fact of the same table, which is
+    what lets hints rescue failing groups. `solution` and `answer` are the columns
+    rl.data.normalize_row keeps.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        total = rng.randint(0, max_value)
+        question, steps = str(total), []
+        for _ in range(operands - 1):
+            signs = []
+            while not signs:  # e.g. 4 and 7: neither sum nor difference stays in range; draw again
+                term = rng.randint(0, max_value)
+                signs = [sign for sign, ok in (("+", total + term <= max_value), ("-", total - term >= 0)) if ok]
+            sign = rng.choice(signs)
+            result = total + term if sign == "+" else total - term
+            steps.append(f"{total}{sign}{term}={result}")
+            question += f"{sign}{term}"
+            total = result
+        rows.append({"question": question + "=", "solution": " ".join(steps), "answer": str(total)})
+    return rows
+
+
+def reasoning_completion(row: dict) -> str:
+    """The completion a model is trained to write: the row's trace, then `#### answer`.
+
+    `#### N` is what rewards.math.final_answer reads when there is no \\boxed{}; it is shorter
+    than a box, which matters with a fixed answer length of a couple of dozen tokens.
+    """
+    return f"{row['solution']} #### {row['answer']}"
+
+
+def build_diffusion_model(out_dir: str | Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """A random tiny bidirectional transformer (BertForMaskedLM) saved with its tokenizer.
+
+    It maps token ids to per-position logits over the vocabulary: a masked diffusion LM's shape
+    (AutoModelForMaskedLM loads it). Dropout is off so that the sampler, the learner and the
+    log-probability checks all see the same deterministic function. The tokenizer's corpus
+    includes chain-addition texts so that `####` is one token.
+    """
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    out_dir = Path(out_dir)
+    task_texts = [r["question"] + reasoning_completion(r) for r in chain_addition_rows(500, seed=123)]
+    tokenizer = build_tokenizer(out_dir, extra_corpus=task_texts)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 32),
+        intermediate_size=hidden * 4,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=512,
+        type_vocab_size=1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        mask_token_id=tokenizer.mask_token_id,
+    )
+    torch.manual_seed(seed)
+    BertForMaskedLM(config).save_pretrained(str(out_dir))
+    return out_dir
+
+
+def warm_up_diffusion(
+    model_dir: str | Path, rows: list[dict], steps: int, lr: float = 1e-3, answer_length: int = 24, seed: int = 0,
+    batch_size: int = 32,
+) -> Path:
+    """Masked-diffusion SFT (rl.diffusion_sft) on `rows`' reasoning completions; saves the model back.
+
+    Rows are taken in order, `batch_size` a step, cycling when they run out. Like warm_up_partial
+    it is meant to be stopped early, leaving a partly right model for RL to improve. Measured on
+    four-operand chains (hidden 64, 2 layers, lr 1e-3, answer_length 24; sampled with block 8,
+    12 steps, temperature 1, groups of 8): after 1500 steps accuracy 0.28 with 27% of groups all
+    wrong, after 2000 steps 0.30-0.33 with 28-31% all wrong, after 4000 steps 0.44 with 21%.
+    lr 3e-3 stayed near chance (0.12) after 2000 steps.
+    """
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from rl.diffusion_sft import mask_answers, masked_diffusion_sft_loss, sft_batch
+
+    model_dir = Path(model_dir)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForMaskedLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    torch.manual_seed(seed)
+    noise = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    prompts = [tok(r["question"], add_special_tokens=False)["input_ids"] for r in rows]
+    answers = [tok(reasoning_completion(r), add_special_tokens=False)["input_ids"] for r in rows]
+    model.train()
+    for step in range(steps):
+        idx = [(step * batch_size + j) % len(rows) for j in range(batch_size)]
+        batch = sft_batch(
+            [prompts[i] for i in idx], [answers[i] for i in idx],
+            answer_length=answer_length, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+        )
+        noisy, masked, t = mask_answers(batch.input_ids, batch.prompt_lens, batch.answer_lens, tok.mask_token_id, noise)
+        logits = model(input_ids=noisy, attention_mask=batch.attention_mask).logits
+        masked_diffusion_sft_loss(logits, batch.input_ids, masked, t, batch.answer_lens).backward()
+        # A row with a tiny t weighs its few masked tokens by up to 1/eps: clipping tames those
+        # batches. Measured (lr 1e-3): smoothed loss 0.12 after 2000 steps with it, 0.18 without.
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(str(model_dir))
+    return model_dir
+
+
+def diffusion_task(root: str | Path, warmup_steps: int, n_rows: int, seed: int = 5) -> tuple[Path, Path]:
+    """A warmed-up tiny diffusion LM in root/model and chain-addition rows in root/train.jsonl.
+
+    warmup_steps 2000 (about a minute on one CPU thread) gives the partly right model IGPO needs:
+    about 30% of groups of 8 all wrong, and IGPO's hints (chunks of the trace without its final
+    answer) raise sample accuracy from 0.30 to 0.57 and give at least one correct sample in about
+    two thirds of the all-wrong groups.
+    """
+    import json
+
+    root = Path(root)
+    model = build_diffusion_model(root / "model")
+    warm_up_diffusion(model, chain_addition_rows(32 * warmup_steps, seed=seed + 1), steps=warmup_steps)
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chain_addition_rows(n_rows, seed=seed)))
+    return model, data
+
+
+TINY_DLLM_WARMUP_STEPS = 2000  # the calibration in diffusion_task's docstring
+
+
+def build_tiny_dllm(out_dir: str | Path, seed: int = 0) -> Path:
+    """The built model `tiny-dllm-chain-addition` (rl.models.BUILT): build_diffusion_model warmed
+    up for TINY_DLLM_WARMUP_STEPS on chain-arithmetic rows, about a minute on one CPU thread."""
+    model = build_diffusion_model(out_dir, seed=seed)
+    return warm_up_diffusion(model, chain_addition_rows(32 * TINY_DLLM_WARMUP_STEPS, seed=seed + 1), TINY_DLLM_WARMUP_STEPS)
+
+
+# Offline datasets by name (`data.train=synthetic:<name>`): (split -> (rows, seed)).
+SYNTHETIC = {"chain_addition": (chain_addition_rows, {"train": (5000, 5), "test": (500, 99)})}
+
+
+def synthetic_rows(name: str, split: str) -> list[dict]:
+    if name not in SYNTHETIC:
+        raise ValueError(f"Unknown synthetic dataset {name!r}; available: {', '.join(sorted(SYNTHETIC))}.")
+    make, splits = SYNTHETIC[name]
+    if split not in splits:
+        raise ValueError(f"synthetic:{name} has splits {', '.join(splits)}, not {split!r}; set data.split.")
+    n, seed = splits[split]
+    return make(n, seed=seed)
