@@ -161,6 +161,14 @@ class RolloutConfig(Section):
     gpu_memory_utilization: float = Field(0.4, gt=0, le=1, description="vLLM share of GPU memory on GPU machines.")
     engine_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per engine actor.")
 
+    def diffusion_settings(self) -> dict | None:
+        """The masked-diffusion engine's keyword arguments (make_engine's `diffusion`); None otherwise."""
+        if self.engine != "diffusion":
+            return None
+        d = self.diffusion
+        return dict(answer_length=self.max_tokens, block_length=d.block_length, steps=d.steps,
+                    remasking=d.remasking, mask_token_id=d.mask_token_id)
+
 
 class GRPOConfig(Section):
     group_size: int = Field(8, ge=2, description="G completions per prompt [8 in DeepSeekMath/DAPO].")
@@ -556,6 +564,8 @@ class RunConfig(Section):
                 f"rollout.engine={self.rollout.engine} cannot sample model.kind={self.model.kind}: a masked-"
                 "diffusion model needs rollout.engine=diffusion, and that engine needs model.kind=masked_diffusion"
             )
+        if diffusion_engine and (self.rollout.top_p < 1 or self.rollout.top_k > 0):
+            raise ValueError("the masked-diffusion sampler has no top-p/top-k cut: set rollout.top_p=1 and rollout.top_k=-1")
         return self
 
     def to_yaml(self) -> str:

@@ -340,6 +340,7 @@ def evaluate_model(args: dict[str, str]) -> dict[str, float]:
         kv_cache_gb=cfg.rollout.kv_cache_gb,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         trust_remote_code=cfg.model.trust_remote_code,
+        diffusion=cfg.rollout.diffusion_settings(),
     )
     try:
         metrics = evaluator.run(engine, out, meta={"model": path, "data": cfg.data.model_dump(mode="json")})

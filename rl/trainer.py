@@ -198,13 +198,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
 
     diffusion = None
     if cfg.model.kind == "masked_diffusion":
-        sampler = cfg.rollout.diffusion
-        mask_id = resolve_mask_id(tokenizer, sampler.mask_token_id)
+        mask_id = resolve_mask_id(tokenizer, cfg.rollout.diffusion.mask_token_id)
         diffusion = DiffusionForward(cfg.rollout.max_tokens, mask_id, cfg.learner.prompt_mask_prob, cfg.model.trust_remote_code)
-        engine_settings = dict(
-            answer_length=cfg.rollout.max_tokens, block_length=sampler.block_length, steps=sampler.steps,
-            remasking=sampler.remasking, mask_token_id=mask_id,
-        )
 
     init_ray(cfg)
     pool = RolloutPool(
@@ -218,7 +213,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         kv_cache_gb=cfg.rollout.kv_cache_gb,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         trust_remote_code=cfg.model.trust_remote_code,
-        **({} if diffusion is None else {"diffusion": engine_settings}),
+        diffusion=cfg.rollout.diffusion_settings(),
     )
     learners = LearnerGroup(
         model_path,

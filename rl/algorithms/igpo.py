@@ -17,7 +17,7 @@ from rl.algorithms.base import Rollouts, SampledRound, register_algorithm
 from rl.algorithms.grpo import GRPO, _padded
 from rl.batch import SequenceBatch
 from rl.inpainting import HintSettings, build_hints, hint_loss_mask, is_all_wrong, plan_replacements, reasoning_token_ids
-from rollouts.types import Completion, SamplingSpec
+from rollouts.types import Completion
 
 COUNTS = ("groups", "all_wrong_before", "all_wrong_after", "inpainted", "inpainted_correct", "replaced", "no_reference")
 
@@ -54,9 +54,6 @@ class IGPO(GRPO):
         # The one-step estimator is read at temperature 1, as the engines report it: the sampling
         # temperature shapes the diffusion sampler's choices, not a per-token distribution.
         return 1.0
-
-    def sampling_spec(self) -> SamplingSpec:
-        return dataclasses.replace(super().sampling_spec(), top_p=1.0, top_k=-1)
 
     # ------------------------------------------------------------------ inpainting
 
