@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = PROJECT_ROOT / "recipes"
@@ -440,6 +440,9 @@ class TrackingConfig(Section):
     tensorboard: bool = Field(False, description="Write TensorBoard events (needs `tensorboard`).")
 
 
+BENCHMARKS = ("gsm8k", "math500", "amc23", "aime24")
+
+
 class EvalConfig(Section):
     """Benchmark evaluation: `python -m rl.evaluate`, and periodic evaluation during training."""
 
@@ -455,11 +458,12 @@ class EvalConfig(Section):
         description="Also evaluate the initial model before the first step (logged as step 0 with 0 "
         "rollout tokens): the common starting point of every method's curve.",
     )
-    benchmarks: list[Literal["gsm8k", "math500", "amc23", "aime24"]] = Field(
+    benchmarks: list[str] = Field(
         default_factory=lambda: ["gsm8k"],
         min_length=1,
         description="Sets to evaluate on, by short name: from the hub (openai/gsm8k test, "
-        "HuggingFaceH4/MATH-500, math-ai/amc23, HuggingFaceH4/aime_2024), or from `local_dir` when set.",
+        "HuggingFaceH4/MATH-500, math-ai/amc23, HuggingFaceH4/aime_2024), or from `local_dir` when set; "
+        "or `synthetic:<task>` (the test split of rl.tiny's offline tasks).",
     )
     local_dir: Optional[str] = Field(
         None,
@@ -507,6 +511,14 @@ class EvalConfig(Section):
         "as <benchmark>.jsonl next to its summary.json (during training: <run>/eval/step_N/). About "
         "4 bytes a generated token: turn off for long completions on large sets.",
     )
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _known_benchmarks(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in BENCHMARKS and not n.startswith("synthetic:")]
+        if unknown:
+            raise ValueError(f"unknown benchmarks {unknown}; choose from {', '.join(BENCHMARKS)} or synthetic:<task>")
+        return names
 
     @model_validator(mode="after")
     def _sampling_needs_temperature(self) -> "EvalConfig":

@@ -75,7 +75,7 @@ def eval_due(cfg: EvalConfig, step: int, total_steps: int) -> bool:
 
 def load_benchmark(name: str, local_dir: str | None, limit: int | None) -> list[dict]:
     """The first `limit` rows of a benchmark in file order, normalised like training rows."""
-    split = "test" if local_dir is not None else HUB_SPLITS[name]
+    split = "test" if local_dir is not None or name not in HUB_SPLITS else HUB_SPLITS[name]
     cfg = DataConfig(train=name, split=split, local_dir=local_dir, shuffle=False, max_rows=limit)
     try:
         return load_rows(cfg, seed=0)

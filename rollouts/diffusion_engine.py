@@ -67,7 +67,7 @@ class MaskedDiffusionEngine(RolloutEngine):
     ) -> list[list[Completion]]:
         """spec.n answers per prompt; hints[i] (answer position -> token) fixes tokens of prompt i's
         answers (IGPO's inpainting). top_p/top_k/stop are not supported by this sampler."""
-        if spec.top_p < 1 or spec.top_k > 0 or spec.stop:
+        if spec.temperature > 0 and (spec.top_p < 1 or spec.top_k > 0) or spec.stop:
             raise ValueError("The masked-diffusion sampler supports temperature only: set top_p=1, top_k=-1, no stop strings.")
         rows = [p for p in prompts for _ in range(spec.n)]
         row_hints = None if hints is None else [h for h in hints for _ in range(spec.n)]

@@ -45,6 +45,16 @@ def test_bad_type_and_missing_recipe():
         load_config("grpo_smollm2", ["train.steps"])
 
 
+def test_engine_and_model_kind_must_fit_and_benchmarks_are_known():
+    with pytest.raises(ConfigError, match="rollout.engine=diffusion"):
+        load_config("grpo_smollm2", ["model.kind=masked_diffusion"])
+    with pytest.raises(ConfigError, match="top_p=1"):
+        load_config("igpo_tiny", ["rollout.top_p=0.9"])
+    with pytest.raises(ConfigError, match="unknown benchmarks.*synthetic"):
+        load_config("grpo_smollm2", ["eval.benchmarks=[gsm9k]"])
+    assert load_config("igpo_tiny", ["eval.benchmarks=[synthetic:chain_addition]"]).eval.benchmarks == ["synthetic:chain_addition"]
+
+
 def _launch(*args):
     return subprocess.run([sys.executable, "-m", "rl.launch", *args], cwd=PROJECT_ROOT, capture_output=True,
                           text=True, timeout=120)
