@@ -16,13 +16,13 @@ from rollouts.diffusion import (
     one_step_logprobs,
     resolve_mask_id,
 )
-from rollouts.engine import RolloutEngine, check_state_dict
+from rollouts.engine import TorchModelEngine
 from rollouts.types import Completion, SamplingSpec, ScoringRequest
 
 _BATCH = 64  # rows per model call: bounds the [rows, width, vocab] logits held at once
 
 
-class MaskedDiffusionEngine(RolloutEngine):
+class MaskedDiffusionEngine(TorchModelEngine):
     """answer_length: the masked span of the one-step estimator in `score` (the rollout length, as
     in the learner); generation uses each call's `spec.max_tokens`. steps None: half the answer
     length (LLaDA's default of two tokens per step)."""
@@ -118,15 +118,3 @@ class MaskedDiffusionEngine(RolloutEngine):
             lps = self._estimate([r.prompt_ids for r in chunk], answers, self.answer_length)
             out += [lp[: len(r.token_ids)] for lp, r in zip(lps, chunk)]
         return out
-
-    def _check_lengths(self, lengths: list[int]) -> None:
-        if max(lengths, default=0) > self.max_model_len:
-            raise ValueError(f"sequence of {max(lengths)} tokens exceeds max_model_len={self.max_model_len}")
-
-    @torch.no_grad()
-    def update_weights(self, state_dict: dict) -> None:
-        check_state_dict(state_dict, {k: tuple(v.shape) for k, v in self.model.state_dict().items()})
-        self.model.load_state_dict(state_dict, strict=False)
-
-    def close(self) -> None:
-        del self.model

@@ -45,6 +45,25 @@ class RolloutEngine(ABC):
         """Release the engine's memory and processes."""
 
 
+class TorchModelEngine(RolloutEngine):
+    """An engine around a plain torch model in this process (`self.model`, `self.max_model_len`):
+    the HF-generate and masked-diffusion engines."""
+
+    def _check_lengths(self, lengths: list[int]) -> None:
+        if max(lengths, default=0) > self.max_model_len:
+            raise ValueError(f"sequence of {max(lengths)} tokens exceeds max_model_len={self.max_model_len}")
+
+    def update_weights(self, state_dict: dict) -> None:
+        import torch
+
+        check_state_dict(state_dict, {k: tuple(v.shape) for k, v in self.model.state_dict().items()})
+        with torch.no_grad():
+            self.model.load_state_dict(state_dict, strict=False)
+
+    def close(self) -> None:
+        del self.model
+
+
 def make_engine(
     kind: str,
     model_path: str,

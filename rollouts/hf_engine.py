@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from rollouts.engine import RolloutEngine, check_state_dict, refuse_hints
+from rollouts.engine import TorchModelEngine, refuse_hints
 from rollouts.types import Completion, SamplingSpec, ScoringRequest
 
 _SCORE_BATCH = 8  # bounds the [batch, length, vocab] logits held at once
 
 
-class HFEngine(RolloutEngine):
+class HFEngine(TorchModelEngine):
     def __init__(
         self,
         model_path: str,
@@ -39,7 +39,7 @@ class HFEngine(RolloutEngine):
         if not prompts:
             return []
         rows = [p for p in prompts for _ in range(spec.n)]
-        self._check_lengths(rows)
+        self._check_lengths([len(r) for r in rows])
         width = max(map(len, rows))
         # Left padding keeps every prompt's last token in the final column, where generation starts.
         ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)
@@ -100,7 +100,7 @@ class HFEngine(RolloutEngine):
     @torch.no_grad()
     def score(self, requests: list[ScoringRequest]) -> list[list[float]]:
         seqs = [r.prompt_ids + r.token_ids for r in requests]
-        self._check_lengths(seqs)
+        self._check_lengths([len(s) for s in seqs])
         result = []
         for start in range(0, len(requests), _SCORE_BATCH):
             batch = seqs[start : start + _SCORE_BATCH]
@@ -114,16 +114,3 @@ class HFEngine(RolloutEngine):
                 first = len(r.prompt_ids) - 1
                 result.append(row[first : first + len(r.token_ids)].tolist())
         return result
-
-    def _check_lengths(self, seqs: list[list[int]]) -> None:
-        longest = max(map(len, seqs), default=0)
-        if longest > self.max_model_len:
-            raise ValueError(f"sequence of {longest} tokens exceeds max_model_len={self.max_model_len}")
-
-    @torch.no_grad()
-    def update_weights(self, state_dict: dict) -> None:
-        check_state_dict(state_dict, {k: tuple(v.shape) for k, v in self.model.state_dict().items()})
-        self.model.load_state_dict(state_dict, strict=False)
-
-    def close(self) -> None:
-        del self.model
