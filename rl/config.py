@@ -190,6 +190,11 @@ class GRPOConfig(Section):
         None, description="Denominator for sum_constant; None uses rollout.max_tokens x sequences."
     )
     updates_per_batch: int = Field(1, ge=1, description="mu: optimizer steps per rollout batch [1-4]; >1 needs an old-policy forward.")
+    ratio_level: Literal["token", "sequence"] = Field(
+        "token",
+        description="Importance ratio per token (PPO/GRPO, and the IGPO paper) or one per sequence, exp "
+        "of the mean token log-ratio, clipped as a whole (GSPO's form; IGPO's released config).",
+    )
     entropy_top_fraction: Optional[float] = Field(
         None,
         gt=0,
@@ -263,11 +268,6 @@ class IGPOConfig(Section):
         description="tau: of an inpainted response's hint tokens, only this top fraction by entropy "
         "(old policy, at least one) stays in the loss; its own sampled tokens always stay [0.2; at 1, "
         "training on off-policy hint tokens was unstable in the paper].",
-    )
-    ratio_level: Literal["token", "sequence"] = Field(
-        "token",
-        description="Importance ratio per token (the paper) or one per sequence, exp of the mean token "
-        "log-ratio (the released config).",
     )
 
 

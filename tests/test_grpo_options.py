@@ -170,3 +170,33 @@ def test_dynamic_sampling_never_trains_on_an_all_equal_group():
     algo_off = GRPO(cfg_off)
     out = collect_rollouts(_Stream(), _FakePool(iter(patterns)), _TextScorer(), algo_off, algo_off.sampling_spec(), cfg_off, _Tok())
     assert out.rounds == 1 and len(out.rollouts.rows) == 3
+
+
+def test_sequence_level_ratio_loss_matches_reference():
+    """ratio_level=sequence: one ratio per sequence, exp(mean token log-ratio), clipped as a whole."""
+    torch.manual_seed(3)
+    cfg = RunConfig(grpo={"group_size": 2, "ratio_level": "sequence", "updates_per_batch": 2, "clip_low": 0.1, "clip_high": 0.1})
+    algo = GRPO(cfg)
+    lens = [3, 2, 4, 1]
+    batch, _ = _batch(algo, lens, [1.0, 0.0, 0.0, 1.0], [[-1.0] * n for n in lens])
+    old = [(torch.randn(n) * 0.3 - 1.5).tolist() for n in lens]  # stale enough that some ratios clip
+    algo.use_policy_scores(batch, old, None)
+    vocab = 7
+    logits = torch.randn(4, 4, vocab, dtype=torch.float64, requires_grad=True)
+    mb = MicroBatch.from_sequences(batch)
+    loss, metrics = algo.loss(PolicyOutputs(hidden=logits, lm_head_weight=None), mb)
+    loss.backward()
+
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    adv, total, clipped_seqs = [0.5, -0.5, -0.5, 0.5], 0.0, 0
+    for i, n in enumerate(lens):
+        logp = [torch.log_softmax(ref_logits[i, t], -1)[mb.completion_ids[i, t]] for t in range(n)]
+        ratio = torch.exp(sum(lp - o for lp, o in zip(logp, old[i])) / n)
+        clipped = torch.clamp(ratio, 0.9, 1.1)
+        clipped_seqs += int(clipped.item() * adv[i] < ratio.item() * adv[i])
+        total = total + n * -torch.minimum(ratio * adv[i], clipped * adv[i])  # every token carries the sequence's term
+    expected = total / sum(lens)
+    expected.backward()
+    assert 0 < clipped_seqs < 4  # both branches of the clip are exercised
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert torch.allclose(logits.grad, ref_logits.grad, atol=1e-6)

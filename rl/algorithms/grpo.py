@@ -30,7 +30,6 @@ class GRPO(Algorithm):
         self.updates_per_batch = self.cfg.updates_per_batch
         self.max_sampling_rounds = self.cfg.max_sampling_rounds if self.cfg.dynamic_sampling else 1
         self.wants_entropy = self.cfg.entropy_top_fraction is not None
-        self.ratio_level = "token"
         self.needs_policy_scores = (
             self.updates_per_batch > 1 or self.wants_entropy or self.cfg.track_mismatch
             or self.cfg.importance_sampling != "off"
@@ -101,7 +100,7 @@ class GRPO(Algorithm):
         # With one update per batch the data is on-policy: old = current (detached), ratio == 1.
         old = fields.get("old_logprobs", logp.detach())
         # A sequence-level ratio enters the same clipped surrogate as old + mean log-ratio at every token.
-        ratio_logp = logp if self.ratio_level == "token" else old + losses.sequence_log_ratio(logp, old, mask)
+        ratio_logp = logp if c.ratio_level == "token" else old + losses.sequence_log_ratio(logp, old, mask)
         per_token, clipped = losses.clipped_surrogate(ratio_logp, old, fields["advantages"], c.clip_low, c.clip_high)
         if "pg_mask" in fields:
             per_token = per_token * fields["pg_mask"]

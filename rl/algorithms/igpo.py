@@ -33,7 +33,6 @@ class IGPO(GRPO):
             )
         self.igpo = cfg.igpo
         self.inpainting = cfg.igpo.inpainting and cfg.algorithm == "igpo"
-        self.ratio_level = cfg.igpo.ratio_level
         self.seed = cfg.seed
         self.hint_settings = HintSettings(
             chunk_min=cfg.igpo.chunk_min, chunk_max=cfg.igpo.chunk_max, reveal_min=cfg.igpo.reveal_min,
