@@ -181,7 +181,15 @@ def compare(runs: list[Run], metric: str, target: float | None = None) -> dict:
     best_method = min(reached, key=reached.get) if reached else None
     for m in methods.values():
         m["token_ratio"] = _ratio(m["tokens_to_target"], reached.get(best_method))
-    return {"metric": metric, "target": target, "target_rule": target_rule, "best_method": best_method, "methods": methods}
+    warning = None
+    if all(m["tokens_to_target"] == 0 for m in methods.values()):
+        # Happens by default when the weakest method never rose above the common start.
+        warning = (
+            f"Every method starts at or above the target {target:.4f}, so each reaches it at 0 tokens and the "
+            "ratios say nothing. Pass --target above the starting accuracy."
+        )
+    return {"metric": metric, "target": target, "target_rule": target_rule, "best_method": best_method,
+            "warning": warning, "methods": methods}
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -196,6 +204,7 @@ def markdown(result: dict) -> str:
         "target: where the method's mean curve first reaches the target, interpolated linearly between "
         "evaluations; whole curves, no checkpoint picking. Ratio: tokens to target over those of the "
         f"method that needed fewest ({result['best_method']}).",
+        *(["", f"**Warning:** {result['warning']}"] if result["warning"] else []),
         "",
         "| method | seeds | best | final | rollout tokens to target | ratio | steps to target | wall time to target (s) | tokens to target per seed |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -266,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "comparison.md").write_text(markdown(result))
     pngs = plot(result, out)
     print(markdown(result))
+    if result["warning"]:
+        print(f"warning: {result['warning']}", file=sys.stderr)
     print(f"wrote {out / 'comparison.md'}, {out / 'comparison.json'}, {', '.join(p.name for p in pngs)}", file=sys.stderr)
     return 0
 

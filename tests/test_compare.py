@@ -82,6 +82,17 @@ def test_given_target_and_a_method_that_never_reaches_it(pair):
     assert at_05["grpo"]["tokens_to_target"] is None and at_05["grpo"]["token_ratio"] is None
 
 
+def test_a_target_every_method_starts_at_is_flagged(tmp_path):
+    # The default target is the weaker method's best, which here is its starting point.
+    up = write_run(tmp_path, "up", "igpo", 0, [(0, 0, 10, 0.44), (1, 100, 20, 0.5)])
+    down = write_run(tmp_path, "down", "diffu_grpo", 0, [(0, 0, 10, 0.44), (1, 90, 20, 0.4)])
+    runs = [load_run(up, METRIC), load_run(down, METRIC)]
+    flagged = compare(runs, METRIC)
+    assert flagged["target"] == pytest.approx(0.44) and "Pass --target" in flagged["warning"]
+    assert compare(runs, METRIC, target=0.46)["warning"] is None
+    assert compare(runs, METRIC, target=0.46)["methods"]["igpo"]["tokens_to_target"] == pytest.approx(100 * 0.02 / 0.06)
+
+
 def test_seeds_become_a_mean_curve_with_a_min_max_band(tmp_path):
     # Seed 1 is evaluated every second step only, and spends fewer tokens per step.
     runs = [
