@@ -153,3 +153,21 @@ def test_sequence_level_ratio_is_one_ratio_per_sequence():
     for i in range(3):
         n = int(mask[i].sum())
         assert got[i, 0].item() == pytest.approx(sum(float(logp[i, t] - old[i, t]) for t in range(n)) / n, abs=1e-6)
+
+
+def test_llada_recipes_validate_and_fail_offline_naming_the_hub(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from rl.config import PROJECT_ROOT
+
+    for recipe in ("igpo_llada", "diffu_grpo_llada"):
+        dry = subprocess.run([sys.executable, "-m", "rl.launch", f"recipe={recipe}", "--dry-run", "--print-config"],
+                             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+        assert dry.returncode == 0, dry.stderr
+        assert "GSAI-ML/LLaDA-8B-Instruct" in dry.stdout and "kind: masked_diffusion" in dry.stdout
+    real = subprocess.run([sys.executable, "-m", "rl.launch", "recipe=igpo_llada", f"tracking.output_dir={tmp_path}"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert real.returncode == 2, real.stderr[-2000:]
+    assert "LLaDA-8B-Instruct" in real.stderr and "hub" in real.stderr and "Traceback" not in real.stderr
