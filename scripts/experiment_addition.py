@@ -14,6 +14,11 @@ GRPO: group 8, lr 1e-3 (tests/test_grpo_end_to_end.py's settings). OPSD: the ops
 with tests/test_opsd.py's tiny-model settings; one rollout per prompt; the frozen initial model,
 shown the reference solution "a+b=c", is the teacher. Each run is `python -m rl.launch` in its own
 process; then `python -m rl.compare` writes the plots and the tokens-to-target table.
+
+Finished runs (marked `done`) are kept, so an interrupted experiment continues and new variants
+can be added. --teacher-warmup-steps N (N > 0) continues the warm-up with N supervised steps on OPSD's teacher
+prompt (warm_up_teacher), so that the self-teacher can read the reference solution, as the
+paper's models can; the default 0 is the original setup, in which it cannot.
 """
 from __future__ import annotations
 
@@ -83,6 +88,41 @@ def teacher_diagnostic(model_dir: Path, rows: list[dict]) -> dict:
     return out
 
 
+def warm_up_teacher(model_dir: Path, steps: int, lr: float = 3e-3, seed: int = 0) -> None:
+    """Supervised steps on OPSD's teacher prompt (problem, reference `a+b=c`, instruction) -> `c`,
+    over all 100 pairs: the tiny model learns to read the answer off the reference, which the
+    paper's teachers can do and a model trained only on `a+b=` cannot (see teacher_diagnostic)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rl.config import load_config
+    from rl.data import build_teacher_prompt, normalize_row
+
+    cfg = load_config("opsd_smollm2", ["data.prompt_format=plain"])
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    rng = random.Random(seed + 7)
+    model.train()
+    for _ in range(steps):
+        ids, labels = [], []
+        for i, raw in enumerate(rows_for([rng.choice(pairs) for _ in range(32)])):
+            p = build_teacher_prompt(normalize_row(raw, i), cfg.data, tok, cfg.opsd.teacher_instruction, True)
+            c = tok(raw["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids.append(p + c)
+            labels.append([-100] * len(p) + c)
+        width = max(map(len, ids))
+        input_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])
+        label_t = torch.tensor([x + [-100] * (width - len(x)) for x in labels])
+        attn = (torch.arange(width)[None] < torch.tensor([len(x) for x in ids])[:, None]).long()
+        model(input_ids=input_ids, attention_mask=attn, labels=label_t).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(model_dir)
+
+
 def launch(args: list[str], log: Path) -> float:
     start = time.time()
     with log.open("w") as f:
@@ -97,6 +137,8 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/addition_experiment")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--compare-only", action="store_true", help="only redo the comparison of existing runs")
+    parser.add_argument("--grpo-lrs", default="1e-3", help="GRPO learning rates, one set of seeds each (the first is labelled `grpo`)")
+    parser.add_argument("--teacher-warmup-steps", type=int, default=0, help="teacher-prompt warm-up steps (0: none)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,6 +150,8 @@ def main() -> None:
     if not (model / "config.json").exists() or not (out / "warmed").exists():
         build_model(model, arch="qwen3", tied=True, seed=0)
         warm_up_partial(model, steps=130, seed=0)
+        if args.teacher_warmup_steps:
+            warm_up_teacher(model, args.teacher_warmup_steps)
         (out / "warmed").write_text("ok\n")
     train_pairs, heldout_pairs = split_pairs()
     train = out / "train.jsonl"
@@ -129,14 +173,16 @@ def main() -> None:
     ]
     grpo = [
         "data.max_prompt_tokens=16", f"grpo.group_size={GRPO_GROUP}", f"train.steps={GRPO_STEPS}",
-        "learner.micro_batch_size=256", "learner.lr=1e-3", f"eval.every_steps={EVAL_EVERY_GRPO}",
+        "learner.micro_batch_size=256", f"eval.every_steps={EVAL_EVERY_GRPO}",
     ]
     opsd = [
         "recipe=opsd_smollm2", "data.max_prompt_tokens=200", "opsd.clip=null", "learner.max_grad_norm=1.0", "learner.warmup_steps=0", "learner.micro_batch_size=32", "reward.workers=0",
         f"train.steps={OPSD_STEPS}", f"eval.every_steps={EVAL_EVERY_OPSD}",
     ]
     seeds = [int(s) for s in args.seeds.split(",")]
-    plan = [("grpo", grpo, seeds)] + [(label, [*opsd, f"learner.lr={lr}"], seeds[:n]) for label, lr, n in OPSD_VARIANTS]
+    grpo_lrs = args.grpo_lrs.split(",")
+    plan = [("grpo" if i == 0 else f"grpo_lr{lr}", [*grpo, f"learner.lr={lr}"], seeds) for i, lr in enumerate(grpo_lrs)]
+    plan += [(label, [*opsd, f"learner.lr={lr}"], seeds[:n]) for label, lr, n in OPSD_VARIANTS]
     run_dirs, labels, times = [], [], {}
     for label, extra, run_seeds in plan:
         for seed in run_seeds:
@@ -144,25 +190,35 @@ def main() -> None:
             run_dir = out / "runs" / name
             # the recipe must come first on the command line
             ordered = [a for a in extra if a.startswith("recipe=")] + common + [a for a in extra if not a.startswith("recipe=")]
-            if not args.compare_only:
+            if not args.compare_only and not (run_dir / "done").exists():
                 if run_dir.exists():
                     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
                 times[name] = launch([*ordered, f"seed={seed}", f"tracking.run_name={name}"], out / f"{name}.log")
+                (run_dir / "done").write_text(f"{times[name]:.0f} s\n")
                 print(f"{name}: {times[name]:.0f} s", flush=True)
             run_dirs.append(str(run_dir))
             labels.append(label)
     if times:
-        (out / "run_times.json").write_text(json.dumps(times, indent=2))
-    # Held-out: every curve starts at the same point, so the default target (the lowest best) is
-    # reached at 0 tokens; 0.70 is above the start. Training pairs: the start is 0.36.
-    for metric, sub, targets in (
-        ("eval/gsm8k/pass@1", "heldout", ("default", "0.70")),
-        ("eval/math500/pass@1", "train_pairs", ("0.50", "0.55")),
-    ):
-        for target in targets:
-            cmd = [sys.executable, "-m", "rl.compare", *run_dirs, "--metric", metric, "--labels", ",".join(labels),
-                   "--out", str(out / "compare" / f"{sub}_target_{target}")]
-            subprocess.run(cmd + ([] if target == "default" else ["--target", target]), cwd=ROOT, check=True)
+        times_file = out / "run_times.json"
+        previous = json.loads(times_file.read_text()) if times_file.exists() else {}
+        times_file.write_text(json.dumps({**previous, **times}, indent=2))
+    metrics = {"heldout": "eval/gsm8k/pass@1", "train_pairs": "eval/math500/pass@1"}
+    if not args.teacher_warmup_steps:
+        # Held-out curves start at 0.66, so the default target (the lowest best) is reached at 0
+        # tokens and 0.70 is added; training pairs start at 0.36.
+        comparisons = [("heldout", "default", None), ("heldout", "0.70", None),
+                       ("train_pairs", "0.50", None), ("train_pairs", "0.55", None)]
+    else:
+        # Both sets start at 0.12. "main": each method at its first learning rate, default target
+        # = the best the slower one reached; then every variant against a fixed 0.50.
+        main_labels = {"grpo", OPSD_VARIANTS[0][0]}
+        comparisons = [(sub, "default", main_labels) for sub in metrics] + [(sub, "0.50", None) for sub in metrics]
+    for sub, target, keep in comparisons:
+        chosen = [(d, label) for d, label in zip(run_dirs, labels) if keep is None or label in keep]
+        name = f"{sub}_target_{target}" + ("_main" if keep else "")
+        cmd = [sys.executable, "-m", "rl.compare", *[d for d, _ in chosen], "--metric", metrics[sub],
+               "--labels", ",".join(label for _, label in chosen), "--out", str(out / "compare" / name)]
+        subprocess.run(cmd + ([] if target == "default" else ["--target", target]), cwd=ROOT, check=True)
     print(f"total {time.time() - t0:.0f} s; comparison in {out / 'compare'}", flush=True)
 
 
