@@ -92,35 +92,23 @@ def warm_up_teacher(model_dir: Path, steps: int, lr: float = 3e-3, seed: int = 0
     """Supervised steps on OPSD's teacher prompt (problem, reference `a+b=c`, instruction) -> `c`,
     over all 100 pairs: the tiny model learns to read the answer off the reference, which the
     paper's teachers can do and a model trained only on `a+b=` cannot (see teacher_diagnostic)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from rl.config import load_config
     from rl.data import build_teacher_prompt, normalize_row
+    from rl.tiny import supervised_warm_up
 
     cfg = load_config("opsd_smollm2", ["data.prompt_format=plain"])
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
     pairs = [(a, b) for a in range(10) for b in range(10)]
     rng = random.Random(seed + 7)
-    model.train()
-    for _ in range(steps):
-        ids, labels = [], []
-        for i, raw in enumerate(rows_for([rng.choice(pairs) for _ in range(32)])):
-            p = build_teacher_prompt(normalize_row(raw, i), cfg.data, tok, cfg.opsd.teacher_instruction, True)
-            c = tok(raw["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            ids.append(p + c)
-            labels.append([-100] * len(p) + c)
-        width = max(map(len, ids))
-        input_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])
-        label_t = torch.tensor([x + [-100] * (width - len(x)) for x in labels])
-        attn = (torch.arange(width)[None] < torch.tensor([len(x) for x in ids])[:, None]).long()
-        model(input_ids=input_ids, attention_mask=attn, labels=label_t).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(model_dir)
+
+    def batch(tok, step):
+        rows = [normalize_row(raw, i) for i, raw in enumerate(rows_for([rng.choice(pairs) for _ in range(32)]))]
+        return [
+            (build_teacher_prompt(r, cfg.data, tok, cfg.opsd.teacher_instruction, True),
+             tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+            for r in rows
+        ]
+
+    supervised_warm_up(model_dir, batch, steps, lr, seed)
 
 
 def launch(args: list[str], log: Path) -> float:
