@@ -16,9 +16,9 @@ shown the reference solution "a+b=c", is the teacher. Each run is `python -m rl.
 process; then `python -m rl.compare` writes the plots and the tokens-to-target table.
 
 Finished runs (marked `done`) are kept, so an interrupted experiment continues and new variants
-can be added. --teacher-warmup-steps N (N > 0) continues the warm-up with N supervised steps on OPSD's teacher
-prompt (warm_up_teacher), so that the self-teacher can read the reference solution, as the
-paper's models can; the default 0 is the original setup, in which it cannot.
+can be added. --teacher-warmup-steps N (N > 0) continues the warm-up with N supervised steps on
+OPSD's teacher prompt (warm_up_teacher), so that the self-teacher can read the reference
+solution, as the paper's models can; the default 0 is the original setup, in which it cannot.
 """
 from __future__ import annotations
 
@@ -135,12 +135,15 @@ def main() -> None:
     from rl.tiny import build_model, warm_up_partial
 
     model = out / "model"
-    if not (model / "config.json").exists() or not (out / "warmed").exists():
+    warmed, warm_up = out / "warmed", f"student 130, teacher {args.teacher_warmup_steps}\n"
+    if warmed.exists() and warmed.read_text() != warm_up:
+        raise SystemExit(f"{out} holds runs from another warm-up ({warmed.read_text().strip()}); choose another --out.")
+    if not (model / "config.json").exists() or not warmed.exists():
         build_model(model, arch="qwen3", tied=True, seed=0)
         warm_up_partial(model, steps=130, seed=0)
         if args.teacher_warmup_steps:
             warm_up_teacher(model, args.teacher_warmup_steps)
-        (out / "warmed").write_text("ok\n")
+        warmed.write_text(warm_up)
     train_pairs, heldout_pairs = split_pairs()
     train = out / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows_for(train_pairs, n=2000)))
