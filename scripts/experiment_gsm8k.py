@@ -79,7 +79,9 @@ def main() -> None:
             (run_dir / "done").write_text(f"{times[name]} s\n")
             print(f"{name}: {times[name]} s", flush=True)
     if times:
-        (out / "run_times.json").write_text(json.dumps(times, indent=2))
+        times_file = out / "run_times.json"
+        previous = json.loads(times_file.read_text()) if times_file.exists() else {}
+        times_file.write_text(json.dumps({**previous, **times}, indent=2))
     for metric, sub in (("eval/gsm8k/pass@1", "heldout"), ("eval/math500/pass@1", "train_problems")):
         cmd = [sys.executable, "-m", "rl.compare", *run_dirs, "--metric", metric, "--labels", ",".join(labels),
                "--out", str(out / "compare" / sub)]
