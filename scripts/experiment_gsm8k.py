@@ -7,7 +7,8 @@ Both methods train on the same 32 GSM8K training problems (the first 32 rows of
 (1e-5, the opsd_smollm2 recipe's) and completion limit (192 tokens); each keeps its own recipe's
 sampling (GRPO T=1.0; OPSD the paper's T=1.1, top-p 0.95, top-k 20). GRPO samples a group of 8
 for 4 problems a step; OPSD one rollout for 8 problems a step, graded by the frozen initial model
-shown the reference solution. Step counts give both about 22k rollout tokens.
+shown the reference solution. The step counts give similar budgets (seed 0: GRPO 28.8k rollout
+tokens, OPSD 24.5k).
 
 Evaluation, greedy through the trainer's own periodic evaluation: the first 100 GSM8K test
 problems (`eval/gsm8k/...`, held out) and the 32 training problems themselves (a local set has to
@@ -28,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 TRAIN_PROBLEMS, HELDOUT_PROBLEMS = 32, 100
 MAX_TOKENS, LR = 192, "1e-5"
-# (label, recipe, overrides): steps chosen for ~22k rollout tokens each (measured per-step means:
-# GRPO ~4.4k tokens for 32 completions, OPSD ~1.1k for 8)
+# (label, recipe, overrides). Measured per step: GRPO ~5.7k rollout tokens (32 completions, most
+# truncated at 192), OPSD ~1.2k (8 completions).
 PLAN = [
     ("grpo", "grpo_smollm2", ["grpo.group_size=8", "train.prompts_per_step=4", "train.steps=5", "eval.every_steps=2"]),
     ("opsd", "opsd_smollm2", ["train.prompts_per_step=8", "train.steps=20", "eval.every_steps=5"]),
