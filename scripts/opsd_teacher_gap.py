@@ -34,6 +34,9 @@ def main(argv: list[str]) -> dict:
     from rollouts.engine import make_engine
     from rollouts.types import SamplingSpec
 
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise SystemExit(f"arguments are key=value (recipe=..., limit=..., model.path=...); got {bad}")
     args = dict(a.split("=", 1) for a in argv)
     overrides = [f"{k}={v}" for k, v in args.items() if k not in OWN_KEYS]
     cfg = load_config(args.get("recipe", "opsd_smollm2"), overrides)
