@@ -60,14 +60,22 @@ class RolloutPool:
 
         self.kind = kind
         self.timeout_s = timeout_s
-        actor = ray.remote(num_cpus=engine_cpus)(_EngineHost)
-        self._actors = [actor.remote(kind, model_path, seed + i, engine_kwargs) for i in range(num_engines)]
+        self._model_path, self._seed, self._engine_cpus, self._engine_kwargs = model_path, seed, engine_cpus, engine_kwargs
+        self._actors = [self._spawn(i) for i in range(num_engines)]
         try:
             # Construction errors (bad path, no memory) surface here, not at the first generate.
             self._gather("start", [a.ready.remote() for a in self._actors])
         except RolloutEngineError:
             self._kill()
             raise
+
+    def _spawn(self, index: int):
+        """Start engine `index`'s actor (not waiting for it): the one place an engine is placed,
+        used at start and to replace an engine."""
+        import ray
+
+        actor = ray.remote(num_cpus=self._engine_cpus)(_EngineHost)
+        return actor.remote(self.kind, self._model_path, self._seed + index, self._engine_kwargs)
 
     def generate(
         self, prompts: list[list[int]], spec: SamplingSpec, hints: list[dict[int, int]] | None = None
