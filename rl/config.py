@@ -158,8 +158,16 @@ class RolloutConfig(Section):
     top_k: int = Field(-1, description="-1 disables top-k.")
     max_tokens: int = Field(256, ge=1, description="Maximum completion length; longer ones end with finish_reason=length.")
     kv_cache_gb: float = Field(1.0, gt=0, description="vLLM CPU KV cache size (VLLM_CPU_KVCACHE_SPACE).")
-    gpu_memory_utilization: float = Field(0.4, gt=0, le=1, description="vLLM share of GPU memory on GPU machines.")
-    engine_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per engine actor.")
+    gpu_memory_utilization: Optional[float] = Field(
+        None, gt=0, le=1, description="vLLM's share of each of its GPUs' memory. None follows the placement: "
+        "0.85 with ray.placement=split (the GPU is the engine's alone), 0.4 with colocate (the learner's "
+        "weights and optimizer state stay on the GPU while vLLM sleeps and wakes).",
+    )
+    gpus_per_engine: int = Field(
+        1, ge=1, description="GPUs per engine: vLLM tensor parallelism within one node (one bundle). Ignored "
+        "on a cluster without GPUs.",
+    )
+    engine_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per engine actor (threads follow the node's cores, see ray.placement).")
 
     def diffusion_settings(self) -> dict | None:
         """The masked-diffusion engine's keyword arguments (make_engine's `diffusion`); None otherwise."""
@@ -415,6 +423,18 @@ class LearnerConfig(Section):
 
 
 class SyncConfig(Section):
+    backend: Literal["object_store", "collective"] = Field(
+        "collective", description="How weights reach the engines after each step. collective: a "
+        "torch.distributed group of learner rank 0 and every engine worker (gloo on CPU, NCCL on GPU) "
+        "streams them in buckets straight into the engines, one parameter at a time under ZeRO-3, "
+        "only the merged adapted layers with LoRA, nothing through the driver (as verl, OpenRLHF and "
+        "NeMo-RL do). object_store: the full state dict via the driver and Ray's object store, the "
+        "simple fallback.",
+    )
+    bucket_mb: float = Field(
+        256.0, gt=0, description="collective backend: bytes per broadcast (MiB). Large enough to amortise "
+        "each broadcast's latency, small enough that neither side holds much beyond the model.",
+    )
     check_sequences: int = Field(
         2, ge=0, description="Sequences of the step re-scored by every engine after each weight push (0 disables)."
     )
@@ -424,6 +444,26 @@ class SyncConfig(Section):
         description="Stop the run if the mean |engine - learner| logprob gap on those tokens exceeds "
         "this (nats). fp32 engines agree to ~1e-6; a stale or mis-loaded weight (e.g. vLLM-CPU's "
         "tied-embedding repack) shows as 0.8-2 nats.",
+    )
+
+
+class RayConfig(Section):
+    address: Optional[str] = Field(
+        None, description="Ray cluster to join: 'auto' (the one `ray start` began on this node), "
+        "'HOST:PORT', or None: the RAY_ADDRESS environment variable if set, else a new local cluster "
+        "sized to this machine. Several nodes: `ray start --head` on one, `ray start --address=HEAD:6379` "
+        "on the others, then launch with ray.address=auto.",
+    )
+    placement: Literal["split", "colocate"] = Field(
+        "split", description="split: engines and learner ranks on disjoint GPUs (or CPU reservations); "
+        "colocate: engine i shares its gpus_per_engine GPUs with as many learner ranks and, on GPU, "
+        "vLLM sleeps (frees weights and KV cache) while they train, as in verl/OpenRLHF's hybrid engine. "
+        "split is the default because it needs no sleep/wake and is what overlap would need; colocate "
+        "suits one GPU.",
+    )
+    strategy: Literal["PACK", "SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy: PACK fills as few nodes as possible (fast "
+        "intra-node links); SPREAD puts bundles on different nodes where it can.",
     )
 
 
@@ -561,6 +601,7 @@ class RunConfig(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
+    ray: RayConfig = Field(default_factory=RayConfig, description="Which Ray cluster, and how engines and learners are placed on it.")
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Benchmark evaluation (off during training by default).")

@@ -720,18 +720,25 @@ class LearnerGroup:
         with_teacher: bool = False,
         lora: LoraConfig | None = None,
         diffusion: DiffusionForward | None = None,
+        placement=None,
     ):
-        """Arguments as LearnerWorker's."""
+        """Arguments as LearnerWorker's. `placement` (rl.placement's applied ResourcePlan): rank r runs
+        in the plan's learner slot r, and the ranks meet at rank 0's node address; without one, each
+        rank reserves learner_cpus (and a GPU where the cluster has some) and they meet on this host."""
         import ray
 
         self.cfg = learner_cfg
         n = learner_cfg.num_learners
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        actor = ray.remote(num_cpus=learner_cfg.learner_cpus, num_gpus=gpus)(LearnerWorker)
-        port = free_port()
+        if placement is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+            options = [dict(num_cpus=learner_cfg.learner_cpus, num_gpus=gpus)] * n
+            address, port = "127.0.0.1", free_port()
+        else:
+            options = [placement.actor_options(slot) for slot in sorted(placement.learners, key=lambda s: s.rank)]
+            address, port = placement.master_address()
         self.workers = [
-            actor.remote(
-                model_path, learner_cfg, dtype, rank, n, "127.0.0.1", port, seed, total_steps,
+            ray.remote(**options[rank])(LearnerWorker).remote(
+                model_path, learner_cfg, dtype, rank, n, address, port, seed, total_steps,
                 with_reference, with_teacher, lora, diffusion,
             )
             for rank in range(n)
@@ -795,6 +802,14 @@ class LearnerGroup:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self._wait([w.full_state_dict.remote() for w in self.workers], "full_state_dict")[0]
+
+    def submit(self, fn, *args) -> list:
+        """Start fn(worker, *args) in every rank's actor without waiting (weight export: the
+        collective weight sync, rl.weight_sync); `wait` collects the results in rank order."""
+        return [w.__ray_call__.remote(fn, *args) for w in self.workers]
+
+    def wait(self, refs: list, what: str) -> list:
+        return self._wait(refs, what)
 
     def save_hf(self, out_dir: str, adapter: bool = False) -> None:
         self._wait([w.save_hf.remote(out_dir, adapter) for w in self.workers], "save_hf")

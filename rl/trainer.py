@@ -18,6 +18,7 @@ from rl.data import PromptStream, build_prompt, load_rows
 from rl.evaluate import Evaluator, eval_due
 from rl.models import resolve_model_path
 from rl.tracking import Tracker
+from rl.weight_sync import build_weight_sync
 from rewards.scoring import RewardScorer, log_failures
 from rollouts.types import ScoringRequest
 
@@ -29,16 +30,43 @@ class WeightSyncError(RuntimeError):
 
 
 def init_ray(cfg: RunConfig) -> None:
+    """Join the cluster `ray.address` (or RAY_ADDRESS) names, else start one on this machine."""
     import ray
 
     if ray.is_initialized():
         return
-    wanted = cfg.rollout.num_engines * cfg.rollout.engine_cpus + cfg.learner.num_learners * cfg.learner.learner_cpus
-    # Workers inherit the driver's environment: make sure they import this checkout's code.
+    # Workers must import this checkout's code: a local cluster's workers inherit the driver's
+    # environment, an existing cluster's get it through the job's runtime environment (every node
+    # needs the project at the same path, or installed).
     paths = [str(PROJECT_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}}, log_to_driver=True)
+        except ConnectionError as e:
+            raise ConnectionError(
+                f"Could not join the Ray cluster at ray.address={address!r}: {e}. Start it first (`ray start "
+                "--head` on one node, `ray start --address=HEAD_IP:6379` on the others), or leave ray.address "
+                "unset (and RAY_ADDRESS empty) to start a cluster on this machine."
+            ) from e
+        return
+    wanted = cfg.rollout.num_engines * cfg.rollout.engine_cpus + cfg.learner.num_learners * cfg.learner.learner_cpus
     # Ray's CPU count is a scheduling budget, not a thread limit: allow the actors to share cores.
     ray.init(num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False, log_to_driver=True)
+
+
+def place(cfg: RunConfig):
+    """The run's resource plan, checked against the cluster and reserved; printed."""
+    import sys
+
+    import ray
+
+    from rl.placement import ResourcePlan
+
+    plan = ResourcePlan.from_config(cfg, on_gpu=ray.cluster_resources().get("GPU", 0) > 0).apply()
+    print(plan.table(), file=sys.stderr, flush=True)
+    return plan
 
 
 def check_weight_sync(pool, learners, batch: SequenceBatch, n_sequences: int, threshold: float) -> dict[str, float]:
@@ -202,18 +230,24 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         diffusion = DiffusionForward(cfg.rollout.max_tokens, mask_id, cfg.learner.prompt_mask_prob, cfg.model.trust_remote_code)
 
     init_ray(cfg)
+    plan = place(cfg)
+    colocated = cfg.ray.placement == "colocate"
+    # Colocated vLLM on GPU sleeps while the learners train (a no-op elsewhere).
+    sleeps = colocated and plan.on_gpu and cfg.rollout.engine == "vllm"
     pool = RolloutPool(
         cfg.rollout.engine,
         model_path,
         num_engines=cfg.rollout.num_engines,
         seed=cfg.seed,
         engine_cpus=cfg.rollout.engine_cpus,
+        placement=plan,
         dtype=cfg.model.dtype,
         max_model_len=cfg.data.max_prompt_tokens + max(cfg.rollout.max_tokens, cfg.eval.max_tokens or 0),
         kv_cache_gb=cfg.rollout.kv_cache_gb,
-        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization or (0.4 if colocated else 0.85),
         trust_remote_code=cfg.model.trust_remote_code,
         diffusion=cfg.rollout.diffusion_settings(),
+        **(dict(sleep_mode=sleeps, tensor_parallel_size=cfg.rollout.gpus_per_engine) if cfg.rollout.engine == "vllm" else {}),
     )
     learners = LearnerGroup(
         model_path,
@@ -225,7 +259,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         with_teacher=algorithm.needs_teacher,
         lora=cfg.model.lora,
         diffusion=diffusion,
+        placement=plan,
     )
+    weight_sync = build_weight_sync(cfg.sync, pool, learners)
     done = checkpoint.resume(run_dir, cfg, learners, pool, stream) if resume else checkpoint.TrainerState()
     tracker = Tracker(run_dir, cfg.train.steps, cfg.model_dump(mode="json"), cfg.tracking.wandb, cfg.tracking.tensorboard)
     temperature = algorithm.loss_temperature()
@@ -240,6 +276,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             log_failures(run_dir / "reward_failures.jsonl", step, collected.failures)
             rollouts, flat = collected.rollouts, collected.generated
             t2 = time.time()
+            if sleeps:
+                pool.sleep()
 
             batch, algo_metrics = algorithm.build_batch(rollouts)
             if algorithm.needs_reference:
@@ -251,7 +289,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
                 train_metrics = learners.train_step(batch, algorithm.loss, temperature)
             t3 = time.time()
 
-            pool.update_weights(learners.full_state_dict())
+            if sleeps:
+                pool.wake_up()
+            push_metrics = weight_sync.push()
             sync_metrics = check_weight_sync(pool, learners, batch, cfg.sync.check_sequences, cfg.sync.max_logprob_gap)
             t4 = time.time()
 
@@ -276,6 +316,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
                 "lr": train_metrics.pop("lr", float("nan")),
                 **{k.removesuffix("_sum"): v / tokens for k, v in train_metrics.items() if k.endswith("_sum")},
                 **sync_metrics,
+                **{f"time/{k}" if k.endswith("_s") else k: v for k, v in push_metrics.items()},
                 "time/generation": collected.generation_s,
                 "time/reward": collected.reward_s,
                 "time/learner": t3 - t2,
@@ -297,4 +338,5 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         tracker.close()
         pool.close()
         learners.close()
+        plan.release()
     return metrics

@@ -44,6 +44,21 @@ class RolloutEngine(ABC):
     def close(self) -> None:
         """Release the engine's memory and processes."""
 
+    # The collective weight transfer (rl.weight_sync.CollectiveSync): the engine's workers join a
+    # group with learner rank 0 and load what it broadcasts.
+
+    def weight_ranks(self) -> int:
+        """How many members of the weight group this engine brings (its worker processes)."""
+        return 1
+
+    @abstractmethod
+    def join_weight_group(self, host: str, port: int, first_rank: int, world: int) -> None:
+        """Join the group whose store listens at host:port as ranks first_rank, first_rank+1, ..."""
+
+    @abstractmethod
+    def receive_weights(self) -> None:
+        """Load the weights learner rank 0 broadcasts to the group now (rl.weight_sync.send_stream)."""
+
 
 class TorchModelEngine(RolloutEngine):
     """An engine around a plain torch model in this process (`self.model`, `self.max_model_len`):
@@ -60,6 +75,17 @@ class TorchModelEngine(RolloutEngine):
         with torch.no_grad():
             self.model.load_state_dict(state_dict, strict=False)
 
+    def join_weight_group(self, host: str, port: int, first_rank: int, world: int) -> None:
+        from rl.weight_sync import join_group
+
+        self._weight_device = next(self.model.parameters()).device
+        self._weight_group = join_group(host, port, first_rank, world, self._weight_device)
+
+    def receive_weights(self) -> None:
+        from rl.weight_sync import receive_stream
+
+        self.update_weights(dict(receive_stream(self._weight_group, self._weight_device)))
+
     def close(self) -> None:
         del self.model
 
@@ -72,18 +98,22 @@ def make_engine(
     dtype: str = "float32",
     max_model_len: int = 2048,
     kv_cache_gb: float = 1.0,
-    gpu_memory_utilization: float = 0.4,
+    gpu_memory_utilization: float | None = None,
     trust_remote_code: bool = False,
     diffusion: dict | None = None,
+    sleep_mode: bool = False,
+    tensor_parallel_size: int = 1,
 ) -> RolloutEngine:
     """Build a `kind` ("vllm", "hf" or "diffusion") engine; vLLM and transformers are imported only
-    here. `diffusion`: the masked-diffusion engine's sampler settings (MaskedDiffusionEngine's kwargs)."""
+    here. `diffusion`: the masked-diffusion engine's sampler settings (MaskedDiffusionEngine's kwargs).
+    `sleep_mode`, `tensor_parallel_size`: vLLM on GPU (colocated engines sleep while learners train)."""
     common = dict(seed=seed, dtype=dtype, max_model_len=max_model_len, trust_remote_code=trust_remote_code)
     if kind == "vllm":
         from rollouts.vllm_engine import VLLMEngine
 
         return VLLMEngine(
-            model_path, kv_cache_gb=kv_cache_gb, gpu_memory_utilization=gpu_memory_utilization, **common
+            model_path, kv_cache_gb=kv_cache_gb, gpu_memory_utilization=gpu_memory_utilization,
+            sleep_mode=sleep_mode, tensor_parallel_size=tensor_parallel_size, **common
         )
     if kind == "hf":
         from rollouts.hf_engine import HFEngine

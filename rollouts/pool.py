@@ -43,7 +43,9 @@ class RolloutPool:
     Requests are split into contiguous chunks, one per engine, and answers come back in input
     order. Any failure inside an actor is raised here as RolloutEngineError naming the engine;
     with `timeout_s` set, an engine that does not answer in time is reported the same way rather
-    than stalling the trainer. The caller owns `ray.init`.
+    than stalling the trainer. The caller owns `ray.init`. With a `placement` (rl.placement's
+    applied ResourcePlan) engine i runs in the plan's engine slot i (its GPUs, node and threads);
+    without one each actor just reserves `engine_cpus`.
     """
 
     def __init__(
@@ -54,12 +56,12 @@ class RolloutPool:
         seed: int = 0,
         engine_cpus: float = 1.0,
         timeout_s: float | None = None,
+        placement=None,
         **engine_kwargs,
     ):
-        import ray
-
         self.kind = kind
         self.timeout_s = timeout_s
+        self.placement = placement
         self._model_path, self._seed, self._engine_cpus, self._engine_kwargs = model_path, seed, engine_cpus, engine_kwargs
         self._actors = [self._spawn(i) for i in range(num_engines)]
         try:
@@ -74,7 +76,11 @@ class RolloutPool:
         used at start and to replace an engine."""
         import ray
 
-        actor = ray.remote(num_cpus=self._engine_cpus)(_EngineHost)
+        if self.placement is None:
+            options = dict(num_cpus=self._engine_cpus)
+        else:
+            options = self.placement.actor_options(self.placement.engines[index])
+        actor = ray.remote(**options)(_EngineHost)
         return actor.remote(self.kind, self._model_path, self._seed + index, self._engine_kwargs)
 
     def generate(
@@ -98,6 +104,23 @@ class RolloutPool:
 
         ref = ray.put(state_dict)  # one copy in the object store, read by every actor
         self._gather("update_weights", [a.call.remote("update_weights", ref) for a in self._actors])
+
+    def submit(self, method: str, per_engine_args: list[tuple] | None = None) -> list:
+        """Start engine.method(*per_engine_args[i]) on every engine without waiting (for calls that
+        must run while another party takes part, such as a collective weight transfer)."""
+        args = per_engine_args or [()] * len(self._actors)
+        return [a.call.remote(method, *arg) for a, arg in zip(self._actors, args)]
+
+    def wait(self, method: str, refs: list) -> list:
+        """The results of `submit`'s calls, in engine order; the first failure raises RolloutEngineError."""
+        return self._gather(method, refs)
+
+    def sleep(self) -> None:
+        """Free the engines' GPU memory while colocated learners train (a no-op where not enabled)."""
+        self._gather("sleep", [a.call.remote("sleep") for a in self._actors])
+
+    def wake_up(self) -> None:
+        self._gather("wake_up", [a.call.remote("wake_up") for a in self._actors])
 
     def apply(self, fn: Callable) -> list:
         """fn(engine) in every actor, for diagnostics and tests; results in engine order."""

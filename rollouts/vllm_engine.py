@@ -1,4 +1,5 @@
-"""vLLM rollout engine, run in-process so that weights can be pushed as tensors."""
+"""vLLM rollout engine: in-process and eager on CPU (weights pushed as tensors), with its own
+worker processes and CUDA graphs on GPU (weights pushed through a file or the collective group)."""
 from __future__ import annotations
 
 import os
@@ -44,6 +45,21 @@ def _seed_sampler(worker, seed: int) -> None:
     set_random_seed(seed)
 
 
+def _join_weight_group(worker, host: str, port: int, first_rank: int, world: int) -> None:
+    from rl.weight_sync import join_group
+
+    # Tensor-parallel worker i is group rank first_rank + i; each receives the full tensors and
+    # vLLM's loaders keep its shard.
+    worker.weight_group = join_group(host, port, first_rank + worker.rank, world, worker.device)
+
+
+def _receive_weights(worker) -> None:
+    from rl.weight_sync import receive_stream
+
+    # The in-place reload consumes the stream bucket by bucket as it arrives.
+    worker.reload_weights(weights_iterator=receive_stream(worker.weight_group, worker.device))
+
+
 class VLLMEngine(RolloutEngine):
     # Off only in tests, to show that the tied-embedding repack is what keeps logprobs right.
     repack_tied_lm_head = True
@@ -56,32 +72,48 @@ class VLLMEngine(RolloutEngine):
         dtype: str = "float32",
         max_model_len: int = 2048,
         kv_cache_gb: float = 1.0,
-        gpu_memory_utilization: float = 0.4,
+        gpu_memory_utilization: float | None = None,
         trust_remote_code: bool = False,
+        sleep_mode: bool = False,
+        tensor_parallel_size: int = 1,
     ):
+        """gpu_memory_utilization: vLLM's share of each GPU (None: 0.85, an engine alone on its GPUs).
+        sleep_mode: on GPU, allow sleep()/wake_up() (colocated with learners). Both ignored on CPU."""
         self._shapes, tied = _hf_layout(model_path, trust_remote_code)
-        # Weights go in as tensors through collective_rpc, which only works with the engine core
-        # in this process (across processes the tensors fail to pickle).
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         # This legacy variable would override kv_cache_memory_bytes in whole GiB.
         os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         import torch
+
+        self.on_cuda = torch.cuda.is_available()
+        # On CPU, weights go in as tensors through collective_rpc, which only works with the engine
+        # core in this process (across processes the tensors fail to pickle); CUDA graphs do not
+        # exist there. On GPU, vLLM's own worker processes and CUDA graphs are much faster, and
+        # weights go through a file or the collective group; functions sent to the workers
+        # (seeding, the weight group) need vLLM's pickle-based serialization.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if self.on_cuda else "0"
+        if self.on_cuda:
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         from vllm import LLM
 
-        on_cuda = torch.cuda.is_available()
         memory = (
-            {"gpu_memory_utilization": gpu_memory_utilization}
-            if on_cuda
+            dict(
+                gpu_memory_utilization=gpu_memory_utilization or 0.85,
+                enable_sleep_mode=sleep_mode,
+                tensor_parallel_size=tensor_parallel_size,
+                distributed_executor_backend="mp",
+            )
+            if self.on_cuda
             else {"kv_cache_memory_bytes": int(kv_cache_gb * 2**30)}
         )
-        self._needs_repack = tied and not on_cuda
+        self.sleep_mode = sleep_mode and self.on_cuda
+        self._needs_repack = tied and not self.on_cuda
         # The seed goes to the engine: SamplingParams(seed=...) with T > 0 crashes on CPU.
         self.llm = LLM(
             model=model_path,
             seed=seed,
             dtype=dtype,
             max_model_len=max_model_len,
-            enforce_eager=True,
+            enforce_eager=not self.on_cuda,
             logprobs_mode="processed_logprobs",
             trust_remote_code=trust_remote_code,
             **memory,
@@ -137,12 +169,49 @@ class VLLMEngine(RolloutEngine):
     def update_weights(self, state_dict: dict) -> None:
         check_state_dict(state_dict, self._shapes)
         try:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
-            if self._needs_repack and self.repack_tied_lm_head:
-                self.llm.collective_rpc(_repack_lm_head)
+            if self.on_cuda:
+                # Tensors do not pickle into vLLM's worker processes: through a file in shared memory.
+                import tempfile
+
+                from safetensors.torch import save_file
+
+                with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as folder:
+                    save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(folder, "model.safetensors"))
+                    self.llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})
+            else:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+            self._after_reload()
         except Exception as e:
             raise RuntimeError(f"vLLM weight reload failed; this engine's weights are now undefined: {e}") from e
+
+    def weight_ranks(self) -> int:
+        return self.llm.llm_engine.vllm_config.parallel_config.world_size
+
+    def join_weight_group(self, host: str, port: int, first_rank: int, world: int) -> None:
+        self.llm.collective_rpc(_join_weight_group, args=(host, port, first_rank, world))
+
+    def receive_weights(self) -> None:
+        try:
+            self.llm.collective_rpc(_receive_weights)
+            self._after_reload()
+        except Exception as e:
+            raise RuntimeError(f"vLLM weight reload failed; this engine's weights are now undefined: {e}") from e
+
+    def _after_reload(self) -> None:
+        if self._needs_repack and self.repack_tied_lm_head:
+            self.llm.collective_rpc(_repack_lm_head)
         self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Free the GPU for the learners: level 1 offloads the weights to CPU memory and drops the KV
+        cache (level 2 would drop the weights, which a partial push, as with LoRA, cannot refill).
+        A no-op without sleep mode (CPU, or split placement)."""
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self.sleep_mode:
+            self.llm.wake_up()
 
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
