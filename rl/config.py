@@ -471,6 +471,15 @@ class TrainConfig(Section):
     steps: int = Field(20, ge=1, description="Rollout-train-sync iterations.")
     prompts_per_step: int = Field(8, ge=1, description="Prompts sampled per step (each gets group_size completions for GRPO).")
     save_final: bool = Field(True, description="Write the final model as an HF folder in <run>/final.")
+    max_staleness: int = Field(
+        0, ge=0, description="0: strictly on-policy, generation and training take turns. k >= 1: the "
+        "engines generate the next step's rollouts while the learner trains (one step ahead, so a "
+        "batch is at most 1 <= k weight versions old; its age is logged as batch_age), as the "
+        "one-step off-policy pipelines of verl/OpenRLHF/AReaL. Pair it with "
+        "grpo.importance_sampling=token so that the loss corrects for the engines' older policy. "
+        "Needs ray.placement=split, reward.workers >= 1 (rewards are scored off the main thread) and "
+        "no checkpoints (in-flight rollouts are not yet restored on resume).",
+    )
 
 
 class TrackingConfig(Section):
@@ -619,6 +628,21 @@ class RunConfig(Section):
             )
         if diffusion_engine and (self.rollout.top_p < 1 or self.rollout.top_k > 0):
             raise ValueError("the masked-diffusion sampler has no top-p/top-k cut: set rollout.top_p=1 and rollout.top_k=-1")
+        return self
+
+    @model_validator(mode="after")
+    def _overlap_is_possible(self) -> "RunConfig":
+        if self.train.max_staleness == 0:
+            return self
+        problems = []
+        if self.ray.placement != "split":
+            problems.append("ray.placement=split (colocated engines sleep while the learner trains)")
+        if self.reward.workers == 0:
+            problems.append("reward.workers >= 1 (math-verify's timeouts only work on the main thread)")
+        if self.checkpoint.every_steps:
+            problems.append("checkpoint.every_steps=0 (resume does not restore in-flight rollouts yet)")
+        if problems:
+            raise ValueError(f"train.max_staleness={self.train.max_staleness} needs " + ", ".join(problems))
         return self
 
     def to_yaml(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -267,12 +268,35 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     temperature = algorithm.loss_temperature()
     rollout_tokens = done.cumulative_rollout_tokens
     metrics: dict = {}
+
+    def rollouts_for(step: int) -> CollectedRollouts:
+        pool.set_step_seed(checkpoint.step_seed(cfg.seed, step))
+        return collect_rollouts(stream, pool, scorer, algorithm, spec, cfg, tokenizer)
+
+    # train.max_staleness >= 1: the next step's rollouts are generated on this thread pool while
+    # the learner trains. `version` counts the learner's weight updates; the engines hold the
+    # version last pushed, and a batch's age is the learner's version minus the one it was sampled with.
+    ahead = ThreadPoolExecutor(1, thread_name_prefix="rollouts-ahead") if cfg.train.max_staleness else None
+    in_flight = None  # (step, future, version sampled with)
+    version = done.step
     try:
         if evaluator is not None and done.step == 0 and eval_due(cfg.eval, 0, cfg.train.steps):
             tracker.log(0, {**evaluator.run(pool, run_dir / "eval" / "step_000000"), "cumulative_rollout_tokens": 0})
         for step in range(done.step + 1, cfg.train.steps + 1):
-            pool.set_step_seed(checkpoint.step_seed(cfg.seed, step))
-            collected = collect_rollouts(stream, pool, scorer, algorithm, spec, cfg, tokenizer)
+            t_wait = time.time()
+            if in_flight is None:
+                collected, made_with = rollouts_for(step), version
+            else:
+                (_, future, made_with), in_flight = in_flight, None
+                collected = future.result()
+            if ahead is not None and step < cfg.train.steps:
+                # The next step's rollouts, sampled with the weights the engines hold now, while
+                # the learner trains on this step's: one version behind when they are trained on.
+                in_flight = (step + 1, ahead.submit(rollouts_for, step + 1), version)
+            batch_age = version - made_with
+            if batch_age > cfg.train.max_staleness:
+                raise RuntimeError(f"step {step}: a batch {batch_age} versions old exceeds train.max_staleness")
+            wait_s = time.time() - t_wait
             log_failures(run_dir / "reward_failures.jsonl", step, collected.failures)
             rollouts, flat = collected.rollouts, collected.generated
             t2 = time.time()
@@ -287,6 +311,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
                 algo_metrics.update(algorithm.use_policy_scores(batch, *scores))
             for _ in range(algorithm.updates_per_batch):
                 train_metrics = learners.train_step(batch, algorithm.loss, temperature)
+            version += 1
+            if in_flight is not None:
+                in_flight[1].result()  # the engines must be idle before their weights change
             t3 = time.time()
 
             if sleeps:
@@ -321,6 +348,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
                 "time/reward": collected.reward_s,
                 "time/learner": t3 - t2,
                 "time/sync": t4 - t3,
+                "time/wait_rollouts": wait_s,
+                "batch_age": batch_age,
             }
             if evaluator is not None and eval_due(cfg.eval, step, cfg.train.steps):
                 metrics.update(evaluator.run(pool, run_dir / "eval" / f"step_{step:06d}"))
@@ -334,6 +363,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         if cfg.train.save_final:
             learners.save_hf(str(run_dir / "final"))
     finally:
+        if ahead is not None:
+            ahead.shutdown(wait=False, cancel_futures=True)
         scorer.close()
         tracker.close()
         pool.close()
