@@ -262,7 +262,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         diffusion=diffusion,
         placement=plan,
     )
-    weight_sync = build_weight_sync(cfg.sync, pool, learners)
+    weight_sync = build_weight_sync(cfg.sync, pool, learners, plan)
     done = checkpoint.resume(run_dir, cfg, learners, pool, stream) if resume else checkpoint.TrainerState()
     tracker = Tracker(run_dir, cfg.train.steps, cfg.model_dump(mode="json"), cfg.tracking.wandb, cfg.tracking.tensorboard)
     temperature = algorithm.loss_temperature()

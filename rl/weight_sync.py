@@ -43,6 +43,11 @@ def open_port() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), port
 
 
+def transfer_device(own: torch.device, nccl: bool) -> torch.device:
+    """Where a member's buffers live: its GPU with NCCL, else host memory (gloo)."""
+    return own if nccl else torch.device("cpu")
+
+
 def join_group(host: str, port: int, rank: int, world: int, device: torch.device):
     """A process group of its own (not torch.distributed's default one, which DeepSpeed and vLLM
     use): gloo for CPU tensors, NCCL for CUDA ones. Blocks until all `world` ranks have joined."""
@@ -120,9 +125,10 @@ def receive_stream(group, device: torch.device):
 # The learner side (run in every learner rank's actor through LearnerGroup.submit)
 
 
-def _learner_join(worker, host: str, port: int, world: int) -> None:
+def _learner_join(worker, host: str, port: int, world: int, nccl: bool) -> None:
     if worker.rank == 0:
-        worker.weight_group = join_group(host, port, 0, world, worker.device)
+        worker.weight_device = transfer_device(worker.device, nccl)
+        worker.weight_group = join_group(host, port, 0, world, worker.weight_device)
 
 
 def _learner_open_port(worker) -> tuple[str, int]:
@@ -136,7 +142,7 @@ def _learner_send(worker, bucket_bytes: int) -> dict[str, float]:
         for _ in weights:
             pass
         return {}
-    return send_stream(worker.weight_group, weights, bucket_bytes, worker.device)
+    return send_stream(worker.weight_group, weights, bucket_bytes, worker.weight_device)
 
 
 def iter_engine_weights(worker):
@@ -200,9 +206,14 @@ class ObjectStoreSync(WeightSync):
 
 
 class CollectiveSync(WeightSync):
-    """Learner rank 0 broadcasts buckets straight to every engine worker (see the module doc)."""
+    """Learner rank 0 broadcasts buckets straight to every engine worker (see the module doc).
 
-    def __init__(self, pool, learners, bucket_mb: float = 256.0):
+    nccl: GPU to GPU. It needs every member on a GPU of its own: NCCL refuses two ranks on one
+    device, so colocated engines (which share their GPUs with learner ranks) and CPU clusters use
+    gloo through host memory.
+    """
+
+    def __init__(self, pool, learners, bucket_mb: float = 256.0, nccl: bool = False):
         self.pool, self.learners = pool, learners
         self.bucket_bytes = int(bucket_mb * 2**20)
         ranks = pool.wait("weight_ranks", pool.submit("weight_ranks"))
@@ -210,8 +221,8 @@ class CollectiveSync(WeightSync):
         world = 1 + sum(ranks)
         host, port = learners.wait(learners.submit(_learner_open_port), "open the weight group")[0]
         # Every member blocks in the rendezvous until all have joined: start them all, then wait.
-        engine_refs = pool.submit("join_weight_group", [(host, port, first, world) for first in firsts])
-        learner_refs = learners.submit(_learner_join, host, port, world)
+        engine_refs = pool.submit("join_weight_group", [(host, port, first, world, nccl) for first in firsts])
+        learner_refs = learners.submit(_learner_join, host, port, world, nccl)
         learners.wait(learner_refs, "join the weight group")
         pool.wait("join_weight_group", engine_refs)
 
@@ -226,7 +237,8 @@ class CollectiveSync(WeightSync):
 BACKENDS = {"object_store": ObjectStoreSync, "collective": CollectiveSync}
 
 
-def build_weight_sync(sync_cfg, pool, learners) -> WeightSync:
+def build_weight_sync(sync_cfg, pool, learners, plan) -> WeightSync:
+    """The configured backend; with `plan` (rl.placement) deciding NCCL (GPUs, split) or gloo."""
     if sync_cfg.backend == "collective":
-        return CollectiveSync(pool, learners, sync_cfg.bucket_mb)
+        return CollectiveSync(pool, learners, sync_cfg.bucket_mb, nccl=plan.on_gpu and plan.mode == "split")
     return ObjectStoreSync(pool, learners)

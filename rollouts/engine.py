@@ -52,8 +52,9 @@ class RolloutEngine(ABC):
         return 1
 
     @abstractmethod
-    def join_weight_group(self, host: str, port: int, first_rank: int, world: int) -> None:
-        """Join the group whose store listens at host:port as ranks first_rank, first_rank+1, ..."""
+    def join_weight_group(self, host: str, port: int, first_rank: int, world: int, nccl: bool) -> None:
+        """Join the group whose store listens at host:port as ranks first_rank, first_rank+1, ...
+        (nccl: receive on the engine's GPUs; else through host memory over gloo)."""
 
     @abstractmethod
     def receive_weights(self) -> None:
@@ -75,10 +76,10 @@ class TorchModelEngine(RolloutEngine):
         with torch.no_grad():
             self.model.load_state_dict(state_dict, strict=False)
 
-    def join_weight_group(self, host: str, port: int, first_rank: int, world: int) -> None:
-        from rl.weight_sync import join_group
+    def join_weight_group(self, host: str, port: int, first_rank: int, world: int, nccl: bool) -> None:
+        from rl.weight_sync import join_group, transfer_device
 
-        self._weight_device = next(self.model.parameters()).device
+        self._weight_device = transfer_device(next(self.model.parameters()).device, nccl)
         self._weight_group = join_group(host, port, first_rank, world, self._weight_device)
 
     def receive_weights(self) -> None:

@@ -45,19 +45,20 @@ def _seed_sampler(worker, seed: int) -> None:
     set_random_seed(seed)
 
 
-def _join_weight_group(worker, host: str, port: int, first_rank: int, world: int) -> None:
-    from rl.weight_sync import join_group
+def _join_weight_group(worker, host: str, port: int, first_rank: int, world: int, nccl: bool) -> None:
+    from rl.weight_sync import join_group, transfer_device
 
     # Tensor-parallel worker i is group rank first_rank + i; each receives the full tensors and
     # vLLM's loaders keep its shard.
-    worker.weight_group = join_group(host, port, first_rank + worker.rank, world, worker.device)
+    worker.weight_device = transfer_device(worker.device, nccl)
+    worker.weight_group = join_group(host, port, first_rank + worker.rank, world, worker.weight_device)
 
 
 def _receive_weights(worker) -> None:
     from rl.weight_sync import receive_stream
 
     # The in-place reload consumes the stream bucket by bucket as it arrives.
-    worker.reload_weights(weights_iterator=receive_stream(worker.weight_group, worker.device))
+    worker.reload_weights(weights_iterator=receive_stream(worker.weight_group, worker.weight_device))
 
 
 class VLLMEngine(RolloutEngine):
@@ -187,8 +188,8 @@ class VLLMEngine(RolloutEngine):
     def weight_ranks(self) -> int:
         return self.llm.llm_engine.vllm_config.parallel_config.world_size
 
-    def join_weight_group(self, host: str, port: int, first_rank: int, world: int) -> None:
-        self.llm.collective_rpc(_join_weight_group, args=(host, port, first_rank, world))
+    def join_weight_group(self, host: str, port: int, first_rank: int, world: int, nccl: bool) -> None:
+        self.llm.collective_rpc(_join_weight_group, args=(host, port, first_rank, world, nccl))
 
     def receive_weights(self) -> None:
         try:
