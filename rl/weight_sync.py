@@ -72,35 +72,36 @@ def _root0():
 
 
 def send_stream(group, named_tensors, bucket_bytes: int, device: torch.device) -> dict[str, float]:
-    """Broadcast (name, tensor) pairs from group rank 0 in buckets; a tensor is copied into the
-    bucket before the next is asked for (so a ZeRO-3 gather can be released)."""
+    """Broadcast (name, tensor) pairs from group rank 0 in buckets. Each tensor's bytes are copied
+    into one reused bucket buffer before the next is asked for (so a ZeRO-3 gather can be
+    released); a tensor larger than a bucket goes alone, straight from its own memory."""
     sent, buckets = 0, 0
+    buffer = torch.empty(bucket_bytes, dtype=torch.uint8, device=device)
     meta: list = []
-    chunks: list[torch.Tensor] = []
     size = 0
 
-    def flush() -> None:
-        nonlocal meta, chunks, size, sent, buckets
-        data = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
-        blob = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8, device=device)
+    def flush(data: torch.Tensor, entries: list) -> None:
+        nonlocal sent, buckets
+        blob = torch.tensor(list(json.dumps(entries).encode()), dtype=torch.uint8, device=device)
         _broadcast(group, torch.tensor([data.numel(), blob.numel()], dtype=torch.int64, device=device))
         _broadcast(group, blob)
         _broadcast(group, data)
         sent, buckets = sent + data.numel(), buckets + 1
-        meta, chunks, size = [], [], 0
 
     for name, tensor in named_tensors:
-        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8).to(device)
-        padded = -(-flat.numel() // ALIGN) * ALIGN
-        if chunks and size + padded > bucket_bytes:
-            flush()
-        chunk = torch.zeros(padded, dtype=torch.uint8, device=device)
-        chunk[: flat.numel()].copy_(flat)
-        meta.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), size, flat.numel()])
-        chunks.append(chunk)
-        size += padded
-    if chunks:
-        flush()
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        entry = [name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)]
+        if flat.numel() > bucket_bytes:
+            flush(flat.to(device), [[*entry, 0, flat.numel()]])
+            continue
+        if size + flat.numel() > bucket_bytes:
+            flush(buffer[:size], meta)
+            meta, size = [], 0
+        buffer[size : size + flat.numel()].copy_(flat)
+        meta.append([*entry, size, flat.numel()])
+        size += -(-flat.numel() // ALIGN) * ALIGN
+    if meta:
+        flush(buffer[:size], meta)
     _broadcast(group, torch.zeros(2, dtype=torch.int64, device=device))
     return {"sync_bytes": float(sent), "sync_buckets": float(buckets)}
 
