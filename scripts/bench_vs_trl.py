@@ -235,27 +235,31 @@ def phase_learner(args) -> dict:
     results = {"sequences": len(batch), "completion_tokens": sum(batch.completion_lens()),
                "padded_row_tokens": len(batch) * max(len(x) for x in batch.input_ids)}
 
-    def time_worker(name: str, extra_forward: bool, **learner):
+    def time_worker(name: str, extra_forward: bool, **learner) -> tuple[float, float | None]:
+        """Median seconds of a step (the loss's own log-probs feeding the mismatch metrics), and
+        with `extra_forward` of the no-grad forward the old path spent on them before the step."""
         cfg = run.learner.model_copy(update=learner)
         worker = LearnerWorker(model_path, cfg, run.model.dtype, 0, 1, "127.0.0.1", free_port(), run.seed, 100)
-        times = []
+        times, forwards = [], []
         for k in range(repeats):
+            if extra_forward:
+                t0 = time.time()
+                worker.compute_logprobs(batch, temperature)
+                forwards.append(time.time() - t0)
             t0 = time.time()
-            if extra_forward:  # the old path: a no-grad forward for the mismatch metrics, then the step
-                algo.use_policy_scores(batch, worker.compute_logprobs(batch, temperature)[0], None)
-                worker.train_step(batch, algo.loss, temperature)
-            else:
-                _, kept = worker.train_step(batch, algo.loss, temperature, return_logprobs=True)
-                algo.use_policy_scores(batch, kept, None)
+            _, kept = worker.train_step(batch, algo.loss, temperature, return_logprobs=True)
+            algo.use_policy_scores(batch, kept, None)
             times.append(time.time() - t0)
-            log(f"learner {name}: {k + 1}/{repeats} {times[-1]:.1f}s")
+            log(f"learner {name}: {k + 1}/{repeats} step {times[-1]:.1f}s"
+                + (f", extra no-grad forward {forwards[-1]:.1f}s" if forwards else ""))
         del worker
         gc.collect()
-        return statistics.median(times[args.warmup :])
+        return statistics.median(times[args.warmup :]), (statistics.median(forwards[args.warmup :]) if forwards else None)
 
-    results["ours_s"] = time_worker("shared prompt", False, share_prompt=True)
-    results["unshared_s"] = time_worker("unshared", False, share_prompt=False)
-    results["old_path_s"] = time_worker("unshared + extra forward (before)", True, share_prompt=False)
+    results["ours_s"], _ = time_worker("shared prompt", False, share_prompt=True)
+    results["unshared_s"], results["extra_forward_s"] = time_worker("unshared", True, share_prompt=False)
+    # Before this issue: the unshared step plus the no-grad forward for the mismatch metrics.
+    results["old_path_s"] = results["unshared_s"] + results["extra_forward_s"]
 
     # Plain PyTorch: padded micro-batches, full logits, completion log-probs, token-mean loss, AdamW.
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -363,13 +367,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="measured steps per side (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="steps run first and not measured")
-    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
+    parser.add_argument("--phases", nargs="*", choices=PHASES, default=list(PHASES),
+                        help="phases to run (each writes <out>/<phase>.json); none: report what is there")
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--out", type=Path, default=RESULTS / "vs_trl")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.phase:
-        result = globals()[f"phase_{args.phase}"](args)
+        result = {**globals()[f"phase_{args.phase}"](args), "measured_steps": args.steps, "warmup_steps": args.warmup}
         (args.out / f"{args.phase}.json").write_text(json.dumps(result, indent=1))
         return
     if "learner" in args.phases and "engine" not in args.phases and not (args.out / "batch.json").exists():
@@ -382,8 +387,8 @@ def main() -> None:
                                str(args.warmup), "--out", str(args.out)], cwd=ROOT, env=env).returncode
         log(f"phase {name} {'done' if code == 0 else f'FAILED (exit {code})'} in {(time.time() - t0) / 60:.1f} min")
     res = {k: json.loads((args.out / f"{k}.json").read_text()) for k in PHASES if (args.out / f"{k}.json").exists()}
-    res["settings"] = {"recipe": RECIPE, "steps": args.steps, "warmup": args.warmup, "cpus": os.cpu_count(),
-                       "note": "machine shared with other jobs; medians over the measured steps"}
+    res["settings"] = {"recipe": RECIPE, "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+                       "note": "machine shared with other jobs; medians over each phase's measured steps"}
     lines = report(res)
     print("\n".join(lines))
     (RESULTS / "vs_trl.json").write_text(json.dumps({**res, "summary": lines}, indent=1))
