@@ -382,6 +382,15 @@ class LearnerWorker:
         self.pad_id = _causal_lm(model).config.pad_token_id or 0
         if diffusion is None:
             _check_output_layer(_causal_lm(model))
+        # Masked-diffusion models attend both ways: they stay on the padded layout, one row per
+        # sequence, which their own forward rebuilds anyway (masked_answer_input).
+        self.packed = diffusion is None and (learner_cfg.share_prompt or learner_cfg.max_tokens_per_micro_batch is not None)
+        if self.packed and "sliding_attention" in (getattr(_causal_lm(model).config, "layer_types", None) or []):
+            raise ValueError(
+                "This model has sliding-window attention layers, which the packed layout's explicit 4D mask "
+                "would override (every layer would see the full window). Set learner.share_prompt=false and "
+                "leave learner.max_tokens_per_micro_batch unset for it."
+            )
         teacher = learner_cfg.teacher.kind if with_teacher else None
         ema = copy.deepcopy(model) if teacher == "ema" else None
         policy = self._wrap(model)
@@ -520,10 +529,7 @@ class LearnerWorker:
         return [self._prepare(batch.select(idx)) if idx else None for idx in chunks]
 
     def _tensors(self, sequences: SequenceBatch) -> MicroBatch:
-        # Masked-diffusion models attend both ways: they stay on the padded layout, one row per
-        # sequence, which their own forward rebuilds anyway (masked_answer_input).
-        packed = self.diffusion is None and (self.cfg.share_prompt or self.cfg.max_tokens_per_micro_batch is not None)
-        if packed:
+        if self.packed:
             mb = MicroBatch.packed(sequences, self.pad_id, self.cfg.share_prompt)
         else:
             mb = MicroBatch.from_sequences(sequences, self.pad_id)

@@ -287,3 +287,20 @@ def test_learner_step_and_training_scores_match_across_layouts(tiny_model):
             torch.testing.assert_close(got.state[name], value, atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
         initial = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).state_dict()
         assert max((plain.state[k] - initial[k]).abs().max().item() for k in initial) > 1e-4  # the step moved
+
+
+def test_sliding_window_model_is_refused_on_the_packed_layout(tiny_model, tmp_path):
+    import shutil
+
+    from transformers import AutoConfig
+
+    folder = tmp_path / "sliding"
+    shutil.copytree(tiny_model, folder)
+    config = AutoConfig.from_pretrained(str(folder))
+    config.use_sliding_window, config.sliding_window = True, 4
+    config.layer_types = ["sliding_attention", "full_attention"]
+    config.save_pretrained(str(folder))
+    with pytest.raises(ValueError, match="sliding-window attention layers.*learner.share_prompt=false"):
+        LearnerWorker(str(folder), LearnerConfig(), "float32", 0, 1, "127.0.0.1", free_port(), 0, 10)
+    # Unpacked, the same model trains as before.
+    LearnerWorker(str(folder), LearnerConfig(share_prompt=False), "float32", 0, 1, "127.0.0.1", free_port(), 0, 10)
