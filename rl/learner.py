@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 import os
 import socket
 import zlib
@@ -38,7 +37,7 @@ from functools import partial
 
 import torch
 
-from rl.batch import MicroBatch, PolicyOutputs, SequenceBatch
+from rl.batch import MicroBatch, PolicyOutputs, SequenceBatch, plan_micro_batches
 from rl.checkpoint import rng_state, set_rng_state
 from rl.config import LearnerConfig, LoraConfig
 from rl.entropy import chunked_entropy
@@ -110,6 +109,8 @@ def _to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
         completion_mask=mb.completion_mask.to(device),
         token_fields=move(mb.token_fields),
         seq_fields=move(mb.seq_fields),
+        position_ids=None if mb.position_ids is None else mb.position_ids.to(device),
+        predict_index=None if mb.predict_index is None else mb.predict_index.to(device),
     )
 
 
@@ -184,7 +185,15 @@ class _Policy(torch.nn.Module):
 
     def forward(self, *, mb: MicroBatch, fn=None):
         body = _causal_lm(self.lm).get_decoder()
-        out = body(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+        if mb.is_packed:
+            # A 4D mask reaches the attention as it is (HF skips its own mask building); additive
+            # rather than bool, which SDPA and eager attention both take.
+            dtype = self.output_weight.dtype
+            bias = torch.zeros(mb.attention_mask.shape, dtype=dtype, device=mb.attention_mask.device)
+            bias.masked_fill_(~mb.attention_mask, torch.finfo(dtype).min)
+            out = body(input_ids=mb.input_ids, attention_mask=bias, position_ids=mb.position_ids, use_cache=False)
+        else:
+            out = body(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
         hidden = mb.completion_aligned(out.last_hidden_state)
         return hidden if fn is None else self.head(hidden, weight=self.output_weight, fn=fn)
 
@@ -257,12 +266,20 @@ def _full_weight(param: torch.nn.Parameter) -> torch.Tensor:
 
 
 def _call_loss(loss_fn, mb, temperature, teacher_hidden, teacher_weight, hidden, weight):
-    return loss_fn(PolicyOutputs(hidden, weight, temperature, teacher_hidden, teacher_weight), mb)
+    out = PolicyOutputs(hidden, weight, temperature, teacher_hidden, teacher_weight)
+    loss, metrics = loss_fn(out, mb)
+    return loss, metrics, out.kept_logprobs
 
 
 def _placeholder_loss(out: PolicyOutputs, mb: MicroBatch):
     # Touches every parameter, so that every rank's backward reduces the same gradients.
     return out.logits().sum() * 0.0, {}
+
+
+def _rows(values: torch.Tensor, mb: MicroBatch) -> list[list[float]]:
+    """[B, T] completion-aligned values -> one list per sequence, its completion's length long."""
+    lens = mb.completion_mask.sum(-1).long().tolist()
+    return [row[:n].tolist() for row, n in zip(values.cpu(), lens)]
 
 
 def _token_scores(mb: MicroBatch, temperature: float, with_entropy: bool, hidden, weight):
@@ -365,6 +382,15 @@ class LearnerWorker:
         self.pad_id = _causal_lm(model).config.pad_token_id or 0
         if diffusion is None:
             _check_output_layer(_causal_lm(model))
+        # Masked-diffusion models attend both ways: they stay on the padded layout, one row per
+        # sequence, which their own forward rebuilds anyway (masked_answer_input).
+        self.packed = diffusion is None and (learner_cfg.share_prompt or learner_cfg.max_tokens_per_micro_batch is not None)
+        if self.packed and "sliding_attention" in (getattr(_causal_lm(model).config, "layer_types", None) or []):
+            raise ValueError(
+                "This model has sliding-window attention layers, which the packed layout's explicit 4D mask "
+                "would override (every layer would see the full window). Set learner.share_prompt=false and "
+                "leave learner.max_tokens_per_micro_batch unset for it."
+            )
         teacher = learner_cfg.teacher.kind if with_teacher else None
         ema = copy.deepcopy(model) if teacher == "ema" else None
         policy = self._wrap(model)
@@ -496,15 +522,18 @@ class LearnerWorker:
         Every rank must run the same number of forwards and backwards (ZeRO-3 gathers parameters
         in them, ZeRO-2 reduces gradients in them), so a short shard is padded with placeholders.
         """
-        n = len(batch)
-        if count is None:
-            count = max(1, math.ceil(n / self.cfg.micro_batch_size))
-        size = max(1, math.ceil(n / count))
-        chunks = [list(range(i * size, min(n, (i + 1) * size))) for i in range(count)]
+        chunks = plan_micro_batches(batch, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch,
+                                    self.cfg.share_prompt, count)
+        if count is not None and len(chunks) > count:
+            raise ValueError(f"{len(chunks)} micro-batches planned where every rank runs {count}.")
         return [self._prepare(batch.select(idx)) if idx else None for idx in chunks]
 
     def _tensors(self, sequences: SequenceBatch) -> MicroBatch:
-        return _to_device(MicroBatch.from_sequences(sequences, self.pad_id), self.device)
+        if self.packed:
+            mb = MicroBatch.packed(sequences, self.pad_id, self.cfg.share_prompt)
+        else:
+            mb = MicroBatch.from_sequences(sequences, self.pad_id)
+        return _to_device(mb, self.device)
 
     def _prepare(self, sequences: SequenceBatch) -> tuple[MicroBatch, MicroBatch | None]:
         mb = self._tensors(sequences)
@@ -533,7 +562,8 @@ class LearnerWorker:
         loss_fn,
         temperature: float = 1.0,
         num_micro_batches: int | None = None,
-    ) -> dict[str, float]:
+        return_logprobs: bool = False,
+    ):
         """Forward/backward every micro-batch, then one optimizer step (then the EMA teacher's update).
 
         A batch with a teacher view also gets, per micro-batch, a no-grad forward of the teacher
@@ -541,13 +571,16 @@ class LearnerWorker:
 
         Returns the loss_fn metrics summed over micro-batches, `loss` (the sum of the scalars
         differentiated, i.e. this rank's share of the step's global loss), `grad_norm` (before
-        clipping) and `lr` (the one this step used).
+        clipping) and `lr` (the one this step used). With `return_logprobs`: (those metrics, the
+        per-token log-probs the loss kept with `out.keep_logprobs`, in batch order), i.e. the
+        policy's scores before this update, without a forward of their own.
         """
         self.engine.train()
         micro = self._micro_batches(batch, num_micro_batches)
         with_teacher = batch.teacher_input_ids is not None
         teacher_weight = self._teacher_head_weight() if with_teacher else None
         metrics: dict[str, float] = {}
+        logprobs: list[list[float]] = []
         for i, pair in enumerate(micro):
             # The boundary (reduction bookkeeping, then step) is the last micro-batch, whatever
             # the count; DeepSpeed's fixed gradient_accumulation_steps cannot express that.
@@ -556,9 +589,16 @@ class LearnerWorker:
             teacher_hidden = None if teacher_mb is None else self._score(self.cfg.teacher.kind, teacher_mb)
             loss_or_placeholder = loss_fn if pair else _placeholder_loss
             fn = partial(_call_loss, loss_or_placeholder, mb, temperature, teacher_hidden, teacher_weight)
-            loss, part = self.engine(mb=mb, fn=fn)
+            loss, part, kept = self.engine(mb=mb, fn=fn)
             if pair:
                 _add_metrics(metrics, {**part, "loss": loss.item()})
+                if return_logprobs:
+                    if kept is None:
+                        raise ValueError(
+                            "train_step(return_logprobs=True) needs a loss that hands its token log-probs "
+                            "back with out.keep_logprobs(logp); this loss does not."
+                        )
+                    logprobs += _rows(kept, mb)
             # Data parallelism AVERAGES gradients over ranks; the loss is already a share of the
             # global sum, so scaling by world_size turns that average back into the sum.
             # scale_wrt_gas=False: the micro-batch losses are summed, not averaged.
@@ -567,7 +607,8 @@ class LearnerWorker:
         self.engine.step()
         if self.ema is not None:
             self._update_ema()
-        return {**metrics, "grad_norm": float(self.engine.get_global_grad_norm()), "lr": lr}
+        metrics = {**metrics, "grad_norm": float(self.engine.get_global_grad_norm()), "lr": lr}
+        return (metrics, logprobs) if return_logprobs else metrics
 
     @torch.no_grad()
     def compute_logprobs(
@@ -587,10 +628,9 @@ class LearnerWorker:
             token_logp, ent = self._score(which, mb, partial(_token_scores, mb, temperature, with_entropy))
             if not pair:
                 continue
-            lens = mb.completion_mask.sum(-1).long().tolist()
-            logprobs += [row[:n].tolist() for row, n in zip(token_logp.cpu(), lens)]
+            logprobs += _rows(token_logp, mb)
             if with_entropy:
-                entropies += [row[:n].tolist() for row, n in zip(ent.cpu(), lens)]
+                entropies += _rows(ent, mb)
         return logprobs, (entropies if with_entropy else None)
 
     def _gather_cpu(self) -> dict[int, torch.Tensor]:
@@ -767,20 +807,27 @@ class LearnerGroup:
 
     def _shards(self, batch: SequenceBatch) -> tuple[list[SequenceBatch], int]:
         """Contiguous per-rank shards and the micro-batch count every rank runs (set by the largest)."""
-        parts = split_evenly(len(batch), len(self.workers))
-        count = max(1, math.ceil(max(map(len, parts)) / self.cfg.micro_batch_size))
-        return [batch.select(p) for p in parts], count
+        c = self.cfg
+        shards = [batch.select(p) for p in split_evenly(len(batch), len(self.workers))]
+        count = max(
+            len([run for run in plan_micro_batches(s, c.micro_batch_size, c.max_tokens_per_micro_batch, c.share_prompt) if run])
+            for s in shards
+        )
+        return shards, max(1, count)
 
-    def train_step(self, batch: SequenceBatch, loss_fn, temperature: float = 1.0) -> dict[str, float]:
+    def train_step(self, batch: SequenceBatch, loss_fn, temperature: float = 1.0, return_logprobs: bool = False):
         """One optimizer step on the whole batch: metrics (with `loss`, the step's global loss) summed
-        over ranks, grad_norm and lr of rank 0."""
+        over ranks, grad_norm and lr of rank 0; with `return_logprobs` also the loss's kept token
+        log-probs of the whole batch in input order (LearnerWorker.train_step)."""
         shards, count = self._shards(batch)
-        refs = [w.train_step.remote(s, loss_fn, temperature, count) for w, s in zip(self.workers, shards)]
+        refs = [w.train_step.remote(s, loss_fn, temperature, count, return_logprobs) for w, s in zip(self.workers, shards)]
         results = self._wait(refs, "train_step")
+        parts = [r[0] for r in results] if return_logprobs else results
         metrics: dict[str, float] = {}
-        for r in results:
+        for r in parts:
             _add_metrics(metrics, {k: v for k, v in r.items() if k not in ("grad_norm", "lr")})
-        return {**metrics, "grad_norm": results[0]["grad_norm"], "lr": results[0]["lr"]}
+        metrics = {**metrics, "grad_norm": parts[0]["grad_norm"], "lr": parts[0]["lr"]}
+        return (metrics, [row for r in results for row in r[1]]) if return_logprobs else metrics
 
     def compute_logprobs(
         self,

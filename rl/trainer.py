@@ -309,8 +309,12 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             if algorithm.needs_policy_scores:
                 scores = learners.compute_logprobs(batch, temperature, with_entropy=algorithm.wants_entropy)
                 algo_metrics.update(algorithm.use_policy_scores(batch, *scores))
-            for _ in range(algorithm.updates_per_batch):
-                train_metrics = learners.train_step(batch, algorithm.loss, temperature)
+            if algorithm.policy_scores_from_training:
+                train_metrics, logprobs = learners.train_step(batch, algorithm.loss, temperature, return_logprobs=True)
+                algo_metrics.update(algorithm.use_policy_scores(batch, logprobs, None))
+            else:
+                for _ in range(algorithm.updates_per_batch):
+                    train_metrics = learners.train_step(batch, algorithm.loss, temperature)
             version += 1
             if in_flight is not None:
                 in_flight[1].result()  # the engines must be idle before their weights change

@@ -38,11 +38,16 @@ class Algorithm:
     needs_reference: the loop fills token_fields["ref_logprobs"] from the frozen reference.
     needs_policy_scores: the loop scores the batch with the learner before the first update
     (logprobs, and entropies if wants_entropy) and hands them to `use_policy_scores`.
+    policy_scores_from_training: the loop hands `use_policy_scores` the log-probs the training
+    forward itself computed (the policy before the update, no forward of their own; entropies
+    None), after the step: for metrics that nothing in the loss depends on. The loss must pass
+    them on with `out.keep_logprobs`. Only with updates_per_batch == 1 and needs_policy_scores False.
     needs_teacher: batches carry a teacher view; the learner keeps a teacher model to score it.
     """
 
     needs_reference: bool = False
     needs_policy_scores: bool = False
+    policy_scores_from_training: bool = False
     wants_entropy: bool = False
     needs_teacher: bool = False
     updates_per_batch: int = 1

@@ -30,10 +30,13 @@ class GRPO(Algorithm):
         self.updates_per_batch = self.cfg.updates_per_batch
         self.max_sampling_rounds = self.cfg.max_sampling_rounds if self.cfg.dynamic_sampling else 1
         self.wants_entropy = self.cfg.entropy_top_fraction is not None
+        # Scores needed BEFORE the loss: old log-probs for mu > 1, the entropy filter, IS weights.
         self.needs_policy_scores = (
-            self.updates_per_batch > 1 or self.wants_entropy or self.cfg.track_mismatch
-            or self.cfg.importance_sampling != "off"
+            self.updates_per_batch > 1 or self.wants_entropy or self.cfg.importance_sampling != "off"
         )
+        # The mismatch statistics alone can wait: at mu = 1 the training forward's own log-probs
+        # are the current policy's, so no extra forward is spent on them.
+        self.policy_scores_from_training = self.cfg.track_mismatch and not self.needs_policy_scores
 
     def loss_temperature(self) -> float:
         return self.rollout_cfg.temperature
@@ -97,6 +100,7 @@ class GRPO(Algorithm):
         c, fields = self.cfg, mb.token_fields
         mask = mb.completion_mask * fields["loss_mask"] if "loss_mask" in fields else mb.completion_mask
         logp = losses.chunked_token_logprobs(out.hidden, out.lm_head_weight, mb.completion_ids, out.temperature, c.chunk_size)
+        out.keep_logprobs(logp)
         # With one update per batch the data is on-policy: old = current (detached), ratio == 1.
         old = fields.get("old_logprobs", logp.detach())
         # A sequence-level ratio enters the same clipped surrogate as old + mean log-ratio at every token.

@@ -43,6 +43,7 @@ class IGPO(GRPO):
         self.filters_hints = self.inpainting and cfg.igpo.hint_entropy_fraction < 1
         self.wants_entropy = self.wants_entropy or self.filters_hints
         self.needs_policy_scores = self.needs_policy_scores or self.filters_hints
+        self.policy_scores_from_training = self.cfg.track_mismatch and not self.needs_policy_scores
         self.tokenizer = None
         self._counts = dict.fromkeys(COUNTS, 0)
 
