@@ -288,7 +288,8 @@ class OPSDConfig(Section):
     scale_logits_by_temperature: bool = Field(
         False,
         description="Divide both logit sets by rollout.temperature before log_softmax, as the released "
-        "code does; the paper's form (default) compares the untempered distributions.",
+        "code does (siyan-zhao/OPSD opsd_trainer.py; opsd_qwen turns it on, since its clip tau 0.05 "
+        "was tuned under this scaling); the paper's text (default) compares the untempered distributions.",
     )
     token_loss: Literal["full", "sampled", "top_k"] = Field(
         "full",
@@ -383,11 +384,13 @@ class TeacherConfig(Section):
         "trained weights on every rank for bf16 models; with LoRA only its adapters move).",
     )
     ema_decay: float = Field(
-        0.99,
+        0.999,
         gt=0,
         lt=1,
         description="For kind=ema: teacher <- decay * teacher + (1 - decay) * policy after each step. "
-        "The paper gives no value; 0.99 averages over about the last 100 steps, the length of its runs.",
+        "0.999: the released EMA run (siyan-zhao/OPSD scripts/run_opsd_ema.sh, --ema_decay 0.999); the "
+        "paper gives no value. Over a 100-step run the teacher then stays within ~10% of the initial "
+        "policy, close to the paper's frozen teacher.",
     )
 
 
@@ -442,9 +445,44 @@ class TrackingConfig(Section):
 
 BENCHMARKS = ("gsm8k", "math500", "amc23", "aime24")
 
+# Named evaluation protocols: what a comparison's every run is evaluated with, whatever its training
+# recipe. A recipe names one (`eval.protocol`); keys it also sets explicitly override the protocol's
+# values (and then the run's recorded protocol differs, which rl.compare reports).
+EVAL_PROTOCOLS: dict[str, dict[str, Any]] = {
+    # The OPSD paper's evaluation of every method (base, SFT, GRPO, OPSD; arXiv 2601.18734 and
+    # siyan-zhao/OPSD eval/evaluate_math.py + eval/run_eval.sh): Qwen3 chat template with thinking on,
+    # "{problem}\n\nPlease reason step by step, ...", T 1.0 (run_eval.sh), top-p 0.95 and top-k 20
+    # (evaluate_math.py's defaults, which run_eval.sh keeps), 38,912 new tokens (the paper; 40,960
+    # context), avg@12 (the paper; run_eval.sh samples 16).
+    "opsd_paper": dict(
+        prompt_format="chat", enable_thinking=True, max_tokens=38912, temperature=1.0, top_p=0.95, top_k=20, k=12,
+        max_prompt_tokens=2048,
+    ),
+    # d1 / IGPO's evaluation (dllm-reasoning/d1 eval/, facebookresearch/igpo): greedy (T 0), one
+    # sample, 256-token answers with the same blocks and steps as training (rollout.diffusion).
+    "d1_paper": dict(prompt_format="chat", max_tokens=256, temperature=0.0, top_p=1.0, top_k=-1, k=1),
+}
+# The settings that make up a protocol: two runs whose values differ were not evaluated alike.
+PROTOCOL_KEYS = (
+    "prompt_format", "prompt_template", "system_prompt", "enable_thinking", "max_tokens", "temperature",
+    "top_p", "top_k", "k", "answer_fallback", "limit",
+)
+
 
 class EvalConfig(Section):
-    """Benchmark evaluation: `python -m rl.evaluate`, and periodic evaluation during training."""
+    """Benchmark evaluation: `python -m rl.evaluate`, and periodic evaluation during training.
+
+    The evaluation protocol (prompt, thinking switch, length, sampling, k) is declared here, never
+    taken from the training recipe's `data` or `rollout` sections: recipes that are compared must be
+    evaluated alike, and their training prompts or rollout lengths differ by design (OPSD's student
+    runs with thinking off and 1024 tokens, GRPO with thinking on and 16k)."""
+
+    protocol: Optional[str] = Field(
+        None,
+        description="A named protocol from rl.config.EVAL_PROTOCOLS (`opsd_paper`: the OPSD paper's "
+        "evaluation of every method, thinking on, 38,912 tokens, T 1.0, avg@12; `d1_paper`: greedy, "
+        "256 tokens) that fills every protocol key the recipe does not set. None: the defaults below.",
+    )
 
     every_steps: int = Field(
         0,
@@ -476,6 +514,28 @@ class EvalConfig(Section):
         description="Evaluate only the first N problems of each benchmark, in file order: a fixed "
         "subset, the same at every evaluation, so points of a curve are comparable. None: all.",
     )
+    prompt_format: Literal["chat", "plain"] = Field(
+        "chat",
+        description="chat: the tokenizer's chat template around `prompt_template`; plain: the problem "
+        "text as-is (synthetic tasks, base models). Independent of data.prompt_format.",
+    )
+    prompt_template: str = Field(
+        "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}.",
+        description="The user message in chat format; `{problem}` is replaced by the problem text. The "
+        "default is the OPSD evaluation's (and Qwen's recommended) math prompt.",
+    )
+    system_prompt: Optional[str] = Field(None, description="Optional system message (chat format).")
+    enable_thinking: Optional[bool] = Field(
+        None,
+        description="The chat template's thinking switch (Qwen3's `enable_thinking`) at evaluation; None "
+        "leaves the template's default (on, for Qwen3). Independent of data.enable_thinking.",
+    )
+    max_prompt_tokens: int = Field(
+        1024,
+        ge=1,
+        description="Longest evaluation prompt accepted: a longer one stops the run before any work, since "
+        "the engines' context is sized from the longest prompt plus max_tokens.",
+    )
     k: int = Field(
         1,
         ge=1,
@@ -491,11 +551,14 @@ class EvalConfig(Section):
     top_p: float = Field(
         0.95, gt=0, le=1, description="Nucleus cut when sampling [0.95, with temperature 0.6]; greedy ignores it."
     )
-    max_tokens: Optional[int] = Field(
-        None,
+    top_k: int = Field(-1, description="Top-k cut when sampling [20 in the OPSD evaluation]; -1 disables it.")
+    max_tokens: int = Field(
+        1024,
         ge=1,
-        description="Maximum completion length. None: rollout.max_tokens. During training it must not "
-        "exceed rollout.max_tokens: the engines' context is sized for rollouts.",
+        description="Maximum completion length. Its own setting, not rollout.max_tokens: evaluating each "
+        "recipe at its training length would make curves of different recipes incomparable. The "
+        "engines' context is sized for the longer of training and evaluation. For the diffusion "
+        "engine this is the answer length, a multiple of rollout.diffusion.block_length.",
     )
     answer_fallback: Literal["none", "last_number", "math_verify"] = Field(
         "last_number",
@@ -512,6 +575,28 @@ class EvalConfig(Section):
         "4 bytes a generated token: turn off for long completions on large sets.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_protocol(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("protocol") is not None:
+            name = data["protocol"]
+            if name not in EVAL_PROTOCOLS:
+                raise ValueError(f"unknown eval.protocol {name!r}; choose from {', '.join(EVAL_PROTOCOLS)} or null")
+            data = {**EVAL_PROTOCOLS[name], **data}
+        return data
+
+    def resolved_temperature(self) -> float:
+        if self.temperature is not None:
+            return self.temperature
+        return 0.0 if self.k == 1 else 0.6
+
+    def protocol_settings(self) -> dict[str, Any]:
+        """What this evaluation's numbers depend on besides the model: recorded with every run and
+        compared by rl.compare (temperature resolved, so None and its value compare equal)."""
+        out = {key: getattr(self, key) for key in PROTOCOL_KEYS}
+        out["temperature"] = self.resolved_temperature()
+        return out
+
     @field_validator("benchmarks")
     @classmethod
     def _known_benchmarks(cls, names: list[str]) -> list[str]:
@@ -525,6 +610,27 @@ class EvalConfig(Section):
         if self.k > 1 and self.temperature == 0:
             raise ValueError(f"eval.k={self.k} samples at temperature 0 would all be identical; set eval.temperature > 0 or eval.k=1")
         return self
+
+
+class SFTConfig(Section):
+    """The supervised baseline, `python -m rl.sft` (TRL's SFTTrainer): the training problems in the
+    student's prompt format (`data`), their reference solutions as targets. Steps, batch (prompts_per_step
+    sequences an optimizer step, micro_batch_size at a time), lr, warm-up, betas, weight decay and grad
+    clip come from `train` and `learner`, LoRA from `model.lora` [OPSD paper's SFT baseline: LoRA 64/128,
+    lr 5e-6, batch 32, 100 steps]."""
+
+    max_length: int = Field(
+        16000,
+        ge=1,
+        description="Sequences (prompt + solution) longer than this are truncated [16000: siyan-zhao/OPSD "
+        "scripts/run_sft.sh --max_length].",
+    )
+    completion_only_loss: bool = Field(
+        True,
+        description="Train only on the solution tokens (TRL's prompt-completion loss): the prompt is the "
+        "same for every method and is not what the baseline should learn. The released sft_train.py "
+        "trains a plain `Problem: ... Solution: ...` text on every token; false trains on the prompt too.",
+    )
 
 
 class CheckpointConfig(Section):
@@ -564,6 +670,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Benchmark evaluation (off during training by default).")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="The supervised baseline (python -m rl.sft).")
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Run-state checkpoints for exact resume (off by default)."
     )

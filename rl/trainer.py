@@ -194,7 +194,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     # Built before the cluster starts, so that evaluation data errors surface in seconds.
     evaluator = None
     if cfg.eval.every_steps or cfg.eval.at_start:
-        evaluator = Evaluator(tokenizer, cfg.data, cfg.eval, fallback_max_tokens=cfg.rollout.max_tokens)
+        evaluator = Evaluator(tokenizer, cfg.eval)
 
     diffusion = None
     if cfg.model.kind == "masked_diffusion":
@@ -209,7 +209,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         seed=cfg.seed,
         engine_cpus=cfg.rollout.engine_cpus,
         dtype=cfg.model.dtype,
-        max_model_len=cfg.data.max_prompt_tokens + max(cfg.rollout.max_tokens, cfg.eval.max_tokens or 0),
+        max_model_len=max(cfg.data.max_prompt_tokens + cfg.rollout.max_tokens, evaluator.context_tokens() if evaluator else 0),
         kv_cache_gb=cfg.rollout.kv_cache_gb,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         trust_remote_code=cfg.model.trust_remote_code,
