@@ -161,13 +161,15 @@ class RolloutConfig(Section):
     gpu_memory_utilization: float = Field(0.4, gt=0, le=1, description="vLLM share of GPU memory on GPU machines.")
     engine_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per engine actor.")
 
-    def diffusion_settings(self) -> dict | None:
-        """The masked-diffusion engine's keyword arguments (make_engine's `diffusion`); None otherwise."""
+    def diffusion_settings(self, prompt_mask_prob: float = 0.0) -> dict | None:
+        """The masked-diffusion engine's keyword arguments (make_engine's `diffusion`); None otherwise.
+        prompt_mask_prob: learner.prompt_mask_prob, so that the engine's estimates mask prompts as the
+        learner's do."""
         if self.engine != "diffusion":
             return None
         d = self.diffusion
         return dict(answer_length=self.max_tokens, block_length=d.block_length, steps=d.steps,
-                    remasking=d.remasking, mask_token_id=d.mask_token_id)
+                    remasking=d.remasking, mask_token_id=d.mask_token_id, prompt_mask_prob=prompt_mask_prob)
 
 
 class GRPOConfig(Section):
@@ -410,7 +412,10 @@ class LearnerConfig(Section):
         ge=0,
         lt=1,
         description="Masked-diffusion models: mask each prompt token with this probability in the "
-        "one-step estimator's forward (d1's 0.15, a regulariser for mu > 1; IGPO drops it: 0).",
+        "one-step estimator's forward (d1's 0.15, a regulariser for mu > 1; IGPO's paper drops it: 0). "
+        "Applied alike wherever the estimator runs (learner, the diffusion engine's reported log-probs "
+        "and `score`), with a fresh mask for each inner update as d1 draws (rl.prompt_masks): the "
+        "old-policy and reference log-probs of update j are scored under update j's mask before the step.",
     )
     teacher: TeacherConfig = Field(
         default_factory=TeacherConfig, description="Which model scores a batch's teacher view (OPSD)."

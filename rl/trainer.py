@@ -16,6 +16,7 @@ from rl.batch import SequenceBatch
 from rl.config import PROJECT_ROOT, RunConfig
 from rl.data import PromptStream, build_prompt, load_rows
 from rl.evaluate import Evaluator, eval_due
+from rl.prompt_masks import prompt_mask_schedule
 from rl.models import resolve_model_path
 from rl.tracking import Tracker
 from rewards.scoring import RewardScorer, log_failures
@@ -213,7 +214,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         kv_cache_gb=cfg.rollout.kv_cache_gb,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         trust_remote_code=cfg.model.trust_remote_code,
-        diffusion=cfg.rollout.diffusion_settings(),
+        diffusion=cfg.rollout.diffusion_settings(cfg.learner.prompt_mask_prob),
     )
     learners = LearnerGroup(
         model_path,
@@ -247,8 +248,13 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             if algorithm.needs_policy_scores:
                 scores = learners.compute_logprobs(batch, temperature, with_entropy=algorithm.wants_entropy)
                 algo_metrics.update(algorithm.use_policy_scores(batch, *scores))
-            for _ in range(algorithm.updates_per_batch):
+            masks = prompt_mask_schedule(batch, learners, temperature, algorithm.updates_per_batch, cfg.learner.prompt_mask_prob)
+            for update in range(algorithm.updates_per_batch):
+                if masks is not None:
+                    masks.use(update)  # d1: a fresh prompt mask per inner update
                 train_metrics = learners.train_step(batch, algorithm.loss, temperature)
+            if masks is not None:
+                masks.use(0)  # the mask the engines score with, for the weight-sync check
             t3 = time.time()
 
             pool.update_weights(learners.full_state_dict())
