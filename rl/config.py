@@ -95,6 +95,23 @@ class DataConfig(Section):
         "`solution`; None: a `solution` column, or GSM8K's text before `#### N`. MetaMathQA: `response`, "
         "whose closing 'The answer is: N' also gives the gold answer.",
     )
+    type_filter: Optional[list[str]] = Field(
+        None,
+        description="Keep only rows whose `type` column is one of these, before anything else. IGPO's "
+        "release keeps MetaMathQA's [GSM_AnsAug, MATH_AnsAug] (the answer augmentations; not the "
+        "rephrased, SV and FOBAR rows). None keeps every row.",
+    )
+    dedupe_by: Optional[str] = Field(
+        None,
+        description="Keep only the first row (in file order, before shuffling) of each value of this "
+        "column: IGPO's release deduplicates MetaMathQA by `query`. None keeps duplicates.",
+    )
+    strip_calculator_annotations: bool = Field(
+        True,
+        description="Remove GSM8K's calculator annotations (`<<48/2=24>>`) from reference solutions, which "
+        "are OPSD's teacher context, IGPO's hints and SFT targets: they are tool-call markup, not "
+        "reasoning a model should read or write (`48/2 = <<48/2=24>>24` becomes `48/2 = 24`).",
+    )
     max_rows: Optional[int] = Field(None, ge=1, description="Use only the first N rows (after shuffling).")
     shuffle: bool = Field(True, description="Shuffle rows once with the run seed; epochs reshuffle.")
     prompt_format: Literal["chat", "plain"] = Field(
@@ -106,6 +123,11 @@ class DataConfig(Section):
         "Please reason step by step, and put your final answer within \\boxed{}.",
         description="Appended to each problem in chat format; the boxed-answer instruction is "
         "the one the math rewards and evaluations of Qwen-family models expect.",
+    )
+    prompt_template: str = Field(
+        "{problem}\n{instruction}",
+        description="The user message in chat format: `{problem}` and `{instruction}` are replaced. IGPO's "
+        "release puts its format instruction first: `{instruction}\\n\\n{problem}`.",
     )
     system_prompt: Optional[str] = Field(None, description="Optional system message (chat format).")
     max_prompt_tokens: int = Field(512, ge=1, description="Longer prompts are skipped with a count in the log.")
@@ -260,8 +282,15 @@ class IGPOConfig(Section):
     )
     released_variant: bool = Field(
         False,
-        description="The released code's hints instead: the last chunk always revealed and chunk spacing "
-        "stretched by up to 1.5x.",
+        description="The released code's hints instead: the last chunk always revealed, chunk spacing "
+        "stretched by up to 1.5x, and the reveal count rounded up (it masks floor((1-eta)N) chunks; the "
+        "paper reveals floor(eta N)).",
+    )
+    hint_prefix: str = Field(
+        "",
+        description="Text put before the reference reasoning that hints are cut from. IGPO's release uses "
+        "`<reasoning>\\n` (its traces are '<reasoning>\\n' + the MetaMathQA response), so that hints follow "
+        "its `<reasoning>...<answer>` format prompt from the first answer position.",
     )
     hint_entropy_fraction: float = Field(
         0.2,
