@@ -176,8 +176,18 @@ class RolloutConfig(Section):
     )
     num_engines: int = Field(1, ge=1, description="Ray actors each holding one engine; prompts are spread across them.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; the learner divides logits by it too.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(-1, description="-1 disables top-k.")
+    top_p: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Nucleus cut when sampling rollouts. The engine's reported log-probs are then those "
+        "of the truncated, renormalised distribution while the learner's are of the full one, so the "
+        "mismatch metrics and grpo.importance_sampling weights are biased (weights below 1, about the "
+        "kept mass); OPSD, which uses no importance weight, is not affected.",
+    )
+    top_k: int = Field(
+        -1, description="-1 disables top-k. Like top_p, a cut biases the engine-vs-learner log-prob comparison."
+    )
     max_tokens: int = Field(256, ge=1, description="Maximum completion length; longer ones end with finish_reason=length.")
     kv_cache_gb: float = Field(1.0, gt=0, description="vLLM CPU KV cache size (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(0.4, gt=0, le=1, description="vLLM share of GPU memory on GPU machines.")
@@ -250,7 +260,13 @@ class GRPOConfig(Section):
         "off",
         description="Truncated importance-sampling correction of the training-inference mismatch: "
         "weight the policy-gradient term by min(pi_learner_old / pi_engine, cap), per token or per "
-        "sequence (as in verl/Fengyao's TIS). Needs a learner forward before the update.",
+        "sequence (as in verl/Fengyao's TIS). Needs a learner forward before the update. With "
+        "rollout.top_p < 1 or rollout.top_k > 0 the weights are biased below 1 and cannot be fixed "
+        "by a weight: the engine samples from (and reports log-probs of) the truncated, renormalised "
+        "distribution q, the learner scores the full one pi, so pi/q on every sampled token is at "
+        "most the kept mass (E_q[pi/q] = the nucleus mass < 1), and tokens outside the nucleus are "
+        "never sampled. The correction then shrinks the gradient by about the nucleus mass instead "
+        "of removing the engine-learner mismatch; use it with top_p=1, top_k=-1.",
     )
     importance_cap: float = Field(2.0, gt=0, description="C of the truncated importance weight [about 2].")
     track_mismatch: bool = Field(
