@@ -88,3 +88,10 @@ def test_sft_trains_a_tiny_model_offline_and_lowers_its_loss(tiny_model, data_fi
 def test_batch_must_be_a_multiple_of_the_micro_batch(tiny_model, data_file, tmp_path, capsys):
     assert main(_overrides(tiny_model, data_file, tmp_path) + ["learner.micro_batch_size=3"]) == 2
     assert "multiple of learner.micro_batch_size" in capsys.readouterr().err
+
+
+def test_the_rl_launcher_points_sft_recipes_to_rl_sft():
+    from rl.algorithms import build_algorithm
+
+    with pytest.raises(KeyError, match="python -m rl.sft recipe=sft_qwen"):
+        build_algorithm(load_config("sft_qwen"))
