@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from rl.config import ConfigError, DataConfig, EvalConfig, RunConfig, load_config
+from rl.config import EVAL_PROTOCOLS, ConfigError, DataConfig, EvalConfig, RunConfig, load_config
 from rl.data import DataError, chat_prompt_ids, load_rows
 from rewards.math import ANSWER_FALLBACKS
 from rewards.scoring import RewardScorer
@@ -303,6 +303,11 @@ def parse_args(argv: list[str]) -> dict[str, str]:
 
 def _overrides(args: dict[str, str]) -> list[str]:
     out = []
+    if args.get("protocol") in EVAL_PROTOCOLS:
+        # A protocol named here replaces the one the run's config.yaml spells out key by key; keys
+        # also given here still win.
+        preset = EVAL_PROTOCOLS[args["protocol"]]
+        out += [f"eval.{k}={json.dumps(v)}" for k, v in preset.items() if k not in args]
     for key, value in args.items():
         if key in CLI_KEYS:
             continue

@@ -198,6 +198,9 @@ def test_a_run_directory_brings_its_final_model_and_prompt_format(tmp_path):
     cfg, model, out = resolve_run({"model": str(run), "k": "4", "benchmarks": "gsm8k,aime24"})
     assert model == str(run / "final") and out == run / "eval" / "final"
     assert (cfg.eval.prompt_format, cfg.eval.max_tokens, cfg.seed, cfg.eval.k, cfg.eval.benchmarks) == ("plain", 77, 3, 4, ["gsm8k", "aime24"])
+    # A protocol named on the command line replaces the run's, key by key; keys given win.
+    cfg, _, _ = resolve_run({"model": str(run), "protocol": "opsd_paper", "k": "4"})
+    assert (cfg.eval.max_tokens, cfg.eval.enable_thinking, cfg.eval.prompt_format, cfg.eval.k) == (38912, True, "chat", 4)
     # A recipe, when named, decides the protocol instead.
     cfg, _, _ = resolve_run({"model": str(run), "recipe": "grpo_smollm2", "out": str(tmp_path / "o")})
     assert cfg.eval.prompt_format == load_config("grpo_smollm2").eval.prompt_format == "chat"
