@@ -737,6 +737,19 @@ class RunConfig(Section):
             raise ValueError("the masked-diffusion sampler has no top-p/top-k cut: set rollout.top_p=1 and rollout.top_k=-1")
         return self
 
+    @model_validator(mode="after")
+    def _eval_fits_diffusion_sampler(self) -> "RunConfig":
+        # Checked here, not after the first training steps when the first evaluation runs.
+        if self.rollout.engine == "diffusion" and (self.eval.every_steps or self.eval.at_start):
+            from rollouts.diffusion import check_schedule
+
+            d, length = self.rollout.diffusion, self.eval.max_tokens
+            try:
+                check_schedule(length, d.block_length, d.steps if d.steps is not None else length // 2)
+            except ValueError as e:
+                raise ValueError(f"eval.max_tokens={length} does not fit the diffusion sampler: {e}") from None
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

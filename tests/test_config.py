@@ -117,3 +117,9 @@ def test_opsd_qwen_uses_the_released_temperature_scaling_and_ema_decay_default()
     cfg = load_config("opsd_qwen")
     assert cfg.opsd.scale_logits_by_temperature is True and cfg.rollout.temperature == 1.1
     assert cfg.learner.teacher.ema_decay == 0.999  # run_opsd_ema.sh --ema_decay 0.999
+
+
+def test_an_eval_length_the_diffusion_sampler_cannot_run_stops_the_launch():
+    with pytest.raises(ConfigError, match="eval.max_tokens=20 does not fit the diffusion sampler"):
+        load_config("igpo_tiny", ["eval.every_steps=5", "eval.max_tokens=20"])
+    assert load_config("igpo_tiny", ["eval.every_steps=5"]).eval.max_tokens == 24
