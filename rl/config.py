@@ -508,9 +508,18 @@ EVAL_PROTOCOLS: dict[str, dict[str, Any]] = {
         prompt_format="chat", enable_thinking=True, max_tokens=38912, temperature=1.0, top_p=0.95, top_k=20, k=12,
         max_prompt_tokens=2048,
     ),
-    # d1 / IGPO's evaluation (dllm-reasoning/d1 eval/, facebookresearch/igpo): greedy (T 0), one
-    # sample, 256-token answers with the same blocks and steps as training (rollout.diffusion).
-    "d1_paper": dict(prompt_format="chat", max_tokens=256, temperature=0.0, top_p=1.0, top_k=-1, k=1),
+    # d1's evaluation, which IGPO reports with (dllm-reasoning/d1 eval/eval.py, eval/gsm8k.py): its
+    # format prompt + "\n\n" + question as the user message, greedy (T 0), one sample, 256-token
+    # answers in the training blocks and steps (rollout.diffusion). (d1's MATH500 prompt differs
+    # only in whitespace; one template serves every benchmark here.)
+    "d1_paper": dict(
+        prompt_format="chat", max_tokens=256, temperature=0.0, top_p=1.0, top_k=-1, k=1,
+        prompt_template=(
+            "You are a math expert. You will be given a question to solve. Solve it step by step. Wrap the "
+            "final answer in a \\boxed{}. \nRespond in the following format:\n<reasoning>\nYour reasoning "
+            "here\n</reasoning>\n<answer>\n\\boxed{...}\n</answer>\n\n{problem}"
+        ),
+    ),
 }
 # The settings that make up a protocol: two runs whose values differ were not evaluated alike.
 PROTOCOL_KEYS = (

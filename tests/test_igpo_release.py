@@ -120,3 +120,12 @@ def test_stripped_solutions_reach_the_opsd_teacher_context():
     row = normalize_row(dict(GSM8K_ROW), 0)
     context = build_teacher_prompt(row, DataConfig(prompt_format="plain"), TextTokenizer(), "Understand it.", None)
     assert "<<" not in context and "48/2 = 24 clips" in context
+
+
+def test_the_llada_recipes_share_d1s_evaluation_protocol():
+    igpo, baseline = (load_config(n).eval.protocol_settings() for n in ("igpo_llada", "diffu_grpo_llada"))
+    assert igpo == baseline
+    assert (igpo["temperature"], igpo["k"], igpo["max_tokens"]) == (0.0, 1, 256)
+    # d1 eval/gsm8k.py: user message = its format prompt + "\n\n" + question.
+    assert igpo["prompt_template"].startswith("You are a math expert.")
+    assert igpo["prompt_template"].endswith("<answer>\n\\boxed{...}\n</answer>\n\n{problem}")
