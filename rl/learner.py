@@ -201,9 +201,6 @@ class DiffusionForward:
     trust_remote_code: bool = False
 
 
-MASK_SEED_FIELD = "mask_seed"  # seq_fields key: which prompt mask (d1) the estimator draws for a row
-
-
 def masked_answer_input(mb: MicroBatch, settings: DiffusionForward, pad_id: int):
     """(ids, attention, completion positions [B, T]) of the one-step estimator's forward on `mb`.
 
@@ -213,7 +210,7 @@ def masked_answer_input(mb: MicroBatch, settings: DiffusionForward, pad_id: int)
     the same as the first update, and each inner update a fresh one (the trainer sets mask_seed to
     the update's index, as d1 does).
     """
-    from rollouts.diffusion import answer_layout, mask_prompts
+    from rollouts.diffusion import MASK_SEED_FIELD, answer_layout, mask_prompts
 
     width = mb.completion_ids.shape[1]
     if width > settings.answer_length:

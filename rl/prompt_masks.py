@@ -14,7 +14,7 @@ module computes those of updates 1..mu-1 up front and swaps them in for each upd
 from __future__ import annotations
 
 from rl.batch import SequenceBatch
-from rl.learner import MASK_SEED_FIELD
+from rollouts.diffusion import MASK_SEED_FIELD
 
 # Token fields that are log-probs of the pre-update models, hence depend on the prompt mask.
 MASK_DEPENDENT_FIELDS = ("old_logprobs", "ref_logprobs")
@@ -48,8 +48,10 @@ class PromptMaskSchedule:
         self.batch.token_fields.update(self.per_update[update])
 
 
-def prompt_mask_schedule(batch: SequenceBatch, learners, temperature: float, updates: int, prompt_mask_prob: float):
-    """A PromptMaskSchedule when prompts are masked and there is more than one inner update, else None."""
-    if prompt_mask_prob <= 0 or updates <= 1:
+def prompt_mask_schedule(batch: SequenceBatch, learners, temperature: float, updates: int, diffusion):
+    """A PromptMaskSchedule when a masked-diffusion model (`diffusion`: the learner's
+    DiffusionForward, None for causal models) masks prompts and there is more than one inner
+    update, else None."""
+    if diffusion is None or diffusion.prompt_mask_prob <= 0 or updates <= 1:
         return None
     return PromptMaskSchedule(batch, learners, temperature, updates)

@@ -248,7 +248,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             if algorithm.needs_policy_scores:
                 scores = learners.compute_logprobs(batch, temperature, with_entropy=algorithm.wants_entropy)
                 algo_metrics.update(algorithm.use_policy_scores(batch, *scores))
-            masks = prompt_mask_schedule(batch, learners, temperature, algorithm.updates_per_batch, cfg.learner.prompt_mask_prob)
+            masks = prompt_mask_schedule(batch, learners, temperature, algorithm.updates_per_batch, diffusion)
             for update in range(algorithm.updates_per_batch):
                 if masks is not None:
                     masks.use(update)  # d1: a fresh prompt mask per inner update

@@ -147,6 +147,10 @@ def one_step_logprobs(
     return torch.log_softmax(picked, -1).gather(-1, answer_ids[..., None]).squeeze(-1)
 
 
+# The training batch's per-sequence field (SequenceBatch.seq_fields) holding a row's mask_seed.
+MASK_SEED_FIELD = "mask_seed"
+
+
 def prompt_mask(prompt: list[int], completion: list[int], mask_seed: int, prob: float) -> torch.Tensor:
     """d1's random prompt masking for the one-step estimator: [len(prompt)] bool, True where a prompt
     token is replaced by the mask token.

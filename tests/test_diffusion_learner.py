@@ -174,18 +174,18 @@ def test_with_prompt_masking_engine_and_learner_estimates_agree(model_dir, mask_
 
 
 def test_two_inner_updates_use_different_prompt_masks(model_dir, mask_id):
-    from rl.learner import MASK_SEED_FIELD
     from rl.prompt_masks import prompt_mask_schedule
-    from rollouts.diffusion import prompt_mask
+    from rollouts.diffusion import MASK_SEED_FIELD, prompt_mask
 
     prompt, completion = list(range(7, 27)), [30, 31, 32]
     assert not torch.equal(prompt_mask(prompt, completion, 0, 0.5), prompt_mask(prompt, completion, 1, 0.5))
+    settings = DiffusionForward(ANSWER_LEN, mask_id, prompt_mask_prob=0.5)
     worker = LearnerWorker(str(model_dir), config(micro_batch_size=2), "float32", 0, 1, "127.0.0.1", free_port(), 0, 10,
-                           diffusion=DiffusionForward(ANSWER_LEN, mask_id, prompt_mask_prob=0.5))
+                           diffusion=settings)
     batch = SequenceBatch([prompt + completion, prompt[:12] + completion], [20, 12])
     old = worker.compute_logprobs(batch)[0]
     batch.token_fields["old_logprobs"] = old
-    masks = prompt_mask_schedule(batch, worker, 1.0, updates=2, prompt_mask_prob=0.5)
+    masks = prompt_mask_schedule(batch, worker, 1.0, updates=2, diffusion=settings)
     first, second = masks.per_update[0]["old_logprobs"], masks.per_update[1]["old_logprobs"]
     assert first == old and second != first  # a fresh mask, scored before any update
     masks.use(1)
@@ -193,7 +193,8 @@ def test_two_inner_updates_use_different_prompt_masks(model_dir, mask_id):
     assert worker.compute_logprobs(batch)[0] == second  # the update's forward sees that same mask
     masks.use(0)
     assert worker.compute_logprobs(batch)[0] == first
-    assert prompt_mask_schedule(batch, worker, 1.0, updates=1, prompt_mask_prob=0.5) is None
+    assert prompt_mask_schedule(batch, worker, 1.0, updates=1, diffusion=settings) is None
+    assert prompt_mask_schedule(batch, worker, 1.0, updates=2, diffusion=None) is None  # causal models
 
 
 def test_engine_estimates_match_and_follow_weight_pushes(model_dir, mask_id, reference):
