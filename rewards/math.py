@@ -50,6 +50,21 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def first_boxed(text: str) -> str | None:
+    """Content of the FIRST \\boxed{...}, braces balanced, stripped; None if there is none or it never
+    closes. IGPO's released reward reads this one (facebookresearch/igpo utils/reward_func.py
+    `extract_boxed_answer`), where the other rewards here read the last."""
+    start = text.find("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None
+
+
 def final_answer(completion: str, fallback: str = "last_number") -> str | None:
     """The completion's final answer: the last \\boxed{}, else a GSM8K `#### N` line, else `fallback`.
 
@@ -129,6 +144,29 @@ def math_verify_reward(completion: str, answer: str, *, answer_fallback: str = "
     """
     predicted = final_answer(completion, answer_fallback)
     return 1.0 if predicted is not None and answers_match(predicted, str(answer)) else 0.0
+
+
+@register_reward("first_boxed_correct")
+def first_boxed_correct_reward(completion: str, answer: str, **row) -> float:
+    """IGPO's released correctness: 1.0 if the FIRST \\boxed{} content equals the gold `answer`
+    (math-verify equivalence), else 0.0; no box, no credit (facebookresearch/igpo reward_func.py
+    `correctness_reward_func`, weight 3.0 there). The release compares with its own parser
+    (`manual_math_verify`); math-verify is this project's one checker."""
+    predicted = first_boxed(completion)
+    return 1.0 if predicted and answers_match(predicted, str(answer)) else 0.0
+
+
+# IGPO's released format reward (utils/reward_func.py `count_xml`): each of these present exactly once.
+_XML_TAGS = ("<reasoning>\n", "</reasoning>", "<answer>\n", "</answer>")
+
+
+@register_reward("xmlcount")
+def xmlcount_reward(completion: str, **row) -> float:
+    """IGPO's (and d1's) xmlcount format reward, at the release's scale: 0.125 for each of
+    `<reasoning>\\n`, `</reasoning>`, `<answer>\\n`, `</answer>` that occurs exactly once, plus 0.25
+    if a `\\boxed{` occurs anywhere; at most 0.75. Use it with weight 1.0 to match the release."""
+    score = sum(0.125 for tag in _XML_TAGS if completion.count(tag) == 1)
+    return score + (0.25 if "\\boxed{" in completion else 0.0)
 
 
 @register_reward("boxed_format")

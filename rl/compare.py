@@ -16,6 +16,12 @@ method whose best is lowest, so every method reaches it. Wall time is the run's 
 time spent evaluating (`eval/time_s`). Written to --out (default: the current directory):
 comparison.md, comparison.json, accuracy_vs_tokens.png, accuracy_vs_step.png,
 accuracy_vs_wall_time.png.
+
+Runs must have been evaluated under one protocol (the `eval` section's prompt format, template,
+thinking switch, max_tokens, temperature, top-p/top-k, k, answer fallback and subset, as recorded in
+each run's config.yaml): curves evaluated differently are not comparable, so mixed protocols stop
+the comparison with the differing settings listed. --allow-mixed-protocols compares them anyway,
+with the differences printed as a warning at the top of comparison.md and in comparison.json.
 """
 from __future__ import annotations
 
@@ -46,6 +52,30 @@ class Run:
     seed: int
     x: dict[str, np.ndarray]  # axis name -> position of each evaluation point
     y: np.ndarray  # the metric at each evaluation point
+    protocol: dict | None = None  # the evaluation protocol (EvalConfig.protocol_settings); None: unrecorded
+
+
+def run_protocol(config: dict) -> dict | None:
+    """The evaluation protocol a run's config.yaml records; None when it predates protocols."""
+    from pydantic import ValidationError
+
+    from rl.config import EvalConfig
+
+    try:
+        return EvalConfig.model_validate(config.get("eval") or {}).protocol_settings()
+    except ValidationError:
+        return None
+
+
+def protocol_differences(runs: list[Run]) -> list[str]:
+    """One line per protocol setting on which the runs disagree (empty when they all agree)."""
+    if all(r.protocol == runs[0].protocol for r in runs):
+        return []
+    if any(r.protocol is None for r in runs):
+        unrecorded = [str(r.path) for r in runs if r.protocol is None]
+        return [f"no evaluation protocol recorded (an old config.yaml) for {', '.join(unrecorded)}"]
+    keys = [k for k in runs[0].protocol if len({json.dumps(r.protocol.get(k)) for r in runs}) > 1]
+    return [f"{k}: " + ", ".join(f"{r.label} ({r.path.name}) {r.protocol.get(k)!r}" for r in runs) for k in keys]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -96,6 +126,7 @@ def load_run(run_dir: str | Path, metric: str, label: str | None = None) -> Run:
         config.get("seed", 0),
         {axis: np.asarray(points[axis], dtype=float) for axis in AXES},
         np.asarray(points["value"], dtype=float),
+        run_protocol(config),
     )
 
 
@@ -158,8 +189,19 @@ def _ratio(value: float | None, best: float | None) -> float | None:
     return value / best if best > 0 else (1.0 if value == 0 else float("inf"))
 
 
-def compare(runs: list[Run], metric: str, target: float | None = None) -> dict:
-    """Everything comparison.json holds: curves, target, per-method distances to it, ratios."""
+def compare(runs: list[Run], metric: str, target: float | None = None, allow_mixed_protocols: bool = False) -> dict:
+    """Everything comparison.json holds: curves, target, per-method distances to it, ratios.
+
+    Runs evaluated under different protocols raise CompareError, unless allow_mixed_protocols,
+    when the differences are returned as `protocol_warning`."""
+    differences = protocol_differences(runs)
+    if differences and not allow_mixed_protocols:
+        raise CompareError(
+            "The runs were evaluated under different protocols, so their curves are not comparable: "
+            + "; ".join(differences) + ". Evaluate them alike (the same eval.* settings, e.g. "
+            "eval.protocol=opsd_paper; rl.evaluate can re-evaluate a run's checkpoints), or pass "
+            "--allow-mixed-protocols to compare them anyway with this warning in the report."
+        )
     groups = group_runs(runs)
     curves = {label: seed_mean(rs) for label, rs in groups.items()}
     bests = {label: max(c["mean"]) for label, c in curves.items()}
@@ -189,7 +231,9 @@ def compare(runs: list[Run], metric: str, target: float | None = None) -> dict:
             "ratios say nothing. Pass --target above the starting accuracy."
         )
     return {"metric": metric, "target": target, "target_rule": target_rule, "best_method": best_method,
-            "warning": warning, "methods": methods}
+            "warning": warning, "protocol": runs[0].protocol if not differences else None,
+            "protocol_warning": ("MIXED EVALUATION PROTOCOLS: " + "; ".join(differences)) if differences else None,
+            "methods": methods}
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -205,6 +249,7 @@ def markdown(result: dict) -> str:
         "evaluations; whole curves, no checkpoint picking. Ratio: tokens to target over those of the "
         f"method that needed fewest ({result['best_method']}).",
         *(["", f"**Warning:** {result['warning']}"] if result["warning"] else []),
+        *(["", f"**WARNING, not comparable as evaluated:** {result['protocol_warning']}"] if result.get("protocol_warning") else []),
         "",
         "| method | seeds | best | final | rollout tokens to target | ratio | steps to target | wall time to target (s) | tokens to target per seed |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -258,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, help="target accuracy (default: the lowest of the methods' best accuracies)")
     parser.add_argument("--labels", help="comma-separated method name per run, in order (default: each run's algorithm)")
     parser.add_argument("--out", default=".", help="output directory")
+    parser.add_argument("--allow-mixed-protocols", action="store_true",
+                        help="compare runs evaluated under different eval protocols, flagged in the report")
     args = parser.parse_args(argv)
     try:
         run_dirs = [Path(r) for r in args.runs]
@@ -265,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(labels) != len(run_dirs):
             raise CompareError(f"--labels has {len(labels)} names for {len(run_dirs)} runs.")
         metric = args.metric or default_metric(run_dirs)
-        result = compare([load_run(d, metric, label) for d, label in zip(run_dirs, labels)], metric, args.target)
+        runs = [load_run(d, metric, label) for d, label in zip(run_dirs, labels)]
+        result = compare(runs, metric, args.target, args.allow_mixed_protocols)
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -277,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(result))
     if result["warning"]:
         print(f"warning: {result['warning']}", file=sys.stderr)
+    if result["protocol_warning"]:
+        print(f"WARNING: {result['protocol_warning']}", file=sys.stderr)
     print(f"wrote {out / 'comparison.md'}, {out / 'comparison.json'}, {', '.join(p.name for p in pngs)}", file=sys.stderr)
     return 0
 

@@ -95,6 +95,23 @@ class DataConfig(Section):
         "`solution`; None: a `solution` column, or GSM8K's text before `#### N`. MetaMathQA: `response`, "
         "whose closing 'The answer is: N' also gives the gold answer.",
     )
+    type_filter: Optional[list[str]] = Field(
+        None,
+        description="Keep only rows whose `type` column is one of these, before anything else. IGPO's "
+        "release keeps MetaMathQA's [GSM_AnsAug, MATH_AnsAug] (the answer augmentations; not the "
+        "rephrased, SV and FOBAR rows). None keeps every row.",
+    )
+    dedupe_by: Optional[str] = Field(
+        None,
+        description="Keep only the first row (in file order, before shuffling) of each value of this "
+        "column: IGPO's release deduplicates MetaMathQA by `query`. None keeps duplicates.",
+    )
+    strip_calculator_annotations: bool = Field(
+        True,
+        description="Remove GSM8K's calculator annotations (`<<48/2=24>>`) from reference solutions, which "
+        "are OPSD's teacher context, IGPO's hints and SFT targets: they are tool-call markup, not "
+        "reasoning a model should read or write (`48/2 = <<48/2=24>>24` becomes `48/2 = 24`).",
+    )
     max_rows: Optional[int] = Field(None, ge=1, description="Use only the first N rows (after shuffling).")
     shuffle: bool = Field(True, description="Shuffle rows once with the run seed; epochs reshuffle.")
     prompt_format: Literal["chat", "plain"] = Field(
@@ -106,6 +123,11 @@ class DataConfig(Section):
         "Please reason step by step, and put your final answer within \\boxed{}.",
         description="Appended to each problem in chat format; the boxed-answer instruction is "
         "the one the math rewards and evaluations of Qwen-family models expect.",
+    )
+    prompt_template: str = Field(
+        "{problem}\n{instruction}",
+        description="The user message in chat format: `{problem}` and `{instruction}` are replaced. IGPO's "
+        "release puts its format instruction first: `{instruction}\\n\\n{problem}`.",
     )
     system_prompt: Optional[str] = Field(None, description="Optional system message (chat format).")
     max_prompt_tokens: int = Field(512, ge=1, description="Longer prompts are skipped with a count in the log.")
@@ -154,8 +176,18 @@ class RolloutConfig(Section):
     )
     num_engines: int = Field(1, ge=1, description="Ray actors each holding one engine; prompts are spread across them.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; the learner divides logits by it too.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(-1, description="-1 disables top-k.")
+    top_p: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Nucleus cut when sampling rollouts. The engine's reported log-probs are then those "
+        "of the truncated, renormalised distribution while the learner's are of the full one, so the "
+        "mismatch metrics and grpo.importance_sampling weights are biased (weights below 1, about the "
+        "kept mass); OPSD, which uses no importance weight, is not affected.",
+    )
+    top_k: int = Field(
+        -1, description="-1 disables top-k. Like top_p, a cut biases the engine-vs-learner log-prob comparison."
+    )
     max_tokens: int = Field(256, ge=1, description="Maximum completion length; longer ones end with finish_reason=length.")
     kv_cache_gb: float = Field(1.0, gt=0, description="vLLM CPU KV cache size (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: Optional[float] = Field(
@@ -169,13 +201,15 @@ class RolloutConfig(Section):
     )
     engine_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per engine actor (threads follow the node's cores, see ray.placement).")
 
-    def diffusion_settings(self) -> dict | None:
-        """The masked-diffusion engine's keyword arguments (make_engine's `diffusion`); None otherwise."""
+    def diffusion_settings(self, prompt_mask_prob: float = 0.0) -> dict | None:
+        """The masked-diffusion engine's keyword arguments (make_engine's `diffusion`); None otherwise.
+        prompt_mask_prob: learner.prompt_mask_prob, so that the engine's estimates mask prompts as the
+        learner's do."""
         if self.engine != "diffusion":
             return None
         d = self.diffusion
         return dict(answer_length=self.max_tokens, block_length=d.block_length, steps=d.steps,
-                    remasking=d.remasking, mask_token_id=d.mask_token_id)
+                    remasking=d.remasking, mask_token_id=d.mask_token_id, prompt_mask_prob=prompt_mask_prob)
 
 
 class GRPOConfig(Section):
@@ -234,7 +268,13 @@ class GRPOConfig(Section):
         "off",
         description="Truncated importance-sampling correction of the training-inference mismatch: "
         "weight the policy-gradient term by min(pi_learner_old / pi_engine, cap), per token or per "
-        "sequence (as in verl/Fengyao's TIS). Needs a learner forward before the update.",
+        "sequence (as in verl/Fengyao's TIS). Needs a learner forward before the update. With "
+        "rollout.top_p < 1 or rollout.top_k > 0 the weights are biased below 1 and cannot be fixed "
+        "by a weight: the engine samples from (and reports log-probs of) the truncated, renormalised "
+        "distribution q, the learner scores the full one pi, so pi/q on every sampled token is at "
+        "most the kept mass (E_q[pi/q] = the nucleus mass < 1), and tokens outside the nucleus are "
+        "never sampled. The correction then shrinks the gradient by about the nucleus mass instead "
+        "of removing the engine-learner mismatch; use it with top_p=1, top_k=-1.",
     )
     importance_cap: float = Field(2.0, gt=0, description="C of the truncated importance weight [about 2].")
     track_mismatch: bool = Field(
@@ -267,8 +307,15 @@ class IGPOConfig(Section):
     )
     released_variant: bool = Field(
         False,
-        description="The released code's hints instead: the last chunk always revealed and chunk spacing "
-        "stretched by up to 1.5x.",
+        description="The released code's hints instead: the last chunk always revealed, chunk spacing "
+        "stretched by up to 1.5x, and the reveal count rounded up (it masks floor((1-eta)N) chunks; the "
+        "paper reveals floor(eta N)).",
+    )
+    hint_prefix: str = Field(
+        "",
+        description="Text put before the reference reasoning that hints are cut from. IGPO's release uses "
+        "`<reasoning>\\n` (its traces are '<reasoning>\\n' + the MetaMathQA response), so that hints follow "
+        "its `<reasoning>...<answer>` format prompt from the first answer position.",
     )
     hint_entropy_fraction: float = Field(
         0.2,
@@ -297,7 +344,8 @@ class OPSDConfig(Section):
     scale_logits_by_temperature: bool = Field(
         False,
         description="Divide both logit sets by rollout.temperature before log_softmax, as the released "
-        "code does; the paper's form (default) compares the untempered distributions.",
+        "code does (siyan-zhao/OPSD opsd_trainer.py; opsd_qwen turns it on, since its clip tau 0.05 "
+        "was tuned under this scaling); the paper's text (default) compares the untempered distributions.",
     )
     token_loss: Literal["full", "sampled", "top_k"] = Field(
         "full",
@@ -392,11 +440,13 @@ class TeacherConfig(Section):
         "trained weights on every rank for bf16 models; with LoRA only its adapters move).",
     )
     ema_decay: float = Field(
-        0.99,
+        0.999,
         gt=0,
         lt=1,
         description="For kind=ema: teacher <- decay * teacher + (1 - decay) * policy after each step. "
-        "The paper gives no value; 0.99 averages over about the last 100 steps, the length of its runs.",
+        "0.999: the released EMA run (siyan-zhao/OPSD scripts/run_opsd_ema.sh, --ema_decay 0.999); the "
+        "paper gives no value. Over a 100-step run the teacher then stays within ~10% of the initial "
+        "policy, close to the paper's frozen teacher.",
     )
 
 
@@ -437,7 +487,10 @@ class LearnerConfig(Section):
         ge=0,
         lt=1,
         description="Masked-diffusion models: mask each prompt token with this probability in the "
-        "one-step estimator's forward (d1's 0.15, a regulariser for mu > 1; IGPO drops it: 0).",
+        "one-step estimator's forward (d1's 0.15, a regulariser for mu > 1; IGPO's paper drops it: 0). "
+        "Applied alike wherever the estimator runs (learner, the diffusion engine's reported log-probs "
+        "and `score`), with a fresh mask for each inner update as d1 draws (rl.prompt_masks): the "
+        "old-policy and reference log-probs of update j are scored under update j's mask before the step.",
     )
     teacher: TeacherConfig = Field(
         default_factory=TeacherConfig, description="Which model scores a batch's teacher view (OPSD)."
@@ -513,9 +566,53 @@ class TrackingConfig(Section):
 
 BENCHMARKS = ("gsm8k", "math500", "amc23", "aime24")
 
+# Named evaluation protocols: what a comparison's every run is evaluated with, whatever its training
+# recipe. A recipe names one (`eval.protocol`); keys it also sets explicitly override the protocol's
+# values (and then the run's recorded protocol differs, which rl.compare reports).
+EVAL_PROTOCOLS: dict[str, dict[str, Any]] = {
+    # The OPSD paper's evaluation of every method (base, SFT, GRPO, OPSD; arXiv 2601.18734 and
+    # siyan-zhao/OPSD eval/evaluate_math.py + eval/run_eval.sh): Qwen3 chat template with thinking on,
+    # "{problem}\n\nPlease reason step by step, ...", T 1.0 (run_eval.sh), top-p 0.95 and top-k 20
+    # (evaluate_math.py's defaults, which run_eval.sh keeps), 38,912 new tokens (the paper; 40,960
+    # context), avg@12 (the paper; run_eval.sh samples 16).
+    "opsd_paper": dict(
+        prompt_format="chat", enable_thinking=True, max_tokens=38912, temperature=1.0, top_p=0.95, top_k=20, k=12,
+        max_prompt_tokens=2048,
+    ),
+    # d1's evaluation, which IGPO reports with (dllm-reasoning/d1 eval/eval.py, eval/gsm8k.py): its
+    # format prompt + "\n\n" + question as the user message, greedy (T 0), one sample, 256-token
+    # answers in the training blocks and steps (rollout.diffusion). (d1's MATH500 prompt differs
+    # only in whitespace; one template serves every benchmark here.)
+    "d1_paper": dict(
+        prompt_format="chat", max_tokens=256, temperature=0.0, top_p=1.0, top_k=-1, k=1,
+        prompt_template=(
+            "You are a math expert. You will be given a question to solve. Solve it step by step. Wrap the "
+            "final answer in a \\boxed{}. \nRespond in the following format:\n<reasoning>\nYour reasoning "
+            "here\n</reasoning>\n<answer>\n\\boxed{...}\n</answer>\n\n{problem}"
+        ),
+    ),
+}
+# The settings that make up a protocol: two runs whose values differ were not evaluated alike.
+PROTOCOL_KEYS = (
+    "prompt_format", "prompt_template", "system_prompt", "enable_thinking", "max_tokens", "temperature",
+    "top_p", "top_k", "k", "answer_fallback", "limit",
+)
+
 
 class EvalConfig(Section):
-    """Benchmark evaluation: `python -m rl.evaluate`, and periodic evaluation during training."""
+    """Benchmark evaluation: `python -m rl.evaluate`, and periodic evaluation during training.
+
+    The evaluation protocol (prompt, thinking switch, length, sampling, k) is declared here, never
+    taken from the training recipe's `data` or `rollout` sections: recipes that are compared must be
+    evaluated alike, and their training prompts or rollout lengths differ by design (OPSD's student
+    runs with thinking off and 1024 tokens, GRPO with thinking on and 16k)."""
+
+    protocol: Optional[str] = Field(
+        None,
+        description="A named protocol from rl.config.EVAL_PROTOCOLS (`opsd_paper`: the OPSD paper's "
+        "evaluation of every method, thinking on, 38,912 tokens, T 1.0, avg@12; `d1_paper`: greedy, "
+        "256 tokens) that fills every protocol key the recipe does not set. None: the defaults below.",
+    )
 
     every_steps: int = Field(
         0,
@@ -547,6 +644,28 @@ class EvalConfig(Section):
         description="Evaluate only the first N problems of each benchmark, in file order: a fixed "
         "subset, the same at every evaluation, so points of a curve are comparable. None: all.",
     )
+    prompt_format: Literal["chat", "plain"] = Field(
+        "chat",
+        description="chat: the tokenizer's chat template around `prompt_template`; plain: the problem "
+        "text as-is (synthetic tasks, base models). Independent of data.prompt_format.",
+    )
+    prompt_template: str = Field(
+        "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}.",
+        description="The user message in chat format; `{problem}` is replaced by the problem text. The "
+        "default is the OPSD evaluation's (and Qwen's recommended) math prompt.",
+    )
+    system_prompt: Optional[str] = Field(None, description="Optional system message (chat format).")
+    enable_thinking: Optional[bool] = Field(
+        None,
+        description="The chat template's thinking switch (Qwen3's `enable_thinking`) at evaluation; None "
+        "leaves the template's default (on, for Qwen3). Independent of data.enable_thinking.",
+    )
+    max_prompt_tokens: int = Field(
+        1024,
+        ge=1,
+        description="Longest evaluation prompt accepted: a longer one stops the run before any work, since "
+        "the engines' context is sized from the longest prompt plus max_tokens.",
+    )
     k: int = Field(
         1,
         ge=1,
@@ -562,11 +681,14 @@ class EvalConfig(Section):
     top_p: float = Field(
         0.95, gt=0, le=1, description="Nucleus cut when sampling [0.95, with temperature 0.6]; greedy ignores it."
     )
-    max_tokens: Optional[int] = Field(
-        None,
+    top_k: int = Field(-1, description="Top-k cut when sampling [20 in the OPSD evaluation]; -1 disables it.")
+    max_tokens: int = Field(
+        1024,
         ge=1,
-        description="Maximum completion length. None: rollout.max_tokens. During training it must not "
-        "exceed rollout.max_tokens: the engines' context is sized for rollouts.",
+        description="Maximum completion length. Its own setting, not rollout.max_tokens: evaluating each "
+        "recipe at its training length would make curves of different recipes incomparable. The "
+        "engines' context is sized for the longer of training and evaluation. For the diffusion "
+        "engine this is the answer length, a multiple of rollout.diffusion.block_length.",
     )
     answer_fallback: Literal["none", "last_number", "math_verify"] = Field(
         "last_number",
@@ -583,6 +705,28 @@ class EvalConfig(Section):
         "4 bytes a generated token: turn off for long completions on large sets.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_protocol(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("protocol") is not None:
+            name = data["protocol"]
+            if name not in EVAL_PROTOCOLS:
+                raise ValueError(f"unknown eval.protocol {name!r}; choose from {', '.join(EVAL_PROTOCOLS)} or null")
+            data = {**EVAL_PROTOCOLS[name], **data}
+        return data
+
+    def resolved_temperature(self) -> float:
+        if self.temperature is not None:
+            return self.temperature
+        return 0.0 if self.k == 1 else 0.6
+
+    def protocol_settings(self) -> dict[str, Any]:
+        """What this evaluation's numbers depend on besides the model: recorded with every run and
+        compared by rl.compare (temperature resolved, so None and its value compare equal)."""
+        out = {key: getattr(self, key) for key in PROTOCOL_KEYS}
+        out["temperature"] = self.resolved_temperature()
+        return out
+
     @field_validator("benchmarks")
     @classmethod
     def _known_benchmarks(cls, names: list[str]) -> list[str]:
@@ -596,6 +740,27 @@ class EvalConfig(Section):
         if self.k > 1 and self.temperature == 0:
             raise ValueError(f"eval.k={self.k} samples at temperature 0 would all be identical; set eval.temperature > 0 or eval.k=1")
         return self
+
+
+class SFTConfig(Section):
+    """The supervised baseline, `python -m rl.sft` (TRL's SFTTrainer): the training problems in the
+    student's prompt format (`data`), their reference solutions as targets. Steps, batch (prompts_per_step
+    sequences an optimizer step, micro_batch_size at a time), lr, warm-up, betas, weight decay and grad
+    clip come from `train` and `learner`, LoRA from `model.lora` [OPSD paper's SFT baseline: LoRA 64/128,
+    lr 5e-6, batch 32, 100 steps]."""
+
+    max_length: int = Field(
+        16000,
+        ge=1,
+        description="Sequences (prompt + solution) longer than this are truncated [16000: siyan-zhao/OPSD "
+        "scripts/run_sft.sh --max_length].",
+    )
+    completion_only_loss: bool = Field(
+        True,
+        description="Train only on the solution tokens (TRL's prompt-completion loss): the prompt is the "
+        "same for every method and is not what the baseline should learn. The released sft_train.py "
+        "trains a plain `Problem: ... Solution: ...` text on every token; false trains on the prompt too.",
+    )
 
 
 class CheckpointConfig(Section):
@@ -636,6 +801,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Benchmark evaluation (off during training by default).")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="The supervised baseline (python -m rl.sft).")
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Run-state checkpoints for exact resume (off by default)."
     )
@@ -665,6 +831,19 @@ class RunConfig(Section):
             problems.append("checkpoint.every_steps=0 (resume does not restore in-flight rollouts yet)")
         if problems:
             raise ValueError(f"train.max_staleness={self.train.max_staleness} needs " + ", ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _eval_fits_diffusion_sampler(self) -> "RunConfig":
+        # Checked here, not after the first training steps when the first evaluation runs.
+        if self.rollout.engine == "diffusion" and (self.eval.every_steps or self.eval.at_start):
+            from rollouts.diffusion import check_schedule
+
+            d, length = self.rollout.diffusion, self.eval.max_tokens
+            try:
+                check_schedule(length, d.block_length, d.steps if d.steps is not None else length // 2)
+            except ValueError as e:
+                raise ValueError(f"eval.max_tokens={length} does not fit the diffusion sampler: {e}") from None
         return self
 
     def to_yaml(self) -> str:

@@ -23,8 +23,11 @@ HUB_NAMES = {
     "aime24": ("HuggingFaceH4/aime_2024", None),
 }
 QUESTION_KEYS = ("question", "problem", "prompt")
-# MetaMathQA's responses (IGPO's training data) end with "The answer is: N".
-STATED_ANSWER = re.compile(r"The answer is:?\s*(.+?)\s*$", re.DOTALL)
+# MetaMathQA's responses (IGPO's training data) end with "The answer is: N"; the answer is the text
+# after the LAST such phrase, as IGPO's release reads it (`response.split("The answer is:")[-1]`).
+STATED_ANSWER = re.compile(r"The answer is:?")
+# GSM8K's calculator annotations inside worked solutions: `<<48/2=24>>`.
+CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
 SYNTHETIC_PREFIX = "synthetic:"
 
 
@@ -89,8 +92,41 @@ def read_source(source: str, split: str, local_dir: str | None) -> list[dict]:
     return _read_hub(hub_name, hub_config, split)
 
 
-def normalize_row(row: dict, index: int, question_key: str | None = None, solution_key: str | None = None) -> dict:
-    """Add `problem`, `answer` (gold) and `solution` (when present); raise if no gold answer."""
+def stated_answer(solution: str) -> str | None:
+    """The text after the last "The answer is" (colon optional), stripped; None if absent or empty."""
+    matches = list(STATED_ANSWER.finditer(solution))
+    return (solution[matches[-1].end():].strip() or None) if matches else None
+
+
+def strip_calculator_annotations(solution: str) -> str:
+    """GSM8K's worked solution without its `<<a*b=c>>` calculator annotations."""
+    return CALCULATOR_ANNOTATION.sub("", solution)
+
+
+def filter_rows(raw: list[dict], cfg: DataConfig) -> list[dict]:
+    """data.type_filter, then data.dedupe_by (first row of each value, in file order)."""
+    rows = raw
+    if cfg.type_filter is not None:
+        rows = [r for r in rows if r.get("type") in cfg.type_filter]
+    if cfg.dedupe_by is not None:
+        seen, unique = set(), []
+        for r in rows:
+            if cfg.dedupe_by not in r:
+                raise DataError(f"data.dedupe_by={cfg.dedupe_by!r}, but a row has no such column (columns: {sorted(r)}).")
+            if r[cfg.dedupe_by] not in seen:
+                seen.add(r[cfg.dedupe_by])
+                unique.append(r)
+        rows = unique
+    if len(rows) < len(raw):
+        print(f"[data] kept {len(rows)} of {len(raw)} rows (data.type_filter / data.dedupe_by)", flush=True)
+    return rows
+
+
+def normalize_row(
+    row: dict, index: int, question_key: str | None = None, solution_key: str | None = None, strip_annotations: bool = True
+) -> dict:
+    """Add `problem`, `answer` (gold) and `solution` (when present); raise if no gold answer.
+    strip_annotations removes GSM8K calculator annotations from `solution`."""
     if solution_key is not None:
         if solution_key not in row:
             raise DataError(f"Row {index} has no `{solution_key}` column (data.solution_key); its columns are {sorted(row)}.")
@@ -109,9 +145,10 @@ def normalize_row(row: dict, index: int, question_key: str | None = None, soluti
         answer = gsm8k_gold(answer)
     if answer in (None, "") and isinstance(row.get("solution"), str):
         answer = last_boxed(row["solution"])
-        stated = STATED_ANSWER.search(row["solution"])
-        if answer is None and stated:
-            answer = stated.group(1)
+        if answer is None:
+            answer = stated_answer(row["solution"])
+    if strip_annotations and isinstance(out.get("solution"), str):
+        out["solution"] = strip_calculator_annotations(out["solution"])
     if answer in (None, ""):
         raise MissingAnswerError(
             f"Row {index} has no gold answer: no `answer` column, no `#### N` line and no \\boxed{{}} "
@@ -123,11 +160,11 @@ def normalize_row(row: dict, index: int, question_key: str | None = None, soluti
 
 
 def load_rows(cfg: DataConfig, seed: int, split: str | None = None) -> list[dict]:
-    raw = read_source(cfg.train, split or cfg.split, cfg.local_dir)
+    raw = filter_rows(read_source(cfg.train, split or cfg.split, cfg.local_dir), cfg)
     rows = []
     for i, r in enumerate(raw):
         try:
-            rows.append(normalize_row(r, i, cfg.question_key, cfg.solution_key))
+            rows.append(normalize_row(r, i, cfg.question_key, cfg.solution_key, cfg.strip_calculator_annotations))
         except MissingAnswerError:
             if not cfg.skip_rows_without_answer:
                 raise
@@ -150,7 +187,9 @@ def chat_prompt_ids(tokenizer, content: str, system_prompt: str | None, enable_t
 def build_prompt(row: dict, cfg: DataConfig, tokenizer) -> list[int]:
     if cfg.prompt_format == "plain":
         return tokenizer(row["problem"], add_special_tokens=False)["input_ids"]
-    content = f"{row['problem']}\n{cfg.instruction}" if cfg.instruction else row["problem"]
+    content = row["problem"]
+    if cfg.instruction:
+        content = cfg.prompt_template.replace("{instruction}", cfg.instruction).replace("{problem}", content)
     return chat_prompt_ids(tokenizer, content, cfg.system_prompt, cfg.enable_thinking)
 
 

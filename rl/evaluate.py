@@ -1,4 +1,4 @@
-"""Benchmark evaluation: vLLM generation, the recipe's prompt format, math-verify grading.
+"""Benchmark evaluation: vLLM generation, the `eval` section's own protocol, math-verify grading.
 
     python -m rl.evaluate model=PATH|RUN_DIR benchmarks=gsm8k,math500 [local_dir=../shared/data]
         [limit=N] [k=8] [temperature=0.6] [top_p=0.95] [max_tokens=1024] [answer_fallback=...]
@@ -6,8 +6,11 @@
     python -m rl.evaluate regrade=OUT_DIR|RECORDS.jsonl [answer_fallback=...]
 
 `model` is an HF folder, a hub id, the embedded default, or a run directory (its `final/` model,
-and its `config.yaml` for the prompt format unless `recipe` is given). Keys without a dot are the
-`eval` section's options (see rl.config.EvalConfig); dotted keys override any other config value.
+and its `config.yaml` for the evaluation protocol unless `recipe` is given). Keys without a dot are
+the `eval` section's options (see rl.config.EvalConfig: prompt format, thinking switch, max_tokens,
+temperature, k, or a named `protocol=opsd_paper`); dotted keys override any other config value.
+The protocol is the `eval` section's alone, never the training recipe's data/rollout settings, so a
+run evaluated here and during training is evaluated alike; summary.json records it (`protocol`).
 Per-problem records go to `<out>/<benchmark>.jsonl`, the metrics to `<out>/summary.json`.
 
 Metric keys, for each benchmark B (the same in run(), regrade() and the trainer's metrics.jsonl):
@@ -27,8 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from rl.config import ConfigError, DataConfig, EvalConfig, RunConfig, load_config
-from rl.data import DataError, build_prompt, load_rows
+from rl.config import EVAL_PROTOCOLS, ConfigError, DataConfig, EvalConfig, RunConfig, load_config
+from rl.data import DataError, chat_prompt_ids, load_rows
 from rewards.math import ANSWER_FALLBACKS
 from rewards.scoring import RewardScorer
 from rollouts.types import SamplingSpec
@@ -36,7 +39,6 @@ from rollouts.types import SamplingSpec
 # Split of each benchmark on the hub (HuggingFaceH4/aime_2024 publishes its 30 problems as `train`);
 # local copies are all <local_dir>/<name>/test.jsonl.
 HUB_SPLITS = {"gsm8k": "test", "math500": "test", "amc23": "test", "aime24": "train"}
-SAMPLING_TEMPERATURE = 0.6
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -61,9 +63,15 @@ def pass_ks(k: int) -> list[int]:
 
 
 def sampling_temperature(cfg: EvalConfig) -> float:
-    if cfg.temperature is not None:
-        return cfg.temperature
-    return 0.0 if cfg.k == 1 else SAMPLING_TEMPERATURE
+    return cfg.resolved_temperature()
+
+
+def eval_prompt(row: dict, cfg: EvalConfig, tokenizer) -> list[int]:
+    """The evaluation prompt of a benchmark row, from the `eval` section only (never `data`)."""
+    if cfg.prompt_format == "plain":
+        return tokenizer(row["problem"], add_special_tokens=False)["input_ids"]
+    content = cfg.prompt_template.replace("{problem}", row["problem"])
+    return chat_prompt_ids(tokenizer, content, cfg.system_prompt, cfg.enable_thinking)
 
 
 def eval_due(cfg: EvalConfig, step: int, total_steps: int) -> bool:
@@ -181,18 +189,23 @@ class Evaluator:
     rollouts.pool.RolloutPool, so the trainer evaluates with its own engines after a weight sync.
     """
 
-    def __init__(self, tokenizer, data_cfg: DataConfig, eval_cfg: EvalConfig, fallback_max_tokens: int = 256):
+    def __init__(self, tokenizer, eval_cfg: EvalConfig):
         self.cfg = eval_cfg
         self.spec = SamplingSpec(
             n=eval_cfg.k,
             temperature=sampling_temperature(eval_cfg),
             top_p=eval_cfg.top_p,
-            max_tokens=eval_cfg.max_tokens or fallback_max_tokens,
+            top_k=eval_cfg.top_k,
+            max_tokens=eval_cfg.max_tokens,
         )
         self.rows = {b: load_benchmark(b, eval_cfg.local_dir, eval_cfg.limit) for b in eval_cfg.benchmarks}
-        self.prompts = {b: [build_prompt(r, data_cfg, tokenizer) for r in rows] for b, rows in self.rows.items()}
-        self._check_prompt_lengths(data_cfg.max_prompt_tokens)
+        self.prompts = {b: [eval_prompt(r, eval_cfg, tokenizer) for r in rows] for b, rows in self.rows.items()}
+        self._check_prompt_lengths(eval_cfg.max_prompt_tokens)
         self.longest_prompt = max(len(p) for prompts in self.prompts.values() for p in prompts)
+
+    def context_tokens(self) -> int:
+        """Engine context an evaluation needs: the longest prompt plus max_tokens."""
+        return self.longest_prompt + self.spec.max_tokens
 
     def _check_prompt_lengths(self, limit: int) -> None:
         # The engines' context is sized as max_prompt_tokens + max_tokens: a longer prompt would
@@ -202,11 +215,14 @@ class Evaluator:
             if len(prompts[longest]) > limit:
                 raise DataError(
                     f"Benchmark {bench!r} row {longest} has a {len(prompts[longest])}-token prompt, over "
-                    f"data.max_prompt_tokens={limit}; raise data.max_prompt_tokens."
+                    f"eval.max_prompt_tokens={limit}; raise eval.max_prompt_tokens."
                 )
 
     def settings(self) -> dict:
         return {**self.cfg.model_dump(mode="json"), "temperature": self.spec.temperature, "max_tokens": self.spec.max_tokens}
+
+    def protocol(self) -> dict:
+        return self.cfg.protocol_settings()
 
     def run(self, engine, out_dir: str | Path | None = None, meta: dict | None = None) -> dict[str, float]:
         """Metrics (see the module docstring); with `out_dir`, summary.json and (eval.save_records)
@@ -223,7 +239,7 @@ class Evaluator:
                 metrics.update(metrics_by_benchmark(records))
         metrics["eval/time_s"] = time.time() - start
         if out is not None:
-            summary = {**(meta or {}), "settings": self.settings(), "metrics": metrics}
+            summary = {**(meta or {}), "protocol": self.protocol(), "settings": self.settings(), "metrics": metrics}
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return metrics
 
@@ -287,6 +303,11 @@ def parse_args(argv: list[str]) -> dict[str, str]:
 
 def _overrides(args: dict[str, str]) -> list[str]:
     out = []
+    if args.get("protocol") in EVAL_PROTOCOLS:
+        # A protocol named here replaces the one the run's config.yaml spells out key by key; keys
+        # also given here still win.
+        preset = EVAL_PROTOCOLS[args["protocol"]]
+        out += [f"eval.{k}={json.dumps(v)}" for k, v in preset.items() if k not in args]
     for key, value in args.items():
         if key in CLI_KEYS:
             continue
@@ -330,20 +351,20 @@ def evaluate_model(args: dict[str, str]) -> dict[str, float]:
     cfg, model, out = resolve_run(args)
     path = resolve_model_path(model)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-    evaluator = Evaluator(tokenizer, cfg.data, cfg.eval, fallback_max_tokens=cfg.rollout.max_tokens)
+    evaluator = Evaluator(tokenizer, cfg.eval)
     engine = make_engine(
         cfg.rollout.engine,
         path,
         seed=cfg.seed,
         dtype=cfg.model.dtype,
-        max_model_len=evaluator.longest_prompt + evaluator.spec.max_tokens,
+        max_model_len=evaluator.context_tokens(),
         kv_cache_gb=cfg.rollout.kv_cache_gb,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         trust_remote_code=cfg.model.trust_remote_code,
         diffusion=cfg.rollout.diffusion_settings(),
     )
     try:
-        metrics = evaluator.run(engine, out, meta={"model": path, "data": cfg.data.model_dump(mode="json")})
+        metrics = evaluator.run(engine, out, meta={"model": path})
     finally:
         engine.close()
     print(f"records and summary.json in {out}", file=sys.stderr)

@@ -8,6 +8,7 @@ op per call so that the sampler, the trainer and the tests share one definition 
 """
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass, fields
@@ -154,14 +155,17 @@ def chunk_spans(n_tokens: int, rng: random.Random, chunk_min: int, chunk_max: in
 def revealed_chunk_count(n_chunks: int, eta: float, released_variant: bool) -> int:
     """How many of n_chunks chunks a sample with reveal fraction eta shows (before any forced last chunk).
 
-    Paper: round(eta * n), at least one, so that every extra sample gets some guidance. Released
-    code: it draws the chunks to *mask*, int((1 - eta) * n), and reveals the rest.
+    Paper (arXiv 2509.10396, "reveal a fraction eta of the chunks"): floor(eta * n), so a very short
+    trace may get no hint at all (that sample is then an ordinary one). Released code: it draws the
+    chunks to *mask*, int((1 - eta) * n), and reveals the rest (so it rounds the reveal count up).
+    eta * n is rounded to 9 decimals before the floor, so float noise (0.6 * 5 = 2.9999...) cannot
+    drop a chunk.
     """
     if n_chunks == 0:
         return 0
     if released_variant:
         return n_chunks - int(n_chunks * (1.0 - eta))
-    return min(n_chunks, max(1, round(eta * n_chunks)))
+    return min(n_chunks, math.floor(round(eta * n_chunks, 9)))
 
 
 def build_hints(

@@ -30,7 +30,6 @@ import dataclasses
 import logging
 import os
 import socket
-import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -214,10 +213,13 @@ class DiffusionForward:
 def masked_answer_input(mb: MicroBatch, settings: DiffusionForward, pad_id: int):
     """(ids, attention, completion positions [B, T]) of the one-step estimator's forward on `mb`.
 
-    Prompt masking draws from a generator seeded by the row's own tokens, so the policy, the old
-    policy and the reference all see the same masked prompt for a sequence.
+    Prompt masking (`rollouts.diffusion.prompt_mask`) draws from the row's own tokens and its
+    `mask_seed` (seq_fields, default 0): the policy, old-policy and reference forwards of one inner
+    update see the same masked prompt, the diffusion engine's estimate and `score` (mask_seed 0)
+    the same as the first update, and each inner update a fresh one (the trainer sets mask_seed to
+    the update's index, as d1 does).
     """
-    from rollouts.diffusion import answer_layout
+    from rollouts.diffusion import MASK_SEED_FIELD, answer_layout, mask_prompts
 
     width = mb.completion_ids.shape[1]
     if width > settings.answer_length:
@@ -229,10 +231,10 @@ def masked_answer_input(mb: MicroBatch, settings: DiffusionForward, pad_id: int)
     prompts = [mb.input_ids[i, :p].tolist() for i, p in enumerate(lens)]
     ids, attention, positions = answer_layout(prompts, settings.answer_length, pad_id, settings.mask_id)
     if settings.prompt_mask_prob > 0:
-        for i, p in enumerate(lens):
-            seed = zlib.crc32(str(mb.input_ids[i, : p + int(mb.completion_mask[i].sum())].tolist()).encode())
-            draw = torch.rand(p, generator=torch.Generator().manual_seed(seed))
-            ids[i, :p] = torch.where(draw < settings.prompt_mask_prob, settings.mask_id, ids[i, :p])
+        completions = [mb.input_ids[i, p : p + int(mb.completion_mask[i].sum())].tolist() for i, p in enumerate(lens)]
+        seeds = mb.seq_fields.get(MASK_SEED_FIELD)
+        seeds = [0] * len(lens) if seeds is None else [int(x) for x in seeds.tolist()]
+        ids = mask_prompts(ids, prompts, completions, seeds, settings.prompt_mask_prob, settings.mask_id)
     device = mb.input_ids.device
     return ids.to(device), attention.to(device), positions[:, :width].to(device)
 

@@ -17,6 +17,7 @@ from rl.batch import SequenceBatch
 from rl.config import PROJECT_ROOT, RunConfig
 from rl.data import PromptStream, build_prompt, load_rows
 from rl.evaluate import Evaluator, eval_due
+from rl.prompt_masks import prompt_mask_schedule
 from rl.models import resolve_model_path
 from rl.tracking import Tracker
 from rl.weight_sync import build_weight_sync
@@ -223,7 +224,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     # Built before the cluster starts, so that evaluation data errors surface in seconds.
     evaluator = None
     if cfg.eval.every_steps or cfg.eval.at_start:
-        evaluator = Evaluator(tokenizer, cfg.data, cfg.eval, fallback_max_tokens=cfg.rollout.max_tokens)
+        evaluator = Evaluator(tokenizer, cfg.eval)
 
     diffusion = None
     if cfg.model.kind == "masked_diffusion":
@@ -243,11 +244,11 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         engine_cpus=cfg.rollout.engine_cpus,
         placement=plan,
         dtype=cfg.model.dtype,
-        max_model_len=cfg.data.max_prompt_tokens + max(cfg.rollout.max_tokens, cfg.eval.max_tokens or 0),
+        max_model_len=max(cfg.data.max_prompt_tokens + cfg.rollout.max_tokens, evaluator.context_tokens() if evaluator else 0),
         kv_cache_gb=cfg.rollout.kv_cache_gb,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization or (0.4 if colocated else 0.85),
         trust_remote_code=cfg.model.trust_remote_code,
-        diffusion=cfg.rollout.diffusion_settings(),
+        diffusion=cfg.rollout.diffusion_settings(cfg.learner.prompt_mask_prob),
         **(dict(sleep_mode=sleeps, tensor_parallel_size=cfg.rollout.gpus_per_engine) if cfg.rollout.engine == "vllm" else {}),
     )
     learners = LearnerGroup(
@@ -309,12 +310,17 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             if algorithm.needs_policy_scores:
                 scores = learners.compute_logprobs(batch, temperature, with_entropy=algorithm.wants_entropy)
                 algo_metrics.update(algorithm.use_policy_scores(batch, *scores))
-            if algorithm.policy_scores_from_training:
+            masks = prompt_mask_schedule(batch, learners, temperature, algorithm.updates_per_batch, diffusion)
+            if algorithm.policy_scores_from_training:  # one update: no mask schedule (it needs mu > 1)
                 train_metrics, logprobs = learners.train_step(batch, algorithm.loss, temperature, return_logprobs=True)
                 algo_metrics.update(algorithm.use_policy_scores(batch, logprobs, None))
             else:
-                for _ in range(algorithm.updates_per_batch):
+                for update in range(algorithm.updates_per_batch):
+                    if masks is not None:
+                        masks.use(update)  # d1: a fresh prompt mask per inner update
                     train_metrics = learners.train_step(batch, algorithm.loss, temperature)
+            if masks is not None:
+                masks.use(0)  # the mask the engines score with, for the weight-sync check
             version += 1
             if in_flight is not None:
                 in_flight[1].result()  # the engines must be idle before their weights change

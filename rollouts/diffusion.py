@@ -15,6 +15,7 @@ are never overwritten and do not count in the per-step budget.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -144,6 +145,39 @@ def one_step_logprobs(
     rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
     picked = logits[rows, answer_positions].float() / temperature
     return torch.log_softmax(picked, -1).gather(-1, answer_ids[..., None]).squeeze(-1)
+
+
+# The training batch's per-sequence field (SequenceBatch.seq_fields) holding a row's mask_seed.
+MASK_SEED_FIELD = "mask_seed"
+
+
+def prompt_mask(prompt: list[int], completion: list[int], mask_seed: int, prob: float) -> torch.Tensor:
+    """d1's random prompt masking for the one-step estimator: [len(prompt)] bool, True where a prompt
+    token is replaced by the mask token.
+
+    Drawn from a generator seeded by the sequence's own tokens (prompt + completion) and `mask_seed`,
+    so every place that scores the sequence (the engine's estimate at generation, `score` in the
+    weight-sync check, the learner's policy, old-policy and reference forwards) masks it the same way
+    for one mask_seed, while each inner update (mask_seed = its index) draws a fresh mask, as d1 draws
+    a new mask seed for each of its mu iterations (dllm-reasoning/d1 diffu_grpo_trainer.py).
+    """
+    if prob <= 0 or not prompt:
+        return torch.zeros(len(prompt), dtype=torch.bool)
+    seed = zlib.crc32(f"{int(mask_seed)}:{[int(t) for t in prompt + completion]}".encode())
+    return torch.rand(len(prompt), generator=torch.Generator().manual_seed(seed)) < prob
+
+
+def mask_prompts(
+    ids: torch.Tensor, prompts: list[list[int]], completions: list[list[int]], mask_seeds: list[int], prob: float, mask_id: int
+) -> torch.Tensor:
+    """`answer_layout` ids with each row's prompt masked by `prompt_mask` (ids unchanged at prob 0)."""
+    if prob <= 0:
+        return ids
+    ids = ids.clone()
+    for i, (prompt, completion, seed) in enumerate(zip(prompts, completions, mask_seeds)):
+        masked = prompt_mask(prompt, completion, seed, prob)
+        ids[i, : len(prompt)] = torch.where(masked, mask_id, ids[i, : len(prompt)])
+    return ids
 
 
 def load_masked_diffusion_model(model_path: str, dtype: torch.dtype, trust_remote_code: bool = False):

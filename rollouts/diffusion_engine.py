@@ -13,6 +13,7 @@ from rollouts.diffusion import (
     check_schedule,
     diffusion_sample,
     load_masked_diffusion_model,
+    mask_prompts,
     one_step_logprobs,
     resolve_mask_id,
 )
@@ -25,7 +26,10 @@ _BATCH = 64  # rows per model call: bounds the [rows, width, vocab] logits held 
 class MaskedDiffusionEngine(TorchModelEngine):
     """answer_length: the masked span of the one-step estimator in `score` (the rollout length, as
     in the learner); generation uses each call's `spec.max_tokens`. steps None: half the answer
-    length (LLaDA's default of two tokens per step)."""
+    length (LLaDA's default of two tokens per step). prompt_mask_prob: d1's prompt masking in the
+    estimator (learner.prompt_mask_prob), applied exactly as the learner's first inner update
+    applies it (`rollouts.diffusion.prompt_mask`, mask_seed 0), so that the log-probs reported with
+    each completion and by `score` are the quantity the learner computes."""
 
     def __init__(
         self,
@@ -40,6 +44,7 @@ class MaskedDiffusionEngine(TorchModelEngine):
         steps: int | None = None,
         remasking: str = "low_confidence",
         mask_token_id: int | None = None,
+        prompt_mask_prob: float = 0.0,
     ):
         from transformers import AutoTokenizer
 
@@ -52,6 +57,7 @@ class MaskedDiffusionEngine(TorchModelEngine):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.max_model_len = max_model_len
         self.answer_length, self.block_length, self.steps, self.remasking = answer_length, block_length, steps, remasking
+        self.prompt_mask_prob = prompt_mask_prob
         check_schedule(answer_length, block_length, self._steps(answer_length))
         self.generator = torch.Generator(self.device).manual_seed(seed)
 
@@ -81,23 +87,31 @@ class MaskedDiffusionEngine(TorchModelEngine):
                 remasking=self.remasking, generator=self.generator,
                 hints=None if row_hints is None else row_hints[start : start + _BATCH],
             )
-            logprobs = self._estimate(chunk, sample.tokens.cpu(), spec.max_tokens)
-            for prompt, tokens, lp, hint in zip(chunk, sample.tokens.tolist(), logprobs, sample.hint_mask.tolist()):
-                completions.append(self._completion(prompt, tokens, lp, hint if row_hints is not None else None))
+            tokens = sample.tokens.tolist()
+            kept = [toks[: self._end(toks)] for toks in tokens]
+            logprobs = self._estimate(chunk, sample.tokens.cpu(), spec.max_tokens, kept)
+            for prompt, toks, lp, hint in zip(chunk, tokens, logprobs, sample.hint_mask.tolist()):
+                completions.append(self._completion(prompt, toks, lp, hint if row_hints is not None else None))
         return [completions[i * spec.n : (i + 1) * spec.n] for i in range(len(prompts))]
 
+    def _end(self, tokens: list[int]) -> int:
+        """Length kept: through the first end token (kept, as the causal engines do); the rest is EOS padding."""
+        return next((t + 1 for t, tok in enumerate(tokens) if tok in self.eos_ids), len(tokens))
+
     def _completion(self, prompt, tokens, logprobs, hint_mask) -> Completion:
-        # Cut after the first end token (kept, as the causal engines do); the rest is EOS padding.
-        end = next((t + 1 for t, tok in enumerate(tokens) if tok in self.eos_ids), None)
-        reason = "length" if end is None else "stop"
-        end = end or len(tokens)
+        end = self._end(tokens)
+        reason = "stop" if tokens[end - 1] in self.eos_ids else "length"
         return Completion(
             list(prompt), tokens[:end], self.tokenizer.decode(tokens[:end], skip_special_tokens=True),
             logprobs[:end], reason, hint_mask=None if hint_mask is None else hint_mask[:end],
         )
 
-    def _estimate(self, prompts: list[list[int]], answers: torch.Tensor, length: int) -> list[list[float]]:
+    def _estimate(
+        self, prompts: list[list[int]], answers: torch.Tensor, length: int, completions: list[list[int]]
+    ) -> list[list[float]]:
+        """One-step estimates of `answers`; `completions` (the kept tokens) seed the prompt masks."""
         ids, attention, positions = answer_layout(prompts, length, self.pad_id, self.mask_id)
+        ids = mask_prompts(ids, prompts, completions, [0] * len(prompts), self.prompt_mask_prob, self.mask_id)
         logits = self._logits(ids, attention).cpu()
         return one_step_logprobs(logits, positions, answers[:, : positions.shape[1]]).tolist()
 
@@ -115,6 +129,6 @@ class MaskedDiffusionEngine(TorchModelEngine):
             answers = torch.full((len(chunk), self.answer_length), self.pad_id, dtype=torch.long)
             for i, r in enumerate(chunk):
                 answers[i, : len(r.token_ids)] = torch.tensor(r.token_ids, dtype=torch.long)
-            lps = self._estimate([r.prompt_ids for r in chunk], answers, self.answer_length)
+            lps = self._estimate([r.prompt_ids for r in chunk], answers, self.answer_length, [list(r.token_ids) for r in chunk])
             out += [lp[: len(r.token_ids)] for lp, r in zip(lps, chunk)]
         return out

@@ -160,7 +160,7 @@ def main() -> None:
         f"model.path={model}", f"data.train={train}", "data.prompt_format=plain", "rollout.max_tokens=4",
         "rollout.kv_cache_gb=0.25", f"train.prompts_per_step={PROMPTS_PER_STEP}", f"tracking.output_dir={out / 'runs'}",
         "eval.at_start=true", f"eval.local_dir={out / 'heldout'}", "eval.benchmarks=[gsm8k,math500]", "eval.k=1",
-        "eval.max_tokens=4", "checkpoint.every_steps=0", "train.save_final=false",
+        "eval.max_tokens=4", "eval.prompt_format=plain", "checkpoint.every_steps=0", "train.save_final=false",
     ]
     grpo = [
         "data.max_prompt_tokens=16", f"grpo.group_size={GRPO_GROUP}", f"train.steps={GRPO_STEPS}",

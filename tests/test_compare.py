@@ -11,12 +11,13 @@ from rl.compare import compare, first_crossing, load_run, main
 METRIC = "eval/gsm8k/pass@1"
 
 
-def write_run(root, name, algorithm, seed, evals, eval_time=0.0):
+def write_run(root, name, algorithm, seed, evals, eval_time=0.0, eval_section=None):
     """A run directory whose metrics.jsonl has a training line between evaluations (as the trainer
     writes them). evals: (step, cumulative tokens, wall time, accuracy)."""
     run = root / name
     run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump({"algorithm": algorithm, "seed": seed, "recipe": name}))
+    config = {"algorithm": algorithm, "seed": seed, "recipe": name, **({"eval": eval_section} if eval_section else {})}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
     lines = []
     for step, tokens, wall, acc in evals:
         lines.append({"step": step, "wall_time": wall - 1, "cumulative_rollout_tokens": tokens, "reward": 0.5})
@@ -132,3 +133,25 @@ def test_same_method_and_seed_twice_needs_labels(tmp_path, capsys):
 def test_missing_metric_names_the_logged_keys(pair, capsys):
     assert main([str(pair[0]), "--metric", "eval/math500/pass@1"]) == 2
     assert "eval/gsm8k/pass@1" in capsys.readouterr().err
+
+
+def test_runs_evaluated_under_different_protocols_are_refused_or_flagged(tmp_path, capsys):
+    evals = [(0, 0, 10, 0.1), (1, 100, 30, 0.3)]
+    paper = {"protocol": "opsd_paper"}
+    grpo = write_run(tmp_path, "grpo", "grpo", 0, evals, eval_section=paper)
+    opsd_same = write_run(tmp_path, "opsd", "opsd", 0, evals, eval_section={**paper, "temperature": 1.0})
+    opsd_short = write_run(tmp_path, "opsd-short", "opsd", 1, evals, eval_section={**paper, "max_tokens": 1024})
+    # One protocol (an explicit value equal to the protocol's changes nothing): compared.
+    result = compare([load_run(grpo, METRIC), load_run(opsd_same, METRIC)], METRIC)
+    assert result["protocol_warning"] is None and result["protocol"]["max_tokens"] == 38912
+    # Mixed: refused with the differing setting named, on the command line too.
+    with pytest.raises(Exception, match="different protocols.*max_tokens.*38912.*1024"):
+        compare([load_run(grpo, METRIC), load_run(opsd_short, METRIC)], METRIC)
+    assert main([str(grpo), str(opsd_short), "--out", str(tmp_path / "refused")]) == 2
+    assert "max_tokens" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    # Or compared with a loud flag in every output.
+    out = tmp_path / "flagged"
+    assert main([str(grpo), str(opsd_short), "--allow-mixed-protocols", "--out", str(out)]) == 0
+    assert "MIXED EVALUATION PROTOCOLS: max_tokens" in capsys.readouterr().err
+    assert "not comparable as evaluated" in (out / "comparison.md").read_text()
+    assert "max_tokens" in json.loads((out / "comparison.json").read_text())["protocol_warning"]

@@ -78,3 +78,48 @@ def test_launch_print_config_dry_run():
     proc = _launch("recipe=grpo_smollm2", "train.steps=2", "--print-config", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "steps: 2" in proc.stdout and "config OK" in proc.stderr
+
+
+def _printed_config(module: str, recipe: str) -> dict:
+    import yaml
+
+    proc = subprocess.run([sys.executable, "-m", module, f"recipe={recipe}", "--print-config"], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load(proc.stdout)
+
+
+def test_grpo_qwen_resolves_to_the_opsd_papers_grpo_baseline():
+    # siyan-zhao/OPSD scripts/run_grpo.sh: --temperature 1.2, --loss_type grpo, --scale_rewards group,
+    # TRL's epsilon 0.2, 8 processes x 1 x 4 accumulation = 32 completions = 4 prompts x 8, num_iterations 2.
+    cfg = load_config("grpo_qwen").model_dump(mode="json")  # what --print-config prints
+    assert cfg["rollout"]["temperature"] == 1.2
+    assert cfg["grpo"]["loss_agg"] == "seq_mean_token_mean"
+    assert cfg["grpo"]["normalize_std"] is True
+    assert (cfg["grpo"]["clip_low"], cfg["grpo"]["clip_high"]) == (0.2, 0.2)
+    assert (cfg["train"]["prompts_per_step"], cfg["grpo"]["group_size"]) == (4, 8)
+    assert cfg["grpo"]["updates_per_batch"] == 2
+    assert cfg["grpo"]["kl_coef"] == 0.0
+    assert cfg["model"]["lora"]["rank"] == 64 and cfg["model"]["lora"]["alpha"] == 128.0
+
+
+def test_sft_qwen_resolves_to_the_opsd_papers_sft_baseline():
+    cfg = _printed_config("rl.sft", "sft_qwen")
+    assert cfg["model"]["lora"]["enabled"] is True
+    assert (cfg["model"]["lora"]["rank"], cfg["model"]["lora"]["alpha"]) == (64, 128.0)
+    assert cfg["learner"]["lr"] == 5e-6
+    assert (cfg["train"]["prompts_per_step"], cfg["train"]["steps"]) == (32, 100)
+    assert cfg["data"]["train"] == load_config("opsd_qwen").data.train  # the same problems
+    assert cfg["sft"]["completion_only_loss"] is True
+
+
+def test_opsd_qwen_uses_the_released_temperature_scaling_and_ema_decay_default():
+    cfg = load_config("opsd_qwen")
+    assert cfg.opsd.scale_logits_by_temperature is True and cfg.rollout.temperature == 1.1
+    assert cfg.learner.teacher.ema_decay == 0.999  # run_opsd_ema.sh --ema_decay 0.999
+
+
+def test_an_eval_length_the_diffusion_sampler_cannot_run_stops_the_launch():
+    with pytest.raises(ConfigError, match="eval.max_tokens=20 does not fit the diffusion sampler"):
+        load_config("igpo_tiny", ["eval.every_steps=5", "eval.max_tokens=20"])
+    assert load_config("igpo_tiny", ["eval.every_steps=5"]).eval.max_tokens == 24

@@ -136,6 +136,67 @@ def test_prompt_masking_is_the_same_for_every_forward_of_a_sequence(model_dir, m
     assert not torch.allclose(torch.tensor(first[0]), everything_masked, atol=1e-5)  # but not all of them
 
 
+def test_with_prompt_masking_engine_and_learner_estimates_agree(model_dir, mask_id):
+    """d1's prompt masking on: the engine's estimates at generation and in `score` (the weight-sync
+    check) mask each prompt as the learner does, and all three equal a plain forward on the prompt
+    with exactly those tokens masked."""
+    from rl.trainer import check_weight_sync
+    from rollouts.diffusion import prompt_mask
+
+    prob = 0.5
+    engine = MaskedDiffusionEngine(str(model_dir), seed=0, answer_length=ANSWER_LEN, block_length=4, steps=4,
+                                   prompt_mask_prob=prob)
+    worker = LearnerWorker(str(model_dir), config(micro_batch_size=2), "float32", 0, 1, "127.0.0.1", free_port(), 0, 10,
+                           diffusion=DiffusionForward(ANSWER_LEN, mask_id, prompt_mask_prob=prob))
+    prompts = [[7, 8, 9, 10, 11, 12, 13, 14], [15, 16, 17, 18, 19, 20]]
+    completions = [c for g in engine.generate(prompts, SamplingSpec(n=2, temperature=1.0, max_tokens=ANSWER_LEN)) for c in g]
+    batch = SequenceBatch([c.prompt_ids + c.token_ids for c in completions], [len(c.prompt_ids) for c in completions])
+    learner_lp = worker.compute_logprobs(batch)[0]
+    scored = engine.score([ScoringRequest(c.prompt_ids, c.token_ids) for c in completions])
+    model = AutoModelForMaskedLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    masked_somewhere = False
+    for c, lp, sc in zip(completions, learner_lp, scored):
+        masked = prompt_mask(c.prompt_ids, c.token_ids, 0, prob)
+        masked_somewhere |= bool(masked.any())
+        override = [mask_id if m else t for t, m in zip(c.prompt_ids, masked.tolist())]
+        with torch.no_grad():
+            expected = reference_logprobs(model, mask_id, c.prompt_ids, c.token_ids, prompt_override=override)
+        for estimate in (c.logprobs, lp, sc):
+            torch.testing.assert_close(torch.tensor(estimate), expected, atol=1e-5, rtol=0)
+    assert masked_somewhere
+
+    class OneEnginePool:
+        def score_each_engine(self, requests):
+            return [engine.score(requests)]
+
+    gaps = check_weight_sync(OneEnginePool(), worker, batch, len(batch), threshold=1e-4)
+    assert gaps["logprob_gap_max"] < 1e-5
+
+
+def test_two_inner_updates_use_different_prompt_masks(model_dir, mask_id):
+    from rl.prompt_masks import prompt_mask_schedule
+    from rollouts.diffusion import MASK_SEED_FIELD, prompt_mask
+
+    prompt, completion = list(range(7, 27)), [30, 31, 32]
+    assert not torch.equal(prompt_mask(prompt, completion, 0, 0.5), prompt_mask(prompt, completion, 1, 0.5))
+    settings = DiffusionForward(ANSWER_LEN, mask_id, prompt_mask_prob=0.5)
+    worker = LearnerWorker(str(model_dir), config(micro_batch_size=2), "float32", 0, 1, "127.0.0.1", free_port(), 0, 10,
+                           diffusion=settings)
+    batch = SequenceBatch([prompt + completion, prompt[:12] + completion], [20, 12])
+    old = worker.compute_logprobs(batch)[0]
+    batch.token_fields["old_logprobs"] = old
+    masks = prompt_mask_schedule(batch, worker, 1.0, updates=2, diffusion=settings)
+    first, second = masks.per_update[0]["old_logprobs"], masks.per_update[1]["old_logprobs"]
+    assert first == old and second != first  # a fresh mask, scored before any update
+    masks.use(1)
+    assert batch.seq_fields[MASK_SEED_FIELD] == [1.0, 1.0] and batch.token_fields["old_logprobs"] == second
+    assert worker.compute_logprobs(batch)[0] == second  # the update's forward sees that same mask
+    masks.use(0)
+    assert worker.compute_logprobs(batch)[0] == first
+    assert prompt_mask_schedule(batch, worker, 1.0, updates=1, diffusion=settings) is None
+    assert prompt_mask_schedule(batch, worker, 1.0, updates=2, diffusion=None) is None  # causal models
+
+
 def test_engine_estimates_match_and_follow_weight_pushes(model_dir, mask_id, reference):
     initial, final = reference
     engine = MaskedDiffusionEngine(str(model_dir), seed=0, answer_length=ANSWER_LEN, block_length=4, steps=4)

@@ -126,8 +126,8 @@ class ScriptedEngine:
 
 
 def _evaluator(tokenizer, local_dir, **eval_kwargs) -> Evaluator:
-    cfg = EvalConfig(benchmarks=["gsm8k", "math500"], local_dir=str(local_dir), **eval_kwargs)
-    return Evaluator(tokenizer, DataConfig(prompt_format="plain"), cfg)
+    cfg = EvalConfig(benchmarks=["gsm8k", "math500"], local_dir=str(local_dir), prompt_format="plain", **eval_kwargs)
+    return Evaluator(tokenizer, cfg)
 
 
 def test_metrics_of_a_scripted_engine_match_hand_computation(tokenizer, scripted_dir, tmp_path):
@@ -155,6 +155,7 @@ def test_metrics_of_a_scripted_engine_match_hand_computation(tokenizer, scripted
     assert [r["correct"] for r in records] == [[bool(c) for _, c in samples] for _, _, samples in SCRIPT["gsm8k"]]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["metrics"] == metrics and summary["settings"]["temperature"] == 0.6
+    assert summary["protocol"] == EvalConfig(prompt_format="plain", k=4).protocol_settings()
 
 
 def test_greedy_single_sample_and_fixed_subset(tokenizer, scripted_dir, tmp_path):
@@ -184,22 +185,66 @@ def test_regrading_saved_generations_is_deterministic(tokenizer, scripted_dir, t
 def test_prompt_longer_than_the_engines_context_is_refused_up_front(tokenizer, scripted_dir):
     from rl.data import DataError
 
-    cfg = EvalConfig(benchmarks=["gsm8k"], local_dir=str(scripted_dir))
-    with pytest.raises(DataError, match="max_prompt_tokens"):
-        Evaluator(tokenizer, DataConfig(prompt_format="plain", max_prompt_tokens=5), cfg)
+    cfg = EvalConfig(benchmarks=["gsm8k"], local_dir=str(scripted_dir), prompt_format="plain", max_prompt_tokens=5)
+    with pytest.raises(DataError, match="eval.max_prompt_tokens"):
+        Evaluator(tokenizer, cfg)
 
 
 def test_a_run_directory_brings_its_final_model_and_prompt_format(tmp_path):
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
     (run / "final" / "config.json").write_text("{}")
-    (run / "config.yaml").write_text(load_config(None, ["data.prompt_format=plain", "seed=3"]).to_yaml())
+    (run / "config.yaml").write_text(load_config(None, ["eval.prompt_format=plain", "eval.max_tokens=77", "seed=3"]).to_yaml())
     cfg, model, out = resolve_run({"model": str(run), "k": "4", "benchmarks": "gsm8k,aime24"})
     assert model == str(run / "final") and out == run / "eval" / "final"
-    assert (cfg.data.prompt_format, cfg.seed, cfg.eval.k, cfg.eval.benchmarks) == ("plain", 3, 4, ["gsm8k", "aime24"])
-    # A recipe, when named, decides the prompt format instead.
+    assert (cfg.eval.prompt_format, cfg.eval.max_tokens, cfg.seed, cfg.eval.k, cfg.eval.benchmarks) == ("plain", 77, 3, 4, ["gsm8k", "aime24"])
+    # A protocol named on the command line replaces the run's, key by key; keys given win.
+    cfg, _, _ = resolve_run({"model": str(run), "protocol": "opsd_paper", "k": "4"})
+    assert (cfg.eval.max_tokens, cfg.eval.enable_thinking, cfg.eval.prompt_format, cfg.eval.k) == (38912, True, "chat", 4)
+    # A recipe, when named, decides the protocol instead.
     cfg, _, _ = resolve_run({"model": str(run), "recipe": "grpo_smollm2", "out": str(tmp_path / "o")})
-    assert cfg.data.prompt_format == load_config("grpo_smollm2").data.prompt_format == "chat"
+    assert cfg.eval.prompt_format == load_config("grpo_smollm2").eval.prompt_format == "chat"
+
+
+# Training-side settings that differ between recipes by design; none may reach the evaluation.
+TRAINING_ONLY = ["data.prompt_format=plain", "data.enable_thinking=false", "data.instruction=Answer tersely.",
+                 "data.system_prompt=You are a student.", "data.max_prompt_tokens=64", "rollout.max_tokens=32",
+                 "rollout.temperature=1.3", "rollout.top_p=0.5", "rollout.top_k=3", "algorithm=opsd"]
+
+
+def test_evaluation_prompt_and_length_do_not_change_with_the_training_recipe(tokenizer, scripted_dir):
+    base = ["eval.benchmarks=[gsm8k,math500]", f"eval.local_dir={scripted_dir}", "eval.k=2"]
+    evaluators = [Evaluator(tokenizer, load_config(None, base + extra).eval) for extra in ([], TRAINING_ONLY)]
+    assert evaluators[0].prompts == evaluators[1].prompts
+    assert evaluators[0].spec == evaluators[1].spec
+    assert evaluators[0].context_tokens() == evaluators[1].context_tokens()
+    # The prompt really is the eval protocol's: the chat template around the eval template, and a
+    # change of the eval section does change it.
+    problem = SCRIPT["gsm8k"][0][0]
+    want = tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."}],
+        add_generation_prompt=True, tokenize=True)
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert evaluators[0].prompts["gsm8k"][0] == want
+    assert evaluators[0].spec.max_tokens == 1024
+    plain = Evaluator(tokenizer, load_config(None, base + ["eval.prompt_format=plain"]).eval)
+    assert plain.prompts["gsm8k"][0] == tokenizer(problem, add_special_tokens=False)["input_ids"]
+
+
+def test_the_qwen_recipes_share_the_opsd_paper_protocol():
+    protocols = {name: load_config(name).eval.protocol_settings() for name in ("grpo_qwen", "opsd_qwen", "sft_qwen")}
+    assert protocols["grpo_qwen"] == protocols["opsd_qwen"] == protocols["sft_qwen"]
+    p = protocols["grpo_qwen"]
+    assert (p["prompt_format"], p["enable_thinking"], p["max_tokens"], p["temperature"], p["k"]) == ("chat", True, 38912, 1.0, 12)
+    # while their training settings differ (student thinking off at 1024 tokens, GRPO on at 16k).
+    opsd, grpo = load_config("opsd_qwen"), load_config("grpo_qwen")
+    assert (opsd.data.enable_thinking, opsd.rollout.max_tokens) == (False, 1024)
+    assert grpo.rollout.max_tokens != opsd.rollout.max_tokens
+    # A key set next to the protocol wins, and the recorded protocol then differs.
+    changed = load_config("opsd_qwen", ["eval.max_tokens=1024"]).eval.protocol_settings()
+    assert changed["max_tokens"] == 1024 and changed != p
+    with pytest.raises(ConfigError, match="unknown eval.protocol"):
+        load_config(None, ["eval.protocol=opsd_papr"])
 
 
 def test_command_line_rejects_unknown_options(capsys):
@@ -223,7 +268,7 @@ def test_hub_name_offline_error_is_one_clear_paragraph(tiny_model):
 def test_real_evaluation_of_a_tiny_model_with_vllm(tiny_model, tmp_path):
     out = tmp_path / "out"
     proc = _cli(f"model={tiny_model}", "benchmarks=gsm8k,amc23", f"local_dir={SHARED}", "limit=3", "k=2",
-                "temperature=1.0", "max_tokens=12", "batch_size=2", "data.prompt_format=plain",
+                "temperature=1.0", "max_tokens=12", "batch_size=2", "prompt_format=plain",
                 "rollout.kv_cache_gb=0.25", f"out={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -104,6 +104,11 @@ def registered_algorithms() -> list[str]:
 
 
 def build_algorithm(cfg) -> Algorithm:
+    if cfg.algorithm == "sft":
+        raise KeyError(
+            "algorithm=sft is the supervised baseline, trained by TRL's SFTTrainer rather than this RL loop: "
+            f"run it with `python -m rl.sft recipe={cfg.recipe}`."
+        )
     if cfg.algorithm not in _ALGORITHMS:
         raise KeyError(
             f"Unknown algorithm {cfg.algorithm!r}. Registered: {', '.join(registered_algorithms())}. "

@@ -39,6 +39,7 @@ class IGPO(GRPO):
             reveal_max=cfg.igpo.reveal_max, free_tail=cfg.igpo.free_tail, exclude_answer=cfg.igpo.exclude_answer,
             released_variant=cfg.igpo.released_variant,
         )
+        self.hint_prefix = cfg.igpo.hint_prefix
         # The hint filter needs the old policy's entropies before the update.
         self.filters_hints = self.inpainting and cfg.igpo.hint_entropy_fraction < 1
         self.wants_entropy = self.wants_entropy or self.filters_hints
@@ -72,7 +73,8 @@ class IGPO(GRPO):
             if not row.get("solution"):
                 self._counts["no_reference"] += 1
                 continue
-            reasoning = reasoning_token_ids(row["solution"], row["answer"], self.tokenizer, self.hint_settings.exclude_answer)
+            trace = self.hint_prefix + row["solution"]
+            reasoning = reasoning_token_ids(trace, row["answer"], self.tokenizer, self.hint_settings.exclude_answer)
             # Seeded by the group itself: the same rollouts get the same hints, on resume too.
             rng = random.Random(f"{self.seed}|{sampled.prompt_ids[i]}|{[c.token_ids for c in sampled.completions[i]]}")
             for hint in build_hints(reasoning, spec.max_tokens, g, rng, self.hint_settings):
