@@ -160,6 +160,21 @@ class RolloutConfig(Section):
     kv_cache_gb: float = Field(1.0, gt=0, description="vLLM CPU KV cache size (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = Field(0.4, gt=0, le=1, description="vLLM share of GPU memory on GPU machines.")
     engine_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per engine actor.")
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="Engines that die or stop answering (rollout.timeout_s) are restarted with the "
+        "learner's current weights and the step's generation is retried, at most this many times in "
+        "a run; then the run stops. An engine holds no state but its weights, so a restart loses "
+        "nothing; 3 rides out the odd crash without looping on one that recurs every step.",
+    )
+    timeout_s: Optional[float] = Field(
+        1800.0,
+        gt=0,
+        description="An engine that has not answered a call (a step's generation, a weight push) in "
+        "this many seconds is taken for hung and restarted. 30 min is far above any step's "
+        "generation on these recipes; None waits forever.",
+    )
 
     def diffusion_settings(self) -> dict | None:
         """The masked-diffusion engine's keyword arguments (make_engine's `diffusion`); None otherwise."""
@@ -430,7 +445,26 @@ class SyncConfig(Section):
 class TrainConfig(Section):
     steps: int = Field(20, ge=1, description="Rollout-train-sync iterations.")
     prompts_per_step: int = Field(8, ge=1, description="Prompts sampled per step (each gets group_size completions for GRPO).")
-    save_final: bool = Field(True, description="Write the final model as an HF folder in <run>/final.")
+    save_final: bool = Field(
+        True,
+        description="Write the final model as an HF folder in <run>/final (never from a run stopped "
+        "by a divergence guard or an interrupt).",
+    )
+    max_skipped_updates: int = Field(
+        1,
+        ge=0,
+        description="Updates with a non-finite loss or gradient norm are skipped (no optimizer step, "
+        "counted as `skipped_updates`); this many in a row are tolerated, one more stops the run. "
+        "1: a single bad batch (an overflow on one odd sequence) is ridden out, a second in a row "
+        "means the weights or the data are broken.",
+    )
+    stop_on_collapse: bool = Field(
+        True,
+        description="Stop the run (no final model) when the policy collapses: its entropy reaches "
+        "about ln(vocabulary size), the uniform distribution, after starting well below it, or its "
+        "gradient is exactly 0 while the advantages are not (dead weights, as after lr=1e3). Off: "
+        "only a loud warning.",
+    )
 
 
 class TrackingConfig(Section):
@@ -438,6 +472,12 @@ class TrackingConfig(Section):
     run_name: Optional[str] = Field(None, description="Run directory name; None: <recipe>-<timestamp>.")
     wandb: bool = Field(False, description="Log to Weights & Biases (needs `wandb` installed and configured).")
     tensorboard: bool = Field(False, description="Write TensorBoard events (needs `tensorboard`).")
+    verbose: bool = Field(
+        False,
+        description="Show the engines' and learner ranks' own output (vLLM, DeepSpeed) on the console, as "
+        "`--verbose` does. Off, it stays in their log files, copied to <run>/logs at the end, and the "
+        "console shows the progress, the warnings that matter and a summary.",
+    )
 
 
 BENCHMARKS = ("gsm8k", "math500", "amc23", "aime24")
@@ -529,6 +569,12 @@ class EvalConfig(Section):
 
 class CheckpointConfig(Section):
     """Run-state checkpoints for exact resume: `python -m rl.launch resume=RUN_DIR`."""
+
+    on_interrupt: bool = Field(
+        True,
+        description="On Ctrl-C or SIGTERM, finish the current step and save a checkpoint of it (even "
+        "with every_steps=0), so that `resume=` continues the run; false stops without saving.",
+    )
 
     every_steps: int = Field(
         0,

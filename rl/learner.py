@@ -80,7 +80,8 @@ def _deepspeed_config(cfg: LearnerConfig, dtype: str, world_size: int) -> dict:
         "train_batch_size": cfg.micro_batch_size * world_size,
         "gradient_clipping": cfg.max_grad_norm,
         "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": dtype == "bfloat16"},
+        # check_grad_overflow: a non-finite gradient skips the step in bf16 too, as in fp32.
+        "bf16": {"enabled": dtype == "bfloat16", "check_grad_overflow": True},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -541,7 +542,8 @@ class LearnerWorker:
 
         Returns the loss_fn metrics summed over micro-batches, `loss` (the sum of the scalars
         differentiated, i.e. this rank's share of the step's global loss), `grad_norm` (before
-        clipping) and `lr` (the one this step used).
+        clipping), `lr` (the one this step used) and `update_skipped` (1 when a non-finite loss or
+        gradient norm made DeepSpeed skip the optimizer step on every rank, else 0).
         """
         self.engine.train()
         micro = self._micro_batches(batch, num_micro_batches)
@@ -559,6 +561,11 @@ class LearnerWorker:
             loss, part = self.engine(mb=mb, fn=fn)
             if pair:
                 _add_metrics(metrics, {**part, "loss": loss.item()})
+                if not torch.isfinite(loss):
+                    # NaN gradients make DeepSpeed's own overflow check (agreed over ranks) skip the
+                    # step and clear its gradient buffers: a finite gradient from a non-finite loss
+                    # (a NaN that entered as a constant) must not be applied either.
+                    loss = loss * float("nan")
             # Data parallelism AVERAGES gradients over ranks; the loss is already a share of the
             # global sum, so scaling by world_size turns that average back into the sum.
             # scale_wrt_gas=False: the micro-batch losses are summed, not averaged.
@@ -567,7 +574,8 @@ class LearnerWorker:
         self.engine.step()
         if self.ema is not None:
             self._update_ema()
-        return {**metrics, "grad_norm": float(self.engine.get_global_grad_norm()), "lr": lr}
+        skipped = not self.engine.was_step_applied()  # a non-finite gradient norm: no update made
+        return {**metrics, "grad_norm": float(self.engine.get_global_grad_norm()), "lr": lr, "update_skipped": float(skipped)}
 
     @torch.no_grad()
     def compute_logprobs(
@@ -700,6 +708,13 @@ class LearnerWorker:
 # ---------------------------------------------------------------------------------------------
 
 
+RANK_AGREED = ("grad_norm", "lr", "update_skipped")  # the same on every rank: not summed
+
+
+class LearnerRankError(RuntimeError):
+    """A learner rank failed or died; the others may be stuck in a collective with it."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -753,7 +768,7 @@ class LearnerGroup:
                 results[rank_of[ref]] = ray.get(ref)
             except ray.exceptions.RayError as e:
                 cause = getattr(e, "cause", None) or e
-                raise RuntimeError(
+                raise LearnerRankError(
                     f"learner rank {rank_of[ref]} of {len(refs)} failed in {what}: {type(cause).__name__}: {cause}"
                 ) from e
         return results
@@ -766,14 +781,14 @@ class LearnerGroup:
 
     def train_step(self, batch: SequenceBatch, loss_fn, temperature: float = 1.0) -> dict[str, float]:
         """One optimizer step on the whole batch: metrics (with `loss`, the step's global loss) summed
-        over ranks, grad_norm and lr of rank 0."""
+        over ranks, grad_norm, lr and update_skipped of rank 0 (every rank has the same)."""
         shards, count = self._shards(batch)
         refs = [w.train_step.remote(s, loss_fn, temperature, count) for w, s in zip(self.workers, shards)]
         results = self._wait(refs, "train_step")
         metrics: dict[str, float] = {}
         for r in results:
-            _add_metrics(metrics, {k: v for k, v in r.items() if k not in ("grad_norm", "lr")})
-        return {**metrics, "grad_norm": results[0]["grad_norm"], "lr": results[0]["lr"]}
+            _add_metrics(metrics, {k: v for k, v in r.items() if k not in RANK_AGREED})
+        return {**metrics, **{k: results[0][k] for k in RANK_AGREED}}
 
     def compute_logprobs(
         self,

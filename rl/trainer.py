@@ -14,10 +14,11 @@ from rl.algorithms import Rollouts, build_algorithm
 from rl.algorithms.base import SampledRound
 from rl.batch import SequenceBatch
 from rl.config import PROJECT_ROOT, RunConfig
-from rl.data import PromptStream, build_prompt, load_rows
+from rl.data import DataError, PromptStream, build_prompt, check_prompts_fit, load_rows
 from rl.evaluate import Evaluator, eval_due
-from rl.models import resolve_model_path
-from rl.tracking import Tracker
+from rl.guards import DivergenceGuard, EngineRecovery, GracefulStop, RunStopped, checkpoint_note, has_signal
+from rl.models import resolve_model_path, vocab_size
+from rl.tracking import Console, Tracker, keep_actor_logs
 from rewards.scoring import RewardScorer, log_failures
 from rollouts.types import ScoringRequest
 
@@ -38,7 +39,11 @@ def init_ray(cfg: RunConfig) -> None:
     paths = [str(PROJECT_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     # Ray's CPU count is a scheduling budget, not a thread limit: allow the actors to share cores.
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False, log_to_driver=True)
+    # Actors' output stays in their log files (copied to <run>/logs) unless tracking.verbose.
+    import logging
+
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False,
+             log_to_driver=cfg.tracking.verbose, logging_level=logging.INFO if cfg.tracking.verbose else logging.ERROR)
 
 
 def check_weight_sync(pool, learners, batch: SequenceBatch, n_sequences: int, threshold: float) -> dict[str, float]:
@@ -74,8 +79,9 @@ def _take_prompts(stream: PromptStream, n: int, cfg: RunConfig, tokenizer) -> tu
             if len(ids) > cfg.data.max_prompt_tokens:
                 skipped += 1
                 if skipped > 100 * n:
-                    raise ValueError(
-                        f"Nearly every prompt is longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens}; raise it."
+                    raise DataError(
+                        f"Nearly every prompt is longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens} "
+                        f"({skipped} skipped for {len(rows)} kept); raise data.max_prompt_tokens."
                     )
                 continue
             rows.append(row)
@@ -173,12 +179,15 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
+def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulStop | None = None,
+          console: Console | None = None) -> dict:
     """Run cfg.train.steps steps, with `resume` from run_dir's newest checkpoint on; returns the
-    last step's metrics."""
+    last step's metrics. Raises RunStopped when a guard stops the run, when the engines fail past
+    rollout.max_restarts, when a learner rank dies, or (after saving a checkpoint) when `stop`
+    saw Ctrl-C / SIGTERM: then no final model is written."""
     from transformers import AutoTokenizer
 
-    from rl.learner import DiffusionForward, LearnerGroup
+    from rl.learner import DiffusionForward, LearnerGroup, LearnerRankError
     from rollouts.diffusion import resolve_mask_id
     from rollouts.pool import RolloutPool
 
@@ -187,6 +196,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     stream = PromptStream(load_rows(cfg.data, cfg.seed), cfg.seed, shuffle=cfg.data.shuffle)
+    check_prompts_fit(stream.rows, cfg.data, tokenizer)  # in seconds, before the cluster starts
     algorithm = build_algorithm(cfg)
     algorithm.attach_tokenizer(tokenizer)
     scorer = RewardScorer.from_config(cfg.reward, max_tokens=cfg.rollout.max_tokens)
@@ -214,6 +224,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         trust_remote_code=cfg.model.trust_remote_code,
         diffusion=cfg.rollout.diffusion_settings(),
+        timeout_s=cfg.rollout.timeout_s,
     )
     learners = LearnerGroup(
         model_path,
@@ -227,19 +238,35 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         diffusion=diffusion,
     )
     done = checkpoint.resume(run_dir, cfg, learners, pool, stream) if resume else checkpoint.TrainerState()
-    tracker = Tracker(run_dir, cfg.train.steps, cfg.model_dump(mode="json"), cfg.tracking.wandb, cfg.tracking.tensorboard)
+    console = console or Console(cfg.train.steps, done.step + 1)
+    tracker = Tracker(run_dir, cfg.train.steps, cfg.model_dump(mode="json"), cfg.tracking.wandb, cfg.tracking.tensorboard,
+                      console=console)
+    guard = DivergenceGuard(cfg.train.max_skipped_updates, cfg.train.stop_on_collapse,
+                            vocab_size(model_path, tokenizer), run_dir, warn=console.line)
+    recovery = EngineRecovery(pool, learners.full_state_dict, cfg.rollout.max_restarts, run_dir, warn=console.line)
     temperature = algorithm.loss_temperature()
     rollout_tokens = done.cumulative_rollout_tokens
     metrics: dict = {}
+    saved_step = done.step if resume else -1
     try:
         if evaluator is not None and done.step == 0 and eval_due(cfg.eval, 0, cfg.train.steps):
             tracker.log(0, {**evaluator.run(pool, run_dir / "eval" / "step_000000"), "cumulative_rollout_tokens": 0})
         for step in range(done.step + 1, cfg.train.steps + 1):
-            pool.set_step_seed(checkpoint.step_seed(cfg.seed, step))
-            collected = collect_rollouts(stream, pool, scorer, algorithm, spec, cfg, tokenizer)
+            if stop is not None and stop.requested:
+                _stop_on_signal(stop, step - 1, saved_step, run_dir, cfg, learners, stream, rollout_tokens)
+            console.stage("generation")
+            step_start = stream.position
+
+            def generate(step=step, step_start=step_start):
+                stream.position = step_start  # a retried step takes the same prompts
+                pool.set_step_seed(checkpoint.step_seed(cfg.seed, step))
+                return collect_rollouts(stream, pool, scorer, algorithm, spec, cfg, tokenizer)
+
+            collected = recovery.run(step, "generation", generate)
             log_failures(run_dir / "reward_failures.jsonl", step, collected.failures)
             rollouts, flat = collected.rollouts, collected.generated
             t2 = time.time()
+            console.stage("learner")
 
             batch, algo_metrics = algorithm.build_batch(rollouts)
             if algorithm.needs_reference:
@@ -249,10 +276,15 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
                 algo_metrics.update(algorithm.use_policy_scores(batch, *scores))
             for _ in range(algorithm.updates_per_batch):
                 train_metrics = learners.train_step(batch, algorithm.loss, temperature)
+                guard.record_update(step, train_metrics)
             t3 = time.time()
+            console.stage("weight sync")
 
-            pool.update_weights(learners.full_state_dict())
-            sync_metrics = check_weight_sync(pool, learners, batch, cfg.sync.check_sequences, cfg.sync.max_logprob_gap)
+            def push_and_check():
+                pool.update_weights(learners.full_state_dict())
+                return check_weight_sync(pool, learners, batch, cfg.sync.check_sequences, cfg.sync.max_logprob_gap)
+
+            sync_metrics = recovery.run(step, "weight sync", push_and_check)
             t4 = time.time()
 
             lengths = [len(c.token_ids) for c, _ in flat]
@@ -274,6 +306,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
                 "loss": train_metrics.pop("loss", float("nan")),
                 "grad_norm": train_metrics.pop("grad_norm", float("nan")),
                 "lr": train_metrics.pop("lr", float("nan")),
+                "skipped_updates": guard.skipped,
+                "engine_restarts": recovery.restarts,
                 **{k.removesuffix("_sum"): v / tokens for k, v in train_metrics.items() if k.endswith("_sum")},
                 **sync_metrics,
                 "time/generation": collected.generation_s,
@@ -290,11 +324,38 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             tracker.log(step, metrics)
             if checkpoint.save_due(cfg, step):
                 checkpoint.save(run_dir, cfg, learners, checkpoint.TrainerState(step, stream.position, rollout_tokens))
+                saved_step = step
+            guard.check(step, metrics, has_signal(batch.token_fields))
         if cfg.train.save_final:
+            console.stage("saving the final model")
             learners.save_hf(str(run_dir / "final"))
+    except LearnerRankError as e:
+        raise RunStopped(f"{e}. A learner rank cannot be replaced mid-run, so the run stops here. {checkpoint_note(run_dir)}") from None
     finally:
         scorer.close()
         tracker.close()
         pool.close()
         learners.close()
+        _after_run(run_dir, console)
     return metrics
+
+
+def _stop_on_signal(stop: GracefulStop, step: int, saved_step: int, run_dir: Path, cfg: RunConfig, learners, stream,
+                    rollout_tokens: int) -> None:
+    """The safe point after `step` once Ctrl-C / SIGTERM came: save (unless told not to), then stop."""
+    if step >= 1 and cfg.checkpoint.on_interrupt and saved_step != step:
+        checkpoint.save(run_dir, cfg, learners, checkpoint.TrainerState(step, stream.position, rollout_tokens))
+    raise RunStopped(f"Stopped after step {step} of {cfg.train.steps} on request. {checkpoint_note(run_dir)}",
+                     exit_code=stop.exit_code)
+
+
+def _after_run(run_dir: Path, console: Console) -> None:
+    """Whatever happened: the actors' logs into <run>/logs, the curves into <run>/curves.png."""
+    from rl.plot import draw
+
+    keep_actor_logs(run_dir)
+    if (run_dir / "metrics.jsonl").exists():
+        try:
+            draw(run_dir)
+        except Exception as e:  # a plot must never hide why the run ended
+            console.line(f"warning: could not draw {run_dir / 'curves.png'}: {type(e).__name__}: {e}")
