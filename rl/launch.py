@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         # Errors that name their cause and fix: one paragraph, not a traceback through Ray.
         _fail(str(e))
     except RunStopped as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        print(f"stopped: {e}" if e.exit_code == 1 else str(e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, wherever the run was
         from rl.guards import checkpoint_note
