@@ -198,6 +198,24 @@ def test_console_without_a_terminal_is_one_line_per_step():
     assert "tok/s" in lines[0] and "s/step" in lines[0] and "ETA" in lines[0]
 
 
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_console_on_a_terminal_is_a_live_bar_with_lines_above_it():
+    out = _Terminal()
+    console = Console(total_steps=4, first_step=2, stream=out)  # a resumed run: step 1 was done before
+    console.stage("generation")
+    assert "generation" in out.getvalue() and "1/4" in out.getvalue()
+    console.line("warning: something that matters")
+    console.step(2, {"reward": 0.5, "rollout_tokens": 100})
+    console.close()
+    text = out.getvalue()
+    assert "warning: something that matters\n" in text
+    assert "2/4" in text and "reward 0.500" in text and "tok/s" in text and "s/step" in text
+
+
 def _metrics(step):
     return {"reward": 0.1 * step, "accuracy": 0.05 * step, "response_length": 10.0 + step, "entropy": 2.0 - 0.1 * step,
             "kl": 0.01 * step, "logprob_gap": 1e-6, "cumulative_rollout_tokens": 100 * step, "time/generation": 1.0,

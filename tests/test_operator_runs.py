@@ -185,3 +185,27 @@ def test_ctrl_c_stops_at_a_step_with_a_checkpoint_a_quiet_console_and_no_leftove
     assert any(p.suffix == ".err" for p in (run_dir / "logs").iterdir())
     assert (run_dir / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
     assert left == []
+
+
+def test_dead_learner_rank_stops_the_run_naming_its_checkpoint(task, ray_session, tmp_path, monkeypatch):
+    from rl.learner import LearnerGroup
+    from rl.trainer import train
+
+    calls = []
+    real_train_step = LearnerGroup.train_step
+
+    def train_step(self, batch, loss_fn, temperature=1.0):
+        calls.append(1)
+        if len(calls) == 3:  # step 3: the learner rank's process dies with SIGKILL
+            pid = ray.get(self.workers[0].__ray_call__.remote(lambda worker: os.getpid()))
+            os.kill(pid, signal.SIGKILL)
+        return real_train_step(self, batch, loss_fn, temperature)
+
+    monkeypatch.setattr(LearnerGroup, "train_step", train_step)
+    cfg = load_config(None, _overrides(task, tmp_path, "learner", 4, ["checkpoint.every_steps=2"]))
+    run_dir = tmp_path / "learner"
+    run_dir.mkdir()
+    with pytest.raises(RunStopped, match=r"learner rank 0 of 1 failed in train_step.*step_000002 \(step 2\).*resume="):
+        train(cfg, run_dir)
+    assert [r["step"] for r in _records(run_dir)] == [1, 2]
+    assert not (run_dir / "final").exists()
