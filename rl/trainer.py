@@ -330,7 +330,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
             console.stage("saving the final model")
             learners.save_hf(str(run_dir / "final"))
     except LearnerRankError as e:
-        raise RunStopped(f"{e}. A learner rank cannot be replaced mid-run, so the run stops here. {checkpoint_note(run_dir)}") from None
+        cause = str(e).splitlines()[0].rstrip(".")  # Ray's death notice goes on for lines
+        raise RunStopped(f"{cause}. A learner rank cannot be replaced mid-run, so the run stops here. {checkpoint_note(run_dir)}") from None
     finally:
         scorer.close()
         tracker.close()

@@ -205,7 +205,7 @@ def test_dead_learner_rank_stops_the_run_naming_its_checkpoint(task, ray_session
     cfg = load_config(None, _overrides(task, tmp_path, "learner", 4, ["checkpoint.every_steps=2"]))
     run_dir = tmp_path / "learner"
     run_dir.mkdir()
-    with pytest.raises(RunStopped, match=r"learner rank 0 of 1 failed in train_step.*step_000002 \(step 2\).*resume="):
+    with pytest.raises(RunStopped, match=r"learner rank 0 of 1 failed in train_step: ActorDiedError: [^\n]*\. A learner rank cannot be replaced.*step_000002 \(step 2\).*resume="):
         train(cfg, run_dir)
     assert [r["step"] for r in _records(run_dir)] == [1, 2]
     assert not (run_dir / "final").exists()
