@@ -18,6 +18,9 @@ from pathlib import Path
 # Entropy above this fraction of ln(V) is taken for the uniform distribution (ln(V) itself is the
 # maximum); a trained LM sits far below it (about 0.5-3 nats against ln(49152) = 10.8 for SmolLM2).
 UNIFORM_ENTROPY_FRACTION = 0.9
+# ... and it counts as a collapse only for a policy that started well below it: a randomly
+# initialised or barely trained model starts near uniform, and noise there must not stop a run.
+HEALTHY_ENTROPY_FRACTION = 0.75
 
 
 class RunStopped(RuntimeError):
@@ -110,7 +113,7 @@ class DivergenceGuard:
             if self.first_entropy is None:
                 # A randomly initialised model starts uniform: only a rise to it is a collapse.
                 self.first_entropy = entropy
-            elif near_uniform and self.first_entropy < UNIFORM_ENTROPY_FRACTION * self.uniform_entropy:
+            elif near_uniform and self.first_entropy < HEALTHY_ENTROPY_FRACTION * self.uniform_entropy:
                 return (
                     f"its entropy is {entropy:.2f} nats per token, about ln(vocabulary) = {self.uniform_entropy:.2f}, "
                     f"the uniform distribution (it was {self.first_entropy:.2f} at the start)"

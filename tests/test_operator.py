@@ -148,6 +148,9 @@ def test_guard_collapse_rules(tmp_path):
     guard.check(1, {"entropy": 0.9 * uniform, "grad_norm": 1.0}, True)  # started uniform (random init): not a collapse
     guard.check(2, {"entropy": uniform, "grad_norm": 1.0}, True)
     guard, _ = _guard(tmp_path)
+    guard.check(1, {"entropy": 0.8 * uniform, "grad_norm": 1.0}, True)  # barely trained: too close to tell
+    guard.check(2, {"entropy": uniform, "grad_norm": 1.0}, True)
+    guard, _ = _guard(tmp_path)
     guard.check(1, {"entropy": 2.0, "grad_norm": 1.0}, True)
     guard.check(2, {"entropy": 0.85 * uniform, "grad_norm": 1.0}, True)  # high, but not uniform
     with pytest.raises(RunStopped, match=r"collapsed at step 3.*entropy is 6.91.*ln\(vocabulary\) = 6.91"):
