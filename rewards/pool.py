@@ -44,9 +44,14 @@ class Outcome:
 
 
 def _worker_main(conn, refs: list[str]) -> None:
+    import signal
+
     from rewards.math import disable_signal_timeouts
     from rewards.registry import get_reward
 
+    # A terminal's Ctrl-C reaches the whole process group: the trainer decides when workers stop
+    # (it closes their pipes or kills them), so the signal must not end one mid-task with a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         disable_signal_timeouts()
         import math_verify  # noqa: F401  (its ~1 s import must not count against a task's deadline)

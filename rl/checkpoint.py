@@ -51,9 +51,15 @@ RESUME_OVERRIDABLE = (
     "checkpoint.keep_last",
     "tracking.wandb",
     "tracking.tensorboard",
+    "tracking.verbose",
     "eval.every_steps",  # evaluation samples after a step; the next step reseeds the engines
     "sync.check_sequences",  # a read-only check
     "reward.workers",  # where rewards run, not what they return
+    "rollout.max_restarts",  # how failures are handled, not what a step computes
+    "rollout.timeout_s",
+    "train.max_skipped_updates",
+    "train.stop_on_collapse",
+    "checkpoint.on_interrupt",
 )
 
 

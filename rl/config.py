@@ -200,6 +200,21 @@ class RolloutConfig(Section):
         "on a cluster without GPUs.",
     )
     engine_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per engine actor (threads follow the node's cores, see ray.placement).")
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="Engines that die or stop answering (rollout.timeout_s) are restarted with the "
+        "learner's current weights and the step's generation is retried, at most this many times in "
+        "a run; then the run stops. An engine holds no state but its weights, so a restart loses "
+        "nothing; 3 rides out the odd crash without looping on one that recurs every step.",
+    )
+    timeout_s: Optional[float] = Field(
+        1800.0,
+        gt=0,
+        description="An engine that has not answered a call (a step's generation, a weight push) in "
+        "this many seconds is taken for hung and restarted. 30 min is far above any step's "
+        "generation on these recipes; None waits forever.",
+    )
 
     def diffusion_settings(self, prompt_mask_prob: float = 0.0) -> dict | None:
         """The masked-diffusion engine's keyword arguments (make_engine's `diffusion`); None otherwise.
@@ -545,7 +560,19 @@ class RayConfig(Section):
 class TrainConfig(Section):
     steps: int = Field(20, ge=1, description="Rollout-train-sync iterations.")
     prompts_per_step: int = Field(8, ge=1, description="Prompts sampled per step (each gets group_size completions for GRPO).")
-    save_final: bool = Field(True, description="Write the final model as an HF folder in <run>/final.")
+    save_final: bool = Field(
+        True,
+        description="Write the final model as an HF folder in <run>/final (never from a run stopped "
+        "by a divergence guard or an interrupt).",
+    )
+    max_skipped_updates: int = Field(
+        1,
+        ge=0,
+        description="Updates with a non-finite loss or gradient norm are skipped (no optimizer step, "
+        "counted as `skipped_updates`); this many in a row are tolerated, one more stops the run. "
+        "1: a single bad batch (an overflow on one odd sequence) is ridden out, a second in a row "
+        "means the weights or the data are broken.",
+    )
     max_staleness: int = Field(
         0, ge=0, description="0: strictly on-policy, generation and training take turns. k >= 1: the "
         "engines generate the next step's rollouts while the learner trains (one step ahead, so a "
@@ -555,6 +582,13 @@ class TrainConfig(Section):
         "Needs ray.placement=split, reward.workers >= 1 (rewards are scored off the main thread) and "
         "no checkpoints (in-flight rollouts are not yet restored on resume).",
     )
+    stop_on_collapse: bool = Field(
+        True,
+        description="Stop the run (no final model) when the policy collapses: its entropy reaches "
+        "about ln(vocabulary size), the uniform distribution, after starting well below it, or its "
+        "gradient is exactly 0 while the advantages are not (dead weights, as after lr=1e3). Off: "
+        "only a loud warning.",
+    )
 
 
 class TrackingConfig(Section):
@@ -562,6 +596,12 @@ class TrackingConfig(Section):
     run_name: Optional[str] = Field(None, description="Run directory name; None: <recipe>-<timestamp>.")
     wandb: bool = Field(False, description="Log to Weights & Biases (needs `wandb` installed and configured).")
     tensorboard: bool = Field(False, description="Write TensorBoard events (needs `tensorboard`).")
+    verbose: bool = Field(
+        False,
+        description="Show the engines' and learner ranks' own output (vLLM, DeepSpeed) on the console, as "
+        "`--verbose` does. Off, it stays in their log files, copied to <run>/logs at the end, and the "
+        "console shows the progress, the warnings that matter and a summary.",
+    )
 
 
 BENCHMARKS = ("gsm8k", "math500", "amc23", "aime24")
@@ -765,6 +805,12 @@ class SFTConfig(Section):
 
 class CheckpointConfig(Section):
     """Run-state checkpoints for exact resume: `python -m rl.launch resume=RUN_DIR`."""
+
+    on_interrupt: bool = Field(
+        True,
+        description="On Ctrl-C or SIGTERM, finish the current step and save a checkpoint of it (even "
+        "with every_steps=0), so that `resume=` continues the run; false stops without saving.",
+    )
 
     every_steps: int = Field(
         0,

@@ -70,6 +70,9 @@ def _read_hub(name: str, config: str | None, split: str) -> list[dict]:
     return [dict(r) for r in ds]
 
 
+_ANNOUNCED: set[Path] = set()  # local copies found missing, said once per process
+
+
 def read_source(source: str, split: str, local_dir: str | None) -> list[dict]:
     if source.startswith(SYNTHETIC_PREFIX):
         from rl.tiny import synthetic_rows
@@ -80,15 +83,22 @@ def read_source(source: str, split: str, local_dir: str | None) -> list[dict]:
         if not path.exists():
             raise DataError(f"Data file {path} does not exist. Check `data.train` (paths are relative to {PROJECT_ROOT}).")
         return _read_jsonl(path)
+    hub_name, hub_config = HUB_NAMES.get(source, (source, None))
     if local_dir is not None and source in HUB_NAMES:
         path = _resolve(local_dir) / source / f"{split}.jsonl"
-        if not path.exists():
+        if path.exists():
+            return _read_jsonl(path)
+        if path not in _ANNOUNCED:
+            _ANNOUNCED.add(path)
+            print(f"[data] no local copy at {path} (data.local_dir={local_dir!r}): loading {hub_name} from the hub", flush=True)
+        try:
+            return _read_hub(hub_name, hub_config, split)
+        except DataError as e:
             raise DataError(
-                f"{path} does not exist: `data.local_dir` is {local_dir!r} but has no {source}/{split}.jsonl. "
-                "Fix `data.local_dir`, or set it to null to load from the hub."
-            )
-        return _read_jsonl(path)
-    hub_name, hub_config = HUB_NAMES.get(source, (source, None))
+                f"{source} ({split}) is neither in `data.local_dir` ({path} does not exist) nor loadable from "
+                f"the hub ({e}). Fix `data.local_dir` to a folder holding {source}/{split}.jsonl, or give the "
+                "machine access to the hub."
+            ) from None
     return _read_hub(hub_name, hub_config, split)
 
 
@@ -120,6 +130,37 @@ def filter_rows(raw: list[dict], cfg: DataConfig) -> list[dict]:
     if len(rows) < len(raw):
         print(f"[data] kept {len(rows)} of {len(raw)} rows (data.type_filter / data.dedupe_by)", flush=True)
     return rows
+
+
+def check_local_paths(cfg: DataConfig) -> list[str]:
+    """Without reading anything: raise DataError for a data file that does not exist; return notes
+    (a missing local copy that the hub will replace) for the dry run to print."""
+    if cfg.train.endswith(".jsonl"):
+        path = _resolve(cfg.train)
+        if not path.is_file():
+            raise DataError(f"Data file {path} does not exist. Check `data.train` (paths are relative to {PROJECT_ROOT}).")
+        return []
+    if cfg.local_dir is None or cfg.train not in HUB_NAMES:
+        return []
+    root = _resolve(cfg.local_dir)
+    if not root.is_dir():
+        note = f"data.local_dir {root} does not exist"
+    elif not (root / cfg.train / f"{cfg.split}.jsonl").is_file():
+        note = f"{root / cfg.train / f'{cfg.split}.jsonl'} does not exist"
+    else:
+        return []
+    return [f"{note}: {cfg.train} will be loaded from the hub ({HUB_NAMES[cfg.train][0]}); fix data.local_dir if that is not meant."]
+
+
+def check_prompts_fit(rows: list[dict], cfg: DataConfig, tokenizer, sample: int = 200) -> None:
+    """Raise DataError if none of the first `sample` rows' prompts fits data.max_prompt_tokens."""
+    lengths = [len(build_prompt(row, cfg, tokenizer)) for row in rows[:sample]]
+    if lengths and min(lengths) > cfg.max_prompt_tokens:
+        raise DataError(
+            f"data.max_prompt_tokens={cfg.max_prompt_tokens} is smaller than every prompt: the first {len(lengths)} "
+            f"prompts are {min(lengths)} to {max(lengths)} tokens long (chat template and instruction included). "
+            f"Raise data.max_prompt_tokens to at least {min(lengths)} (more, to keep most prompts)."
+        )
 
 
 def normalize_row(

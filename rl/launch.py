@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-USAGE = """usage: python -m rl.launch recipe=NAME [key=value ...] [--print-config] [--dry-run]
-       python -m rl.launch resume=RUN_DIR [key=value ...] [--print-config] [--dry-run]
+USAGE = """usage: python -m rl.launch recipe=NAME [key=value ...] [--print-config] [--dry-run] [--verbose]
+       python -m rl.launch resume=RUN_DIR [key=value ...] [--print-config] [--dry-run] [--verbose]
 
   recipe=NAME      a file recipes/NAME.yaml (or a path to a .yaml file)
   key=value        override any option by its dotted name, e.g. train.steps=5 grpo.kl_coef=0.01
@@ -20,10 +20,20 @@ USAGE = """usage: python -m rl.launch recipe=NAME [key=value ...] [--print-confi
                    run again exactly as they first did and replace their records. Overrides
                    may only change what leaves the math alone: train.steps (to extend a run),
                    train.save_final, checkpoint.*, tracking.wandb, tracking.tensorboard,
-                   eval.every_steps, sync.check_sequences, reward.workers
+                   eval.every_steps, sync.check_sequences, reward.workers, rollout.max_restarts,
+                   rollout.timeout_s, train.max_skipped_updates, train.stop_on_collapse,
+                   checkpoint.on_interrupt
   --print-config   print the resolved config
   --dry-run        resolve and validate everything (config, algorithm, rewards, data source,
-                   model path) without loading models or downloading anything, then exit
+                   model path) without loading models or downloading anything, then exit;
+                   every local path named (data files, data.local_dir, model folder, reward
+                   files) must exist
+  --verbose        show the engines' and learners' own logs on the console (tracking.verbose);
+                   otherwise they go to RUN_DIR/logs
+
+Ctrl-C or SIGTERM stops the run after the current step, saves a checkpoint (unless
+checkpoint.on_interrupt=false) and prints the resume= command; exit code 130 / 143.
+A run stopped by a divergence guard or by engines failing past rollout.max_restarts exits 1.
 """
 
 
@@ -32,9 +42,11 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def _validate(cfg) -> None:
-    """Resolve every name in the config now, so typos cost seconds, not a started cluster."""
+def _validate(cfg) -> list[str]:
+    """Resolve every name in the config now, so typos cost seconds, not a started cluster; returns
+    notes worth showing (a local data copy missing, the hub standing in)."""
     from rl.algorithms import build_algorithm
+    from rl.data import check_local_paths
     from rl.models import check_model_path
     from rewards import get_reward
 
@@ -42,6 +54,7 @@ def _validate(cfg) -> None:
     for spec in cfg.reward.functions:
         get_reward(spec.name)
     check_model_path(cfg.model.path)
+    return check_local_paths(cfg.data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,10 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     flags = {a for a in argv if a.startswith("--")}
-    unknown_flags = flags - {"--print-config", "--dry-run"}
+    unknown_flags = flags - {"--print-config", "--dry-run", "--verbose"}
     if unknown_flags:
         _fail(f"unknown flag(s) {', '.join(sorted(unknown_flags))}.\n{USAGE}")
     args = [a for a in argv if not a.startswith("--")]
+    if "--verbose" in flags:
+        args.append("tracking.verbose=true")
     recipe = resume_dir = None
     overrides = []
     for a in args:
@@ -75,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     user_errors = (ConfigError, ModelError, DataError, RewardError, KeyError, ImportError, AttributeError)
     try:
         cfg = checkpoint.resume_config(resume_dir, overrides) if resume_dir else load_config(recipe, overrides)
-        _validate(cfg)
+        notes = _validate(cfg)
     except user_errors as e:
         _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if "--print-config" in flags:
         print(cfg.to_yaml())
     if "--dry-run" in flags:
@@ -91,17 +108,39 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     # Atomic: a resume reads it back, and the run may be killed at any moment.
     checkpoint.atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-    print(f"run directory: {run_dir}", file=sys.stderr)
+    print(
+        f"run directory: {run_dir}\n{cfg.algorithm} on {cfg.data.train} with {cfg.model.path}, {cfg.train.steps} steps; "
+        f"engine and learner logs in {run_dir / 'logs'}" + ("" if cfg.tracking.verbose else " (--verbose to show them)"),
+        file=sys.stderr,
+    )
 
+    from rl.guards import GracefulStop, RunStopped
     from rl.trainer import WeightSyncError, train
     from rollouts.pool import RolloutEngineError
 
+    started = time.time()
+    stop = GracefulStop(announce=lambda message: print(f"\n{message}", file=sys.stderr, flush=True))
     try:
-        train(cfg, run_dir, resume=resume_dir is not None)
+        with stop:
+            metrics = train(cfg, run_dir, resume=resume_dir is not None, stop=stop)
     except (ModelError, DataError, RewardError, checkpoint.CheckpointError, WeightSyncError, RolloutEngineError) as e:
         # Errors that name their cause and fix: one paragraph, not a traceback through Ray.
         _fail(str(e))
-    print(f"done: metrics in {run_dir / 'metrics.jsonl'}, final model in {run_dir / 'final'}", file=sys.stderr)
+    except RunStopped as e:
+        print(f"stopped: {e}" if e.exit_code == 1 else str(e), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, wherever the run was
+        from rl.guards import checkpoint_note
+
+        print(f"interrupted: stopped at once, nothing saved now. {checkpoint_note(run_dir)}", file=sys.stderr)
+        return 130
+    summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("reward", "accuracy") if k in metrics)
+    print(
+        f"done in {(time.time() - started) / 60:.1f} min{': last step ' + summary if summary else ''}. Metrics in "
+        f"{run_dir / 'metrics.jsonl'}, curves in {run_dir / 'curves.png'}"
+        + (f", final model in {run_dir / 'final'}" if cfg.train.save_final else ""),
+        file=sys.stderr,
+    )
     return 0
 
 

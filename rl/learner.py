@@ -78,7 +78,8 @@ def _deepspeed_config(cfg: LearnerConfig, dtype: str, world_size: int) -> dict:
         "train_batch_size": cfg.micro_batch_size * world_size,
         "gradient_clipping": cfg.max_grad_norm,
         "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": dtype == "bfloat16"},
+        # check_grad_overflow: a non-finite gradient skips the step in bf16 too, as in fp32.
+        "bf16": {"enabled": dtype == "bfloat16", "check_grad_overflow": True},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -573,9 +574,11 @@ class LearnerWorker:
 
         Returns the loss_fn metrics summed over micro-batches, `loss` (the sum of the scalars
         differentiated, i.e. this rank's share of the step's global loss), `grad_norm` (before
-        clipping) and `lr` (the one this step used). With `return_logprobs`: (those metrics, the
-        per-token log-probs the loss kept with `out.keep_logprobs`, in batch order), i.e. the
-        policy's scores before this update, without a forward of their own.
+        clipping), `lr` (the one this step used) and `update_skipped` (1 when a non-finite loss or
+        gradient norm made DeepSpeed skip the optimizer step on every rank, else 0). With
+        `return_logprobs`: (those metrics, the per-token log-probs the loss kept with
+        `out.keep_logprobs`, in batch order), i.e. the policy's scores before this update, without a
+        forward of their own.
         """
         self.engine.train()
         micro = self._micro_batches(batch, num_micro_batches)
@@ -601,6 +604,11 @@ class LearnerWorker:
                             "back with out.keep_logprobs(logp); this loss does not."
                         )
                     logprobs += _rows(kept, mb)
+                if not torch.isfinite(loss):
+                    # NaN gradients make DeepSpeed's own overflow check (agreed over ranks) skip the
+                    # step and clear its gradient buffers: a finite gradient from a non-finite loss
+                    # (a NaN that entered as a constant) must not be applied either.
+                    loss = loss * float("nan")
             # Data parallelism AVERAGES gradients over ranks; the loss is already a share of the
             # global sum, so scaling by world_size turns that average back into the sum.
             # scale_wrt_gas=False: the micro-batch losses are summed, not averaged.
@@ -609,7 +617,8 @@ class LearnerWorker:
         self.engine.step()
         if self.ema is not None:
             self._update_ema()
-        metrics = {**metrics, "grad_norm": float(self.engine.get_global_grad_norm()), "lr": lr}
+        skipped = not self.engine.was_step_applied()  # a non-finite gradient norm: no update made
+        metrics = {**metrics, "grad_norm": float(self.engine.get_global_grad_norm()), "lr": lr, "update_skipped": float(skipped)}
         return (metrics, logprobs) if return_logprobs else metrics
 
     @torch.no_grad()
@@ -742,6 +751,13 @@ class LearnerWorker:
 # ---------------------------------------------------------------------------------------------
 
 
+RANK_AGREED = ("grad_norm", "lr", "update_skipped")  # the same on every rank: not summed
+
+
+class LearnerRankError(RuntimeError):
+    """A learner rank failed or died; the others may be stuck in a collective with it."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -802,7 +818,7 @@ class LearnerGroup:
                 results[rank_of[ref]] = ray.get(ref)
             except ray.exceptions.RayError as e:
                 cause = getattr(e, "cause", None) or e
-                raise RuntimeError(
+                raise LearnerRankError(
                     f"learner rank {rank_of[ref]} of {len(refs)} failed in {what}: {type(cause).__name__}: {cause}"
                 ) from e
         return results
@@ -819,16 +835,17 @@ class LearnerGroup:
 
     def train_step(self, batch: SequenceBatch, loss_fn, temperature: float = 1.0, return_logprobs: bool = False):
         """One optimizer step on the whole batch: metrics (with `loss`, the step's global loss) summed
-        over ranks, grad_norm and lr of rank 0; with `return_logprobs` also the loss's kept token
-        log-probs of the whole batch in input order (LearnerWorker.train_step)."""
+        over ranks, grad_norm, lr and update_skipped of rank 0 (every rank has the same); with
+        `return_logprobs` also the loss's kept token log-probs of the whole batch in input order
+        (LearnerWorker.train_step)."""
         shards, count = self._shards(batch)
         refs = [w.train_step.remote(s, loss_fn, temperature, count, return_logprobs) for w, s in zip(self.workers, shards)]
         results = self._wait(refs, "train_step")
         parts = [r[0] for r in results] if return_logprobs else results
         metrics: dict[str, float] = {}
         for r in parts:
-            _add_metrics(metrics, {k: v for k, v in r.items() if k not in ("grad_norm", "lr")})
-        metrics = {**metrics, "grad_norm": parts[0]["grad_norm"], "lr": parts[0]["lr"]}
+            _add_metrics(metrics, {k: v for k, v in r.items() if k not in RANK_AGREED})
+        metrics = {**metrics, **{k: parts[0][k] for k in RANK_AGREED}}
         return (metrics, [row for r in results for row in r[1]]) if return_logprobs else metrics
 
     def compute_logprobs(

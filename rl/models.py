@@ -51,9 +51,34 @@ def _convert_gguf(package: str, filename: str, out_dir: Path) -> Path:
     return out_dir
 
 
+def check_model_folder(folder: Path) -> None:
+    """A local model folder must hold a config.json that names its architecture."""
+    import json
+
+    config = folder / "config.json"
+    if not config.exists():
+        raise ModelError(
+            f"Model folder {folder.resolve()} has no config.json: it is not a Hugging Face model "
+            "folder. Point `model.path` at the folder that holds config.json and the weights."
+        )
+    try:
+        data = json.loads(config.read_text())
+    except ValueError as e:
+        raise ModelError(f"{config.resolve()} is not valid JSON ({e}): the model folder is damaged or not a model.") from None
+    if not isinstance(data, dict) or not (data.get("architectures") or data.get("model_type")):
+        raise ModelError(
+            f"{config.resolve()} names no model (no `architectures` and no `model_type`): {folder.resolve()} is "
+            "not a Hugging Face model folder, or its config.json is damaged. Point `model.path` at a folder "
+            "written by save_pretrained (config.json, weights, tokenizer)."
+        )
+
+
 def check_model_path(path: str) -> None:
     """Fail now, without loading or downloading anything, if `path` cannot name a model."""
-    if path in EMBEDDED or path in BUILT or Path(path).expanduser().exists():
+    if path in EMBEDDED or path in BUILT:
+        return
+    if Path(path).expanduser().exists():
+        check_model_folder(Path(path).expanduser())
         return
     looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
     if not looks_like_hub_id:
@@ -87,11 +112,7 @@ def resolve_model_path(path: str) -> str:
         return str(out)
     local = Path(path).expanduser()
     if local.exists():
-        if not (local / "config.json").exists():
-            raise ModelError(
-                f"Model folder {local.resolve()} has no config.json: it is not a Hugging Face model "
-                "folder. Point `model.path` at the folder that holds config.json and the weights."
-            )
+        check_model_folder(local)
         return str(local.resolve())
     check_model_path(path)
     try:
@@ -105,3 +126,14 @@ def resolve_model_path(path: str) -> str:
             "`model.path` to its local folder, or use the embedded default "
             f"`model.path={next(iter(EMBEDDED))}`."
         ) from None
+
+
+def vocab_size(model_dir: str, tokenizer=None) -> int:
+    """Rows of the model's output layer (config.json's vocab_size), else the tokenizer's length."""
+    import json
+
+    try:
+        size = json.loads((Path(model_dir) / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError):
+        size = None
+    return int(size) if size else len(tokenizer)

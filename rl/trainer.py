@@ -15,12 +15,13 @@ from rl.algorithms import Rollouts, build_algorithm
 from rl.algorithms.base import SampledRound
 from rl.batch import SequenceBatch
 from rl.config import PROJECT_ROOT, RunConfig
-from rl.data import PromptStream, build_prompt, load_rows
+from rl.data import DataError, PromptStream, build_prompt, check_prompts_fit, load_rows
 from rl.evaluate import Evaluator, eval_due
+from rl.guards import DivergenceGuard, EngineRecovery, GracefulStop, RunStopped, checkpoint_note, has_signal
+from rl.models import resolve_model_path, vocab_size
 from rl.prompt_masks import prompt_mask_schedule
-from rl.models import resolve_model_path
-from rl.tracking import Tracker
-from rl.weight_sync import build_weight_sync
+from rl.tracking import Console, Tracker, keep_actor_logs
+from rl.weight_sync import ObjectStoreSync, build_weight_sync
 from rewards.scoring import RewardScorer, log_failures
 from rollouts.types import ScoringRequest
 
@@ -55,7 +56,11 @@ def init_ray(cfg: RunConfig) -> None:
         return
     wanted = cfg.rollout.num_engines * cfg.rollout.engine_cpus + cfg.learner.num_learners * cfg.learner.learner_cpus
     # Ray's CPU count is a scheduling budget, not a thread limit: allow the actors to share cores.
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False, log_to_driver=True)
+    # Actors' output stays in their log files (copied to <run>/logs) unless tracking.verbose.
+    import logging
+
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False,
+             log_to_driver=cfg.tracking.verbose, logging_level=logging.INFO if cfg.tracking.verbose else logging.ERROR)
 
 
 def place(cfg: RunConfig):
@@ -104,8 +109,9 @@ def _take_prompts(stream: PromptStream, n: int, cfg: RunConfig, tokenizer) -> tu
             if len(ids) > cfg.data.max_prompt_tokens:
                 skipped += 1
                 if skipped > 100 * n:
-                    raise ValueError(
-                        f"Nearly every prompt is longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens}; raise it."
+                    raise DataError(
+                        f"Nearly every prompt is longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens} "
+                        f"({skipped} skipped for {len(rows)} kept); raise data.max_prompt_tokens."
                     )
                 continue
             rows.append(row)
@@ -203,12 +209,15 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
+def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulStop | None = None,
+          console: Console | None = None) -> dict:
     """Run cfg.train.steps steps, with `resume` from run_dir's newest checkpoint on; returns the
-    last step's metrics."""
+    last step's metrics. Raises RunStopped when a guard stops the run, when the engines fail past
+    rollout.max_restarts, when a learner rank dies, or (after saving a checkpoint) when `stop`
+    saw Ctrl-C / SIGTERM: then no final model is written."""
     from transformers import AutoTokenizer
 
-    from rl.learner import DiffusionForward, LearnerGroup
+    from rl.learner import DiffusionForward, LearnerGroup, LearnerRankError
     from rollouts.diffusion import resolve_mask_id
     from rollouts.pool import RolloutPool
 
@@ -217,6 +226,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     stream = PromptStream(load_rows(cfg.data, cfg.seed), cfg.seed, shuffle=cfg.data.shuffle)
+    check_prompts_fit(stream.rows, cfg.data, tokenizer)  # in seconds, before the cluster starts
     algorithm = build_algorithm(cfg)
     algorithm.attach_tokenizer(tokenizer)
     scorer = RewardScorer.from_config(cfg.reward, max_tokens=cfg.rollout.max_tokens)
@@ -249,6 +259,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization or (0.4 if colocated else 0.85),
         trust_remote_code=cfg.model.trust_remote_code,
         diffusion=cfg.rollout.diffusion_settings(cfg.learner.prompt_mask_prob),
+        timeout_s=cfg.rollout.timeout_s,
         **(dict(sleep_mode=sleeps, tensor_parallel_size=cfg.rollout.gpus_per_engine) if cfg.rollout.engine == "vllm" else {}),
     )
     learners = LearnerGroup(
@@ -265,35 +276,61 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     )
     weight_sync = build_weight_sync(cfg.sync, pool, learners, plan)
     done = checkpoint.resume(run_dir, cfg, learners, pool, stream) if resume else checkpoint.TrainerState()
-    tracker = Tracker(run_dir, cfg.train.steps, cfg.model_dump(mode="json"), cfg.tracking.wandb, cfg.tracking.tensorboard)
+    console = console or Console(cfg.train.steps, done.step + 1)
+    tracker = Tracker(run_dir, cfg.train.steps, cfg.model_dump(mode="json"), cfg.tracking.wandb, cfg.tracking.tensorboard,
+                      console=console)
+    guard = DivergenceGuard(cfg.train.max_skipped_updates, cfg.train.stop_on_collapse,
+                            vocab_size(model_path, tokenizer), run_dir, warn=console.line)
+    recovery = EngineRecovery(pool, learners.full_state_dict, cfg.rollout.max_restarts, run_dir, warn=console.line)
     temperature = algorithm.loss_temperature()
     rollout_tokens = done.cumulative_rollout_tokens
     metrics: dict = {}
 
-    def rollouts_for(step: int) -> CollectedRollouts:
-        pool.set_step_seed(checkpoint.step_seed(cfg.seed, step))
-        return collect_rollouts(stream, pool, scorer, algorithm, spec, cfg, tokenizer)
+    def rollouts_for(step: int, start: int) -> tuple[CollectedRollouts, int]:
+        """Step `step`'s rollouts from prompt position `start`, and the position after them. An
+        engine that dies is replaced and the generation retried (EngineRecovery)."""
+
+        def generate():
+            stream.position = start  # a retried step takes the same prompts
+            pool.set_step_seed(checkpoint.step_seed(cfg.seed, step))
+            return collect_rollouts(stream, pool, scorer, algorithm, spec, cfg, tokenizer), stream.position
+
+        return recovery.run(step, "generation", generate)
+
+    def push_and_check(batch: SequenceBatch) -> tuple[dict, dict]:
+        nonlocal weight_sync
+        if recovery.restarts and not isinstance(weight_sync, ObjectStoreSync):
+            # A replaced engine is not a member of the collective group, which cannot take one mid-run.
+            console.line("an engine was replaced: weights go through the object store from now on")
+            weight_sync = ObjectStoreSync(pool, learners)
+        pushed = weight_sync.push()
+        return pushed, check_weight_sync(pool, learners, batch, cfg.sync.check_sequences, cfg.sync.max_logprob_gap)
 
     # train.max_staleness >= 1: the next step's rollouts are generated on this thread pool while
     # the learner trains. `version` counts the learner's weight updates; the engines hold the
     # version last pushed, and a batch's age is the learner's version minus the one it was sampled with.
     ahead = ThreadPoolExecutor(1, thread_name_prefix="rollouts-ahead") if cfg.train.max_staleness else None
-    in_flight = None  # (step, future, version sampled with)
+    in_flight = None  # (future, version sampled with)
     version = done.step
+    saved_step = done.step if resume else -1
+    next_start = stream.position  # where the next step's prompts begin (what a checkpoint records)
     try:
         if evaluator is not None and done.step == 0 and eval_due(cfg.eval, 0, cfg.train.steps):
             tracker.log(0, {**evaluator.run(pool, run_dir / "eval" / "step_000000"), "cumulative_rollout_tokens": 0})
         for step in range(done.step + 1, cfg.train.steps + 1):
+            if stop is not None and stop.requested:
+                _stop_on_signal(stop, step - 1, saved_step, run_dir, cfg, learners, next_start, rollout_tokens)
+            console.stage("generation")
             t_wait = time.time()
             if in_flight is None:
-                collected, made_with = rollouts_for(step), version
+                (collected, next_start), made_with = rollouts_for(step, next_start), version
             else:
-                (_, future, made_with), in_flight = in_flight, None
-                collected = future.result()
+                (future, made_with), in_flight = in_flight, None
+                collected, next_start = future.result()
             if ahead is not None and step < cfg.train.steps:
                 # The next step's rollouts, sampled with the weights the engines hold now, while
                 # the learner trains on this step's: one version behind when they are trained on.
-                in_flight = (step + 1, ahead.submit(rollouts_for, step + 1), version)
+                in_flight = (ahead.submit(rollouts_for, step + 1, next_start), version)
             batch_age = version - made_with
             if batch_age > cfg.train.max_staleness:
                 raise RuntimeError(f"step {step}: a batch {batch_age} versions old exceeds train.max_staleness")
@@ -301,6 +338,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             log_failures(run_dir / "reward_failures.jsonl", step, collected.failures)
             rollouts, flat = collected.rollouts, collected.generated
             t2 = time.time()
+            console.stage("learner")
             if sleeps:
                 pool.sleep()
 
@@ -313,23 +351,25 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             masks = prompt_mask_schedule(batch, learners, temperature, algorithm.updates_per_batch, diffusion)
             if algorithm.policy_scores_from_training:  # one update: no mask schedule (it needs mu > 1)
                 train_metrics, logprobs = learners.train_step(batch, algorithm.loss, temperature, return_logprobs=True)
+                guard.record_update(step, train_metrics)
                 algo_metrics.update(algorithm.use_policy_scores(batch, logprobs, None))
             else:
                 for update in range(algorithm.updates_per_batch):
                     if masks is not None:
                         masks.use(update)  # d1: a fresh prompt mask per inner update
                     train_metrics = learners.train_step(batch, algorithm.loss, temperature)
+                    guard.record_update(step, train_metrics)
             if masks is not None:
                 masks.use(0)  # the mask the engines score with, for the weight-sync check
             version += 1
             if in_flight is not None:
-                in_flight[1].result()  # the engines must be idle before their weights change
+                in_flight[0].result()  # the engines must be idle before their weights change
             t3 = time.time()
+            console.stage("weight sync")
 
             if sleeps:
                 pool.wake_up()
-            push_metrics = weight_sync.push()
-            sync_metrics = check_weight_sync(pool, learners, batch, cfg.sync.check_sequences, cfg.sync.max_logprob_gap)
+            push_metrics, sync_metrics = recovery.run(step, "weight sync", lambda: push_and_check(batch))
             t4 = time.time()
 
             lengths = [len(c.token_ids) for c, _ in flat]
@@ -351,6 +391,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
                 "loss": train_metrics.pop("loss", float("nan")),
                 "grad_norm": train_metrics.pop("grad_norm", float("nan")),
                 "lr": train_metrics.pop("lr", float("nan")),
+                "skipped_updates": guard.skipped,
+                "engine_restarts": recovery.restarts,
                 **{k.removesuffix("_sum"): v / tokens for k, v in train_metrics.items() if k.endswith("_sum")},
                 **sync_metrics,
                 **{f"time/{k}" if k.endswith("_s") else k: v for k, v in push_metrics.items()},
@@ -369,9 +411,15 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
                     break
             tracker.log(step, metrics)
             if checkpoint.save_due(cfg, step):
-                checkpoint.save(run_dir, cfg, learners, checkpoint.TrainerState(step, stream.position, rollout_tokens))
+                checkpoint.save(run_dir, cfg, learners, checkpoint.TrainerState(step, next_start, rollout_tokens))
+                saved_step = step
+            guard.check(step, metrics, has_signal(batch.token_fields))
         if cfg.train.save_final:
+            console.stage("saving the final model")
             learners.save_hf(str(run_dir / "final"))
+    except LearnerRankError as e:
+        cause = str(e).splitlines()[0].rstrip(".")  # Ray's death notice goes on for lines
+        raise RunStopped(f"{cause}. A learner rank cannot be replaced mid-run, so the run stops here. {checkpoint_note(run_dir)}") from None
     finally:
         if ahead is not None:
             ahead.shutdown(wait=False, cancel_futures=True)
@@ -380,4 +428,26 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         pool.close()
         learners.close()
         plan.release()
+        _after_run(run_dir, console)
     return metrics
+
+
+def _stop_on_signal(stop: GracefulStop, step: int, saved_step: int, run_dir: Path, cfg: RunConfig, learners, position: int,
+                    rollout_tokens: int) -> None:
+    """The safe point after `step` once Ctrl-C / SIGTERM came: save (unless told not to), then stop."""
+    if step >= 1 and cfg.checkpoint.on_interrupt and saved_step != step:
+        checkpoint.save(run_dir, cfg, learners, checkpoint.TrainerState(step, position, rollout_tokens))
+    raise RunStopped(f"Stopped after step {step} of {cfg.train.steps} on request. {checkpoint_note(run_dir)}",
+                     exit_code=stop.exit_code)
+
+
+def _after_run(run_dir: Path, console: Console) -> None:
+    """Whatever happened: the actors' logs into <run>/logs, the curves into <run>/curves.png."""
+    from rl.plot import draw
+
+    keep_actor_logs(run_dir)
+    if (run_dir / "metrics.jsonl").exists():
+        try:
+            draw(run_dir)
+        except Exception as e:  # a plot must never hide why the run ended
+            console.line(f"warning: could not draw {run_dir / 'curves.png'}: {type(e).__name__}: {e}")

@@ -83,6 +83,32 @@ class RolloutPool:
         actor = ray.remote(**options)(_EngineHost)
         return actor.remote(self.kind, self._model_path, self._seed + index, self._engine_kwargs)
 
+    def unresponsive(self, timeout_s: float = 60.0) -> list[int]:
+        """Indices of the engines that are dead or do not answer a ping within timeout_s."""
+        import ray
+
+        pings = [a.ready.remote() for a in self._actors]
+        done, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout_s)
+        broken = []
+        for index, ping in enumerate(pings):
+            if ping not in done:
+                broken.append(index)
+                continue
+            try:
+                ray.get(ping)
+            except ray.exceptions.RayError:
+                broken.append(index)
+        return broken
+
+    def restart(self, index: int) -> None:
+        """Replace engine `index` (dead or hung) by a fresh one with its seed, and wait until it is up.
+        It starts from the model's initial weights: the caller pushes the current ones."""
+        import ray
+
+        ray.kill(self._actors[index], no_restart=True)
+        self._actors[index] = self._spawn(index)
+        self._gather("restart", [self._actors[index].ready.remote()])
+
     def generate(
         self, prompts: list[list[int]], spec: SamplingSpec, hints: list[dict[int, int]] | None = None
     ) -> list[list[Completion]]:

@@ -34,7 +34,13 @@ def test_row_without_answer_is_a_clear_error():
     assert normalize_row({"problem": "p", "solution": "so \\boxed{\\frac{1}{2}}"}, 0)["answer"] == "\\frac{1}{2}"
 
 
-def test_missing_local_file_and_unreachable_hub_are_explained(tmp_path):
+def test_missing_local_file_and_unreachable_hub_are_explained(tmp_path, monkeypatch):
+    import rl.data
+
+    def unreachable(name, config, split):  # this machine is offline: the hub fails as it would here
+        raise DataError(f"Could not load dataset {name!r} from the hub")
+
+    monkeypatch.setattr(rl.data, "_read_hub", unreachable)
     with pytest.raises(DataError, match="data.local_dir"):
         load_rows(DataConfig(train="gsm8k", local_dir=str(tmp_path)), seed=0)
     with pytest.raises(ModelError, match="hub may be unreachable"):
