@@ -23,14 +23,14 @@ def test_dotted_overrides_are_typed_and_applied():
 
 
 def test_unknown_key_names_key_and_choices():
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError, match="grpo.kl_coeff") as e:
         load_config("grpo_smollm2", ["grpo.kl_coeff=0.1"])
     msg = str(e.value)
     assert "grpo.kl_coeff" in msg and "Did you mean `grpo.kl_coef`" in msg and "grpo.loss_agg" in msg
 
 
 def test_bad_choice_lists_allowed_values():
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError, match="grpo.loss_agg") as e:
         load_config("grpo_smollm2", ["grpo.loss_agg=mean"])
     msg = str(e.value)
     assert "grpo.loss_agg" in msg and "token_mean" in msg and "seq_mean_token_mean" in msg

@@ -56,7 +56,7 @@ def test_pass_at_k_is_exact_where_binomials_overflow_floats():
     for n, c, k in [(1000, 3, 300), (1000, 1, 1), (2000, 50, 64)]:
         exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
         assert pass_at_k(n, c, k) == pytest.approx(float(exact), rel=1e-12)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"1 <= k <= n, got n=4, c=1, k=5"):
         pass_at_k(4, 1, 5)
 
 

@@ -132,9 +132,9 @@ def test_chunks_cover_the_trace_exactly_with_sizes_in_bounds(chunk_min, chunk_ma
 
 
 def test_chunk_spans_rejects_bad_bounds():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="chunk_min=0, chunk_max=3"):
         chunk_spans(10, random.Random(0), 0, 3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="chunk_min=4, chunk_max=3"):
         chunk_spans(10, random.Random(0), 4, 3)
 
 
@@ -287,7 +287,7 @@ def test_replacement_counts_without_float_noise():
     assert len(plan_replacements([False] * 100, [True] * 100, 0.29)) == 29  # 0.29 * 100 < 29 in floats
     assert len(plan_replacements([False] * 8, [True] * 8, 0.5)) == 4  # the paper: lambda 0.5, G 8
     assert plan_replacements([False] * 8, [False, True, False, True], 0.5) == [(0, 1), (1, 3)]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"max_fraction must be in \[0, 1\], got 1.5"):
         plan_replacements([False], [True], 1.5)
 
 
@@ -353,7 +353,7 @@ def test_hint_loss_mask_floor_count_and_ties():
 
 def test_hint_loss_mask_rejects_bad_inputs():
     x = torch.zeros(2, 3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"keep_fraction must be in \(0, 1\], got 0.0"):
         hint_loss_mask(x, x, x, 0.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"must share one \[B, T\] shape, got \(2, 3\), \(2, 3\), \(2, 4\)"):
         hint_loss_mask(x, x, torch.zeros(2, 4), 0.5)

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from rl.batch import SequenceBatch
 from rl.config import LearnerConfig, LoraConfig, TeacherConfig
-from rl.learner import LearnerGroup, LearnerWorker, _with_lora, free_port
+from rl.learner import LearnerGroup, LearnerWorker, free_port
 from rl.tiny import build_model
 from tests.batches import varied_batch
 
@@ -28,6 +28,11 @@ pytestmark = pytest.mark.slow
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 LORA = LoraConfig(enabled=True, rank=4, alpha=8.0)  # scaling 2, every attention and MLP projection
+# The same settings written out for peft by hand, so that a wrong config-to-peft mapping in the
+# library cannot pass on both sides.
+PEFT_SETTINGS = dict(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+SCALING = 8 / 4  # alpha / r
 TEMPERATURE = 0.7
 LR = 1e-2  # adapters start at B = 0: a larger lr makes B @ A clearly non-zero in two steps
 ATOL = 1e-6
@@ -59,9 +64,12 @@ def load(model_dir):
 
 
 def plain_peft(model_dir):
-    """The learner's peft model: same seed before loading, so the same adapter initialisation."""
+    """peft built directly from the hand-written settings; same seed before loading as the
+    learner, so the same adapter initialisation."""
+    import peft
+
     torch.manual_seed(0)
-    return _with_lora(load(model_dir), LORA)
+    return peft.get_peft_model(load(model_dir), peft.LoraConfig(**PEFT_SETTINGS))
 
 
 def plain_steps(model):
@@ -100,14 +108,16 @@ def plain_hidden(model, batch: SequenceBatch) -> list[torch.Tensor]:
 def hand_merged(initial: dict, adapter_dir) -> dict:
     """W + (alpha / r) * B @ A for every adapted layer, from the adapter files alone."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    scaling = config["lora_alpha"] / config["r"]
+    # What the library wrote must be the hand-written settings; the scaling is ours, not the file's.
+    assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (
+        PEFT_SETTINGS["r"], PEFT_SETTINGS["lora_alpha"], sorted(PEFT_SETTINGS["target_modules"]))
     adapter = load_file(str(adapter_dir / "adapter_model.safetensors"))
     merged = dict(initial)
     for key, a in adapter.items():
         if key.endswith(".lora_A.weight"):
             layer = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
             b = adapter[key.replace(".lora_A.", ".lora_B.")]
-            merged[f"{layer}.weight"] = initial[f"{layer}.weight"] + scaling * b @ a
+            merged[f"{layer}.weight"] = initial[f"{layer}.weight"] + SCALING * b @ a
     return merged
 
 

@@ -302,6 +302,15 @@ def test_resume_config_accepts_only_overrides_that_keep_the_math(tmp_path):
 
 
 def test_step_seeds_depend_on_run_seed_and_step_only():
-    assert checkpoint.step_seed(0, 3) == checkpoint.step_seed(0, 3)
+    # Not on the driver's RNG state, nor on the process (string hashing is salted per process):
+    # a fresh interpreter with another hash seed draws the same seed as this one.
+    random.seed(1)
+    here = checkpoint.step_seed(0, 3)
+    random.seed(2)
+    assert checkpoint.step_seed(0, 3) == here
+    code = "from rl.checkpoint import step_seed; print(step_seed(0, 3))"
+    other = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert int(other.stdout) == here
     assert len({checkpoint.step_seed(s, t) for s in range(3) for t in range(100)}) == 300
     assert all(0 <= checkpoint.step_seed(0, t) < 2**31 for t in range(100))
