@@ -67,6 +67,7 @@ def main() -> None:
     engine = make_engine("vllm", path, seed=0, **kw)
     engine.set_step_seed(1)
     results["in_process"] = tokens_per_s(engine.generate, prompts, spec, args.repeats)
+    print(f"in_process {results['in_process']:.1f} tokens/s", flush=True)
     engine.close()
     del engine
 
@@ -78,6 +79,7 @@ def main() -> None:
         pool.set_step_seed(1)
         results[name] = tokens_per_s(pool.generate, prompts, spec, args.repeats)
         results[name + "_threads"] = pool.apply(lambda e: __import__("torch").get_num_threads())[0]
+        print(f"{name} {results[name]:.1f} tokens/s ({results[name + '_threads']} threads)", flush=True)
         pool.close()
     plan.release()
     ray.shutdown()

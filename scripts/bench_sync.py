@@ -99,8 +99,24 @@ def push_only(args: argparse.Namespace) -> None:
         prompt_lens=[prompt] * cfg.sync.check_sequences,
     )
     backends = {"object_store": ObjectStoreSync(pool, learners), "collective": CollectiveSync(pool, learners, cfg.sync.bucket_mb)}
+    # The floor both pay: vLLM's own in-place reload of weights already in the engine's process.
+    import ray
+
+    state_ref = ray.put(learners.full_state_dict())
+
+    def reload_only(engine):
+        state = ray.get(state_ref)
+        t0 = time.perf_counter()
+        engine.update_weights(state)
+        return time.perf_counter() - t0
+
     rows = []
     for i in range(args.repeats + 1):  # the first round warms up and is not kept
+        floor = pool.apply(reload_only)[0]
+        print(f"round {i} engine reload alone {floor:6.2f} s", flush=True)
+        if i:
+            rows.append(dict(backend="reload_only", round=i, push_s=floor, check_s=0.0, push_share=floor / args.step_s,
+                             sync_phase_share=floor / args.step_s, sync_mb=0.0, logprob_gap=0.0))
         for name, sync in backends.items():
             t0 = time.perf_counter()
             metrics = sync.push()
@@ -117,7 +133,7 @@ def push_only(args: argparse.Namespace) -> None:
     plan.release()
     print(f"{'backend':<13} {'push s (median)':>16} {'% of ' + str(args.step_s) + ' s step':>18} {'check s':>8} {'MB':>6}")
     summary = {}
-    for name in backends:
+    for name in ["reload_only", *backends]:
         mine = [r for r in rows if r["backend"] == name]
         med = sorted(r["push_s"] for r in mine)[len(mine) // 2]
         check = sorted(r["check_s"] for r in mine)[len(mine) // 2]

@@ -39,9 +39,9 @@ def test_plan_shapes():
 def test_plan_that_does_not_fit_is_refused():
     with pytest.raises(PlacementError, match=r"needs 6 GPU and 4 CPU .* The cluster has: node 0: 8 CPU, 4 GPU"):
         plan(gpus_per_engine=2).check_fits([{"CPU": 8, "GPU": 4}])
-    # Enough GPUs in total, but an engine's 2 GPUs must be on one node.
+    # Three GPUs in total, as needed, but an engine's 2 GPUs must be on one node.
     with pytest.raises(PlacementError, match=r"bundle \d \(\{CPU: 1, GPU: 2\}\) fits no node"):
-        plan(num_engines=1, gpus_per_engine=2, num_learners=1).check_fits([{"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 2}][:1] + [{"CPU": 4, "GPU": 1}])
+        plan(num_engines=1, gpus_per_engine=2, num_learners=1).check_fits([{"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}])
     with pytest.raises(PlacementError, match=r"learner.num_learners >= 4, got 2"):
         plan(mode="colocate", gpus_per_engine=2)
     plan(num_engines=1, gpus_per_engine=2, num_learners=1).check_fits([{"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 2}])
