@@ -14,7 +14,6 @@ from functools import partial
 
 import pytest
 import ray
-import torch
 
 from rl import checkpoint
 from rl.config import PROJECT_ROOT, load_config
