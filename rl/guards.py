@@ -181,7 +181,8 @@ class EngineRecovery:
             try:
                 return work()
             except RolloutEngineError as error:
-                broken = self.pool.unresponsive()
+                # A ping waits no longer than a call may (a hung engine is found in timeout_s).
+                broken = self.pool.unresponsive(min(60.0, self.pool.timeout_s or 60.0))
                 if not broken:
                     raise  # every engine answers: the failure is the work's own, not a crash
                 if self.restarts + len(broken) > self.max_restarts:

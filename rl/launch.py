@@ -26,8 +26,8 @@ USAGE = """usage: python -m rl.launch recipe=NAME [key=value ...] [--print-confi
   --print-config   print the resolved config
   --dry-run        resolve and validate everything (config, algorithm, rewards, data source,
                    model path) without loading models or downloading anything, then exit;
-                   every local path named (data files, data.local_dir, model folder, reward
-                   files) must exist
+                   every local path named (data files, model folder, reward files) must
+                   exist; a missing data.local_dir is reported (the hub stands in for it)
   --verbose        show the engines' and learners' own logs on the console (tracking.verbose);
                    otherwise they go to RUN_DIR/logs
 

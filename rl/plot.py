@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) not in (1, 2) or argv[0] in ("-h", "--help"):
         print(__doc__.splitlines()[0], file=sys.stderr)
-        return 2
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     run_dir = Path(argv[0])
     if not (run_dir / "metrics.jsonl").exists():
         print(f"error: {run_dir / 'metrics.jsonl'} does not exist: give the run directory of a run.", file=sys.stderr)

@@ -14,7 +14,6 @@ from functools import partial
 
 import pytest
 import ray
-import torch
 
 from rl import checkpoint
 from rl.config import PROJECT_ROOT, load_config
@@ -209,3 +208,38 @@ def test_dead_learner_rank_stops_the_run_naming_its_checkpoint(task, ray_session
         train(cfg, run_dir)
     assert [r["step"] for r in _records(run_dir)] == [1, 2]
     assert not (run_dir / "final").exists()
+
+
+def test_hung_engine_is_restarted_after_its_timeout(task, ray_session, tmp_path, monkeypatch):
+    """An engine that stops answering (SIGSTOP: alive, silent) is taken for hung after
+    rollout.timeout_s, restarted, and the step finishes."""
+    import rl.trainer
+    from rollouts.pool import RolloutPool
+
+    stopped = []
+    real_collect, real_restart = rl.trainer.collect_rollouts, RolloutPool.restart
+
+    def collect(stream, pool, *args):
+        if not stopped and stream.position > 0:  # step 2: the engine freezes
+            pool.timeout_s = 20.0  # short for the test; the run starts with the default
+            stopped.append(pool.apply(lambda engine: os.getpid())[0])
+            os.kill(stopped[0], signal.SIGSTOP)
+        return real_collect(stream, pool, *args)
+
+    def restart(pool, index):
+        pool.timeout_s = None  # the replacement's start on this loaded machine must not race the test's 20 s
+        return real_restart(pool, index)
+
+    monkeypatch.setattr(rl.trainer, "collect_rollouts", collect)
+    monkeypatch.setattr(RolloutPool, "restart", restart)
+    cfg = load_config(None, _overrides(task, tmp_path, "hung", 2))
+    run_dir = tmp_path / "hung"
+    run_dir.mkdir()
+    try:
+        rl.trainer.train(cfg, run_dir)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped[0], signal.SIGKILL)  # never leave a frozen process behind
+    records = _records(run_dir)
+    assert [r["step"] for r in records] == [1, 2] and records[-1]["engine_restarts"] == 1
+    assert (run_dir / "final" / "model.safetensors").exists()
