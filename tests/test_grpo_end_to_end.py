@@ -74,7 +74,9 @@ def test_launch_end_to_end_writes_run_directory(addition_setup, tmp_path):
     saved = load_config(str(run_dir / "config.yaml"))
     assert saved.learner.zero_stage == 3 and saved.train.steps == 2
     records = _metrics(run_dir)
-    assert [r["step"] for r in records] == [1, 2] and all(r["kl"] >= 0 for r in records)
+    assert [r["step"] for r in records] == [1, 2]
+    # Step 1 trains the reference itself (KL 0); step 2's policy has moved away from it.
+    assert records[1]["kl"] > max(1e-6, 10 * records[0]["kl"]), [r["kl"] for r in records]
     final = AutoModelForCausalLM.from_pretrained(run_dir / "final")
     start = AutoModelForCausalLM.from_pretrained(model)
     moved = max((a - b).abs().max().item() for a, b in zip(final.parameters(), start.parameters()))
