@@ -1,6 +1,7 @@
 """The loop: rollouts -> rewards -> algorithm -> learner -> weight sync -> check -> record."""
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
@@ -43,10 +44,12 @@ def init_ray(cfg: RunConfig) -> None:
     # needs the project at the same path, or installed).
     paths = [str(PROJECT_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    # Actors' output stays in their log files (copied to <run>/logs) unless tracking.verbose.
+    quiet = dict(log_to_driver=cfg.tracking.verbose, logging_level=logging.INFO if cfg.tracking.verbose else logging.ERROR)
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":  # Ray's own word for "start a cluster here"
         try:
-            ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}}, log_to_driver=True)
+            ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}}, **quiet)
         except ConnectionError as e:
             raise ConnectionError(
                 f"Could not join the Ray cluster at ray.address={address!r}: {e}. Start it first (`ray start "
@@ -56,11 +59,7 @@ def init_ray(cfg: RunConfig) -> None:
         return
     wanted = cfg.rollout.num_engines * cfg.rollout.engine_cpus + cfg.learner.num_learners * cfg.learner.learner_cpus
     # Ray's CPU count is a scheduling budget, not a thread limit: allow the actors to share cores.
-    # Actors' output stays in their log files (copied to <run>/logs) unless tracking.verbose.
-    import logging
-
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False,
-             log_to_driver=cfg.tracking.verbose, logging_level=logging.INFO if cfg.tracking.verbose else logging.ERROR)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False, **quiet)
 
 
 def place(cfg: RunConfig):

@@ -65,11 +65,12 @@ def test_nan_loss_is_skipped_and_counted_and_a_second_in_a_row_stops(task, ray_s
     updates = []  # (update number, weights before, weights after, learner metrics)
     real_train_step = LearnerGroup.train_step
 
-    def train_step(self, batch, loss_fn, temperature=1.0):
+    def train_step(self, batch, loss_fn, temperature=1.0, **kwargs):
         n = len(updates) + 1
         before = self.full_state_dict()
-        out = real_train_step(self, batch, partial(_nan_loss, loss_fn) if n in nan_updates else loss_fn, temperature)
-        updates.append((n, before, self.full_state_dict(), out))
+        out = real_train_step(self, batch, partial(_nan_loss, loss_fn) if n in nan_updates else loss_fn, temperature, **kwargs)
+        metrics = out[0] if kwargs.get("return_logprobs") else out  # (metrics, kept log-probs)
+        updates.append((n, before, self.full_state_dict(), metrics))
         return out
 
     monkeypatch.setattr(LearnerGroup, "train_step", train_step)
@@ -180,7 +181,9 @@ def test_ctrl_c_stops_at_a_step_with_a_checkpoint_a_quiet_console_and_no_leftove
     lines = [line for line in console.splitlines() if line.strip()]
     steps = [line for line in lines if line.startswith("step ")]
     assert len(steps) == last and lines[0].startswith("run directory:")
-    assert len(lines) <= last + 5, console
+    plan = [line for line in lines if line.startswith("resource plan:") or line.lstrip().startswith(("engine ", "learner "))]
+    assert len(plan) == 3  # the printed resource plan: a line, then one per engine and learner rank
+    assert len(lines) <= last + 5 + len(plan), console
     assert any(p.suffix == ".err" for p in (run_dir / "logs").iterdir())
     assert (run_dir / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
     assert left == []
@@ -193,12 +196,12 @@ def test_dead_learner_rank_stops_the_run_naming_its_checkpoint(task, ray_session
     calls = []
     real_train_step = LearnerGroup.train_step
 
-    def train_step(self, batch, loss_fn, temperature=1.0):
+    def train_step(self, batch, loss_fn, temperature=1.0, **kwargs):
         calls.append(1)
         if len(calls) == 3:  # step 3: the learner rank's process dies with SIGKILL
             pid = ray.get(self.workers[0].__ray_call__.remote(lambda worker: os.getpid()))
             os.kill(pid, signal.SIGKILL)
-        return real_train_step(self, batch, loss_fn, temperature)
+        return real_train_step(self, batch, loss_fn, temperature, **kwargs)
 
     monkeypatch.setattr(LearnerGroup, "train_step", train_step)
     cfg = load_config(None, _overrides(task, tmp_path, "learner", 4, ["checkpoint.every_steps=2"]))
