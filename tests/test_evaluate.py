@@ -12,7 +12,7 @@ from fractions import Fraction
 
 import pytest
 
-from rl.config import PROJECT_ROOT, ConfigError, DataConfig, EvalConfig, load_config
+from rl.config import PROJECT_ROOT, ConfigError, EvalConfig, load_config
 from rl.evaluate import (
     Evaluator, eval_due, main, pass_at_k, pass_ks, read_records, regrade, resolve_run, sampling_temperature,
 )

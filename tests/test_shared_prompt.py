@@ -182,7 +182,7 @@ def test_packed_layout_shares_prompts_and_pads_little():
     assert mb.input_ids.numel() < MicroBatch.from_sequences(batch).input_ids.numel()
     # A completion sees its prompt and itself, never a sibling completion.
     att = mb.attention_mask[0, 0]
-    p, (c0, c1, _) = GROUPS[0][0], GROUPS[0][1]
+    p, (c0, _, _) = GROUPS[0][0], GROUPS[0][1]
     assert att[p + c0, :p].all() and att[p + c0, p + c0] and not att[p + c0, p : p + c0].any()
     assert mb.position_ids[0, p + c0].item() == p  # positions restart after the prompt
 
