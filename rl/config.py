@@ -504,7 +504,7 @@ class LearnerConfig(Section):
         description="Masked-diffusion models: mask each prompt token with this probability in the "
         "one-step estimator's forward (d1's 0.15, a regulariser for mu > 1; IGPO's paper drops it: 0). "
         "Applied alike wherever the estimator runs (learner, the diffusion engine's reported log-probs "
-        "and `score`), with a fresh mask for each inner update as d1 draws (rl.prompt_masks): the "
+        "and `score`), with a fresh mask for each inner update as d1 draws (rl.learner.prompt_masks): the "
         "old-policy and reference log-probs of update j are scored under update j's mask before the step.",
     )
     teacher: TeacherConfig = Field(

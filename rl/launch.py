@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if recipe is not None and resume_dir is not None:
         _fail("give recipe= or resume=, not both: a resumed run keeps the config in its directory.")
 
-    from rl import checkpoint
+    from rl.loop import checkpoint
     from rl.config import ConfigError, load_config
     from rl.data import DataError
     from rl.models import ModelError
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
 
-    from rl.guards import GracefulStop, RunStopped
-    from rl.trainer import WeightSyncError, train
+    from rl.loop.guards import GracefulStop, RunStopped
+    from rl.loop.trainer import WeightSyncError, train
     from rollouts.pool import RolloutEngineError
 
     started = time.time()
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped: {e}" if e.exit_code == 1 else str(e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, wherever the run was
-        from rl.guards import checkpoint_note
+        from rl.loop.guards import checkpoint_note
 
         print(f"interrupted: stopped at once, nothing saved now. {checkpoint_note(run_dir)}", file=sys.stderr)
         return 130

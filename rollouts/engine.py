@@ -44,7 +44,7 @@ class RolloutEngine(ABC):
     def close(self) -> None:
         """Release the engine's memory and processes."""
 
-    # The collective weight transfer (rl.weight_sync.CollectiveSync): the engine's workers join a
+    # The collective weight transfer (rl.sync.weight_sync.CollectiveSync): the engine's workers join a
     # group with learner rank 0 and load what it broadcasts.
 
     def weight_ranks(self) -> int:
@@ -58,7 +58,7 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def receive_weights(self) -> None:
-        """Load the weights learner rank 0 broadcasts to the group now (rl.weight_sync.send_stream)."""
+        """Load the weights learner rank 0 broadcasts to the group now (rl.sync.weight_sync.send_stream)."""
 
 
 class TorchModelEngine(RolloutEngine):
@@ -77,13 +77,13 @@ class TorchModelEngine(RolloutEngine):
             self.model.load_state_dict(state_dict, strict=False)
 
     def join_weight_group(self, host: str, port: int, first_rank: int, world: int, nccl: bool) -> None:
-        from rl.weight_sync import join_group, transfer_device
+        from rl.sync.weight_sync import join_group, transfer_device
 
         self._weight_device = transfer_device(next(self.model.parameters()).device, nccl)
         self._weight_group = join_group(host, port, first_rank, world, self._weight_device)
 
     def receive_weights(self) -> None:
-        from rl.weight_sync import receive_stream
+        from rl.sync.weight_sync import receive_stream
 
         self.update_weights(dict(receive_stream(self._weight_group, self._weight_device)))
 

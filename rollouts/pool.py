@@ -43,7 +43,7 @@ class RolloutPool:
     Requests are split into contiguous chunks, one per engine, and answers come back in input
     order. Any failure inside an actor is raised here as RolloutEngineError naming the engine;
     with `timeout_s` set, an engine that does not answer in time is reported the same way rather
-    than stalling the trainer. The caller owns `ray.init`. With a `placement` (rl.placement's
+    than stalling the trainer. The caller owns `ray.init`. With a `placement` (rl.loop.placement's
     applied ResourcePlan) engine i runs in the plan's engine slot i (its GPUs, node and threads);
     without one each actor just reserves `engine_cpus`.
     """

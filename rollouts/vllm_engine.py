@@ -46,7 +46,7 @@ def _seed_sampler(worker, seed: int) -> None:
 
 
 def _join_weight_group(worker, host: str, port: int, first_rank: int, world: int, nccl: bool) -> None:
-    from rl.weight_sync import join_group, transfer_device
+    from rl.sync.weight_sync import join_group, transfer_device
 
     # Tensor-parallel worker i is group rank first_rank + i; each receives the full tensors and
     # vLLM's loaders keep its shard.
@@ -55,7 +55,7 @@ def _join_weight_group(worker, host: str, port: int, first_rank: int, world: int
 
 
 def _receive_weights(worker) -> None:
-    from rl.weight_sync import receive_stream
+    from rl.sync.weight_sync import receive_stream
 
     # The in-place reload consumes the stream bucket by bucket as it arrives.
     worker.reload_weights(weights_iterator=receive_stream(worker.weight_group, worker.weight_device))

@@ -41,8 +41,8 @@ def divergence_phases(impl: str, tokens: int, args: argparse.Namespace) -> Phase
     """Student hidden states with grad, teacher hidden states without, one shared lm_head with grad."""
     import torch
 
-    from rl import losses
-    from rl.divergences import chunked_divergence, divergence
+    from rl.algorithms import losses
+    from rl.algorithms.divergences import chunked_divergence, divergence
 
     g = torch.Generator().manual_seed(0)
     weight = (torch.randn(args.vocab, args.hidden, generator=g) * args.hidden**-0.5).requires_grad_()

@@ -17,7 +17,7 @@ from bench_divergence import Phases, benchmark
 def entropy_phases(impl: str, tokens: int, args: argparse.Namespace) -> Phases:
     import torch
 
-    from rl.entropy import chunked_entropy
+    from rl.algorithms.entropy import chunked_entropy
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(args.vocab, args.hidden, generator=g) * args.hidden**-0.5

@@ -48,7 +48,7 @@ def main() -> None:
 
     from rl.config import RunConfig
     from rl.models import resolve_model_path
-    from rl.placement import ResourcePlan
+    from rl.loop.placement import ResourcePlan
     from rollouts.engine import make_engine
     from rollouts.pool import RolloutPool
     from rollouts.types import SamplingSpec

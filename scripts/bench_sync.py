@@ -77,12 +77,12 @@ def plot(rows: list[dict], path: Path) -> None:
 def push_only(args: argparse.Namespace) -> None:
     import random
 
-    from rl.batch import SequenceBatch
+    from rl.learner.batch import SequenceBatch
     from rl.config import load_config
-    from rl.learner import LearnerGroup
+    from rl.learner.group import LearnerGroup
     from rl.models import resolve_model_path
-    from rl.trainer import check_weight_sync, init_ray, place
-    from rl.weight_sync import CollectiveSync, ObjectStoreSync
+    from rl.loop.trainer import check_weight_sync, init_ray, place
+    from rl.sync.weight_sync import CollectiveSync, ObjectStoreSync
     from rollouts.pool import RolloutPool
 
     cfg = load_config(args.recipe, args.overrides)

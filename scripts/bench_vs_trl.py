@@ -58,7 +58,7 @@ def load_cfg():
 def step_prompts(cfg, tokenizer, steps: int) -> list[list[list[int]]]:
     """The prompts the trainer takes at steps 1..steps (same stream, seed and length filter)."""
     from rl.data import PromptStream, load_rows
-    from rl.trainer import _take_prompts
+    from rl.loop.trainer import _take_prompts
 
     stream = PromptStream(load_rows(cfg.data, cfg.seed), cfg.seed, shuffle=cfg.data.shuffle)
     return [_take_prompts(stream, cfg.train.prompts_per_step, cfg, tokenizer)[:2] for _ in range(steps)]
@@ -156,7 +156,7 @@ def phase_trl(args) -> dict:
 def phase_engine(args) -> dict:
     from transformers import AutoTokenizer
 
-    from rl import checkpoint
+    from rl.loop import checkpoint
     from rl.algorithms import build_algorithm
     from rl.models import resolve_model_path
     from rollouts.vllm_engine import VLLMEngine
@@ -203,7 +203,7 @@ def _grpo_batch(cfg):
 def _flops(model_cfg, batch, share_prompt: bool) -> float:
     """Training FLOPs of one step: 6 x non-embedding parameters x tokens run, plus 6 x V x H per
     completion token (the output layer), plus the attention scores (12 x layers x H x pairs)."""
-    from rl.batch import packed_tokens, prompt_units
+    from rl.learner.batch import packed_tokens, prompt_units
 
     h, layers, v, inter = model_cfg.hidden_size, model_cfg.num_hidden_layers, model_cfg.vocab_size, model_cfg.intermediate_size
     kv = model_cfg.num_key_value_heads * (h // model_cfg.num_attention_heads)
@@ -224,7 +224,7 @@ def phase_learner(args) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rl.learner import LearnerWorker, free_port
+    from rl.learner.group import LearnerWorker, free_port
     from rl.models import resolve_model_path
 
     run = load_cfg()

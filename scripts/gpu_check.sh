@@ -20,10 +20,10 @@ import ray
 import torch
 
 from rl.config import LearnerConfig
-from rl.learner import LearnerGroup
-from rl.placement import ResourcePlan
+from rl.learner.group import LearnerGroup
+from rl.loop.placement import ResourcePlan
 from rl.tiny import build_model
-from rl.weight_sync import CollectiveSync
+from rl.sync.weight_sync import CollectiveSync
 from rollouts.pool import RolloutPool
 from tests.batches import varied_batch
 

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from rl.batch import MicroBatch, PolicyOutputs, SequenceBatch
+from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch
 from rollouts.types import Completion, SamplingSpec
 
 

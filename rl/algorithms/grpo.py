@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from rl import losses
+from rl.algorithms import losses
 from rl.algorithms.base import Algorithm, Rollouts, register_algorithm
-from rl.batch import MicroBatch, PolicyOutputs, SequenceBatch
-from rl.entropy import chunked_entropy, top_entropy_mask
+from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch
+from rl.algorithms.entropy import chunked_entropy, top_entropy_mask
 from rollouts.types import SamplingSpec
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from rl import losses
+from rl.algorithms import losses
 from rl.algorithms.base import Rollouts, SampledRound, register_algorithm
 from rl.algorithms.grpo import GRPO, _padded
-from rl.batch import SequenceBatch
-from rl.inpainting import HintSettings, build_hints, hint_loss_mask, is_all_wrong, plan_replacements, reasoning_token_ids
+from rl.learner.batch import SequenceBatch
+from rl.algorithms.inpainting import HintSettings, build_hints, hint_loss_mask, is_all_wrong, plan_replacements, reasoning_token_ids
 from rollouts.types import Completion
 
 COUNTS = ("groups", "all_wrong_before", "all_wrong_after", "inpainted", "inpainted_correct", "replaced", "no_reference")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from rl import divergences, losses
+from rl.algorithms import divergences, losses
 from rl.algorithms.base import Algorithm, Rollouts, register_algorithm
-from rl.batch import MicroBatch, PolicyOutputs, SequenceBatch
+from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch
 from rl.data import build_teacher_prompt
 from rollouts.types import SamplingSpec
 

@@ -1,0 +1,257 @@
+"""OPSD divergences: pull the student's next-token distribution toward a teacher's, over the vocabulary.
+
+Pure functions over tensors and masks, like `rl.algorithms.losses`. Per-position results are [...] (the
+logits' leading dims, e.g. [B, T]); aggregate them with `rl.algorithms.losses.aggregate`:
+  paper (arXiv 2601.18734): mean over each sequence's tokens, then over sequences
+      -> AGGREGATION["paper"] = "seq_mean_token_mean"
+  released code: mean over all valid completion tokens -> AGGREGATION["code"] = "token_mean"
+      (the code takes that mean per micro-batch; `aggregate` takes it over the whole step).
+
+The teacher is always detached. Both logit sets are divided by `temperature` before log_softmax,
+and are upcast to at least float32.
+
+Clipping caps each (position, vocabulary entry) term at `clip` BEFORE the vocabulary sum; a capped
+entry has zero gradient and the per-position sum can go negative. The per-entry terms are
+  forward_kl  KL(p_T || p_S):  p_T(v) * (log p_T(v) - log p_S(v))          (the paper's term)
+  reverse_kl  KL(p_S || p_T):  p_S(v) * (log p_S(v) - log p_T(v))
+  jsd (beta): beta * p_T(v) * (log p_T(v) - log m(v)) + (1 - beta) * p_S(v) * (log p_S(v) - log m(v)),
+              m = beta * p_T + (1 - beta) * p_S
+              (the released code clips the same combined per-entry JSD term).
+Each term sums over v to exactly its divergence, so clipping with a large `clip` changes nothing.
+"""
+from __future__ import annotations
+
+import torch
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+AGGREGATION = {"paper": "seq_mean_token_mean", "code": "token_mean"}
+
+
+def check_divergence(kind: str, beta: float) -> None:
+    """Raise ValueError for an unknown divergence or a JSD beta outside (0, 1)."""
+    if kind not in DIVERGENCES:
+        raise ValueError(f"Unknown divergence {kind!r}; choose one of {DIVERGENCES}.")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        # At beta 0 or 1 the generalized JSD is identically zero; the released code swaps in
+        # forward KL (beta=0) and reverse KL (beta=1) there, which are the other two kinds here.
+        raise ValueError(f"jsd needs 0 < beta < 1, got {beta}; use forward_kl or reverse_kl for the endpoints.")
+
+
+def lm_logits(hidden: torch.Tensor, lm_head_weight: torch.Tensor | None) -> torch.Tensor:
+    """hidden @ W^T, or `hidden` itself when it already holds logits (weight None)."""
+    return hidden if lm_head_weight is None else hidden @ lm_head_weight.T
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    # At least float32 for the softmax over ~150k entries; float64 stays float64 (tests).
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _scaled(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, top_k: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Both logit sets / T (new tensors), restricted to the teacher's top k entries if asked."""
+    student, teacher = _upcast(student_logits) / temperature, _upcast(teacher_logits) / temperature
+    if top_k is None:
+        return student, teacher, None
+    top = teacher.topk(top_k, dim=-1).indices
+    return student.gather(-1, top), teacher.gather(-1, top), top
+
+
+def log_softmax_(scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, p) over the last dim with one exp pass, overwriting `scaled` with log p (no autograd).
+
+    On CPU every new [chunk, V] tensor costs page faults, and exp is the dearest pass: this does
+    what log_softmax followed by exp would, with one allocation and one exp instead of two each.
+    """
+    scaled -= scaled.amax(dim=-1, keepdim=True)
+    p = scaled.exp()
+    total = p.sum(dim=-1, keepdim=True)
+    p /= total
+    scaled -= total.log_()
+    return scaled, p
+
+
+def _log_mixture(student_p: torch.Tensor, teacher_p: torch.Tensor, beta: float) -> torch.Tensor:
+    # Where both probabilities underflow to 0 their terms are 0 anyway; the floor keeps log finite there.
+    m = beta * teacher_p + (1 - beta) * student_p
+    return m.clamp_min(torch.finfo(m.dtype).tiny).log()
+
+
+def _entry_terms(student_logp, student_p, teacher_logp, teacher_p, kind: str, beta: float) -> torch.Tensor:
+    """The per-(position, entry) terms whose sum over the last dim is the divergence (module doc)."""
+    if kind == "forward_kl":
+        return teacher_p * (teacher_logp - student_logp)
+    if kind == "reverse_kl":
+        return student_p * (student_logp - teacher_logp)
+    log_m = _log_mixture(student_p, teacher_p, beta)
+    return beta * teacher_p * (teacher_logp - log_m) + (1 - beta) * student_p * (student_logp - log_m)
+
+
+def _entry_grads(student_logp, student_p, teacher_logp, teacher_p, kind: str, beta: float) -> torch.Tensor:
+    """d(term v) / d(log p_S(v)); each term depends on the student only through its own entry v."""
+    if kind == "forward_kl":
+        return -teacher_p
+    if kind == "reverse_kl":
+        return student_p * (student_logp - teacher_logp + 1.0)
+    # The d log m parts cancel: d/ds [beta p_T (log p_T - log m) + (1-beta) q (s - log m)] = (1-beta) q (s - log m).
+    return (1 - beta) * student_p * (student_logp - _log_mixture(student_p, teacher_p, beta))
+
+
+def divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    clip: float | None = None,
+    top_k: int | None = None,
+) -> torch.Tensor:
+    """Per-position divergence from full logits [..., V] -> [...], through plain autograd.
+
+    Materialises several [..., V] tensors: for small cases; use `chunked_divergence` at scale.
+    `top_k`: renormalise both distributions over the teacher's top k entries first.
+    """
+    check_divergence(kind, beta)
+    student, teacher, _ = _scaled(student_logits, teacher_logits.detach(), temperature, top_k)
+    student_logp, teacher_logp = torch.log_softmax(student, dim=-1), torch.log_softmax(teacher, dim=-1)
+    terms = _entry_terms(student_logp, student_logp.exp(), teacher_logp, teacher_logp.exp(), kind, beta)
+    if clip is not None:
+        terms = terms.clamp(max=clip)
+    return terms.sum(dim=-1)
+
+
+def sampled_token_loss(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """OPSD's sampled-token variant, per token: -a_t * log p_S(y_t), a_t = log p_T(y_t) - log p_S(y_t).
+
+    a_t is detached, so this is a policy-gradient loss with the teacher's log-ratio as reward.
+    Inputs are the sampled tokens' log-probabilities, e.g. `rl.algorithms.losses.token_logprobs(logits / T, tokens)`.
+    """
+    advantage = (teacher_logprobs - student_logprobs).detach()
+    return -advantage * student_logprobs
+
+
+def chunk_logits(rows: torch.Tensor, weight: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """logits / T of a chunk of rows in at least float32, as a tensor free to overwrite (no autograd)."""
+    logits = lm_logits(rows, weight)
+    upcast = _upcast(logits)
+    if upcast is rows:  # logits passed in by the caller: never overwrite them
+        return upcast / temperature
+    return upcast.div_(temperature)
+
+
+def _chunk_distributions(student_rows, teacher_rows, weight, teacher_weight, temperature, top_k):
+    """(log p_S, p_S, log p_T, p_T, top-k indices or None) for one chunk of rows, without autograd."""
+    student = chunk_logits(student_rows, weight, temperature)
+    teacher = chunk_logits(teacher_rows, teacher_weight, temperature)
+    top = None
+    if top_k is not None:
+        top = teacher.topk(top_k, dim=-1).indices
+        student, teacher = student.gather(-1, top), teacher.gather(-1, top)
+    return (*log_softmax_(student), *log_softmax_(teacher), top)
+
+
+def _chunk_logit_grad(student_rows, teacher_rows, weight, teacher_weight, grad_out, options) -> torch.Tensor:
+    """d(sum_n grad_out[n] * divergence[n]) / d(student logits) for one chunk of rows."""
+    kind, beta, temperature, clip, top_k, _ = options
+    *dists, top = _chunk_distributions(student_rows, teacher_rows, weight, teacher_weight, temperature, top_k)
+    # Same convention as torch.clamp's backward: an entry at exactly `clip` still passes gradient.
+    uncapped = None if clip is None else _entry_terms(*dists, kind, beta) <= clip
+    grad = _entry_grads(*dists, kind, beta)
+    if uncapped is not None:
+        grad *= uncapped
+    grad *= grad_out.unsqueeze(-1)
+    # Back through log_softmax(z / T): dz = (g - p_S * sum(g)) / T.
+    grad.addcmul_(dists[1], grad.sum(dim=-1, keepdim=True), value=-1.0).div_(temperature)
+    if top is None:
+        return grad
+    vocab = student_rows.shape[-1] if weight is None else weight.shape[0]
+    return grad.new_zeros(grad.shape[0], vocab).scatter_(-1, top, grad)
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """Per-row divergence over rows of hidden states (or logits), one chunk of rows at a time.
+
+    Saves only its inputs; the backward recomputes each chunk's logits and applies the analytic
+    gradient, so no tensor of size rows x vocab ever exists beyond one chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, weight, teacher_weight, kind, beta, temperature, clip, top_k, chunk_size):
+        ctx.save_for_backward(student, teacher, weight, teacher_weight)
+        ctx.options = (kind, beta, temperature, clip, top_k, chunk_size)
+        out = student.new_empty(student.shape[0], dtype=torch.promote_types(student.dtype, torch.float32))
+        for start in range(0, student.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            *dists, _ = _chunk_distributions(student[rows], teacher[rows], weight, teacher_weight, temperature, top_k)
+            terms = _entry_terms(*dists, kind, beta)
+            out[rows] = (terms if clip is None else terms.clamp_(max=clip)).sum(dim=-1)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        student, teacher, weight, teacher_weight = ctx.saved_tensors
+        chunk_size = ctx.options[-1]
+        want_student, _, want_weight = ctx.needs_input_grad[:3]
+        grad_student = torch.zeros_like(student) if want_student else None
+        # float32 accumulator: summing a bf16 [V, H] gradient over many chunks would lose precision.
+        grad_weight = None
+        if want_weight:
+            grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        for start in range(0, student.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            grad_logits = _chunk_logit_grad(
+                student[rows], teacher[rows], weight, teacher_weight, grad_out[rows], ctx.options
+            ).to(student.dtype)
+            if want_student:
+                grad_student[rows] = grad_logits if weight is None else grad_logits @ weight
+            if want_weight:
+                grad_weight += grad_logits.T @ student[rows]
+        if want_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_student, None, grad_weight, None, None, None, None, None, None, None
+
+
+def chunked_divergence(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor | None,
+    mask: torch.Tensor | None = None,
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    clip: float | None = None,
+    top_k: int | None = None,
+    chunk_size: int = 512,
+    teacher_lm_head_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-position divergence [...] from hidden states [..., H], chunk by chunk of positions.
+
+    Logits (hidden @ lm_head_weight^T) exist for `chunk_size` positions at a time, in the forward
+    and again in the backward, so peak memory is O(chunk_size x V) rather than O(positions x V):
+    about nine fp32 [chunk_size, V] tensors (2.8 GB at chunk 512, V 150k; scripts/bench_divergence.py).
+    The price is the logits computed twice: six lm_head-sized matmuls instead of four.
+    Gradients reach `student_hidden` and `lm_head_weight` (if it requires grad), never the teacher.
+    `teacher_lm_head_weight`: the teacher's own head (a frozen copy); defaults to `lm_head_weight`.
+    With `lm_head_weight=None` the inputs are logits [..., V] themselves (chunking then only bounds
+    the intermediates). Positions where `mask` is 0 are skipped and give 0.
+    Same options and values as `divergence`.
+    """
+    check_divergence(kind, beta)
+    if teacher_lm_head_weight is None:
+        teacher_lm_head_weight = lm_head_weight
+    if teacher_lm_head_weight is not None:
+        teacher_lm_head_weight = teacher_lm_head_weight.detach()
+    leading = student_hidden.shape[:-1]
+    student = student_hidden.reshape(-1, student_hidden.shape[-1])
+    teacher = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    valid = None if mask is None else mask.reshape(-1).nonzero().squeeze(-1)
+    if valid is not None:
+        student, teacher = student[valid], teacher[valid]
+    per_row = _ChunkedDivergence.apply(
+        student, teacher, lm_head_weight, teacher_lm_head_weight, kind, beta, temperature, clip, top_k, chunk_size
+    )
+    if valid is None:
+        return per_row.view(leading)
+    return per_row.new_zeros(leading.numel()).index_copy(0, valid, per_row).view(leading)

@@ -1,0 +1,203 @@
+"""What stops a run on purpose: divergence guards, interrupts, engines past their restarts.
+
+`DivergenceGuard` watches each update and each step: a non-finite loss or gradient norm means the
+learner skipped the update (see `LearnerWorker.train_step`); a policy whose entropy has risen to
+about ln(vocabulary), or whose gradient is exactly 0 while its advantages are not, has collapsed.
+`GracefulStop` turns Ctrl-C / SIGTERM into a stop at the next step boundary. `EngineRecovery`
+restarts dead or hung rollout engines and retries what they were doing. Each stop is a
+`RunStopped` naming the step and the last checkpoint; the loop then writes no final model.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+# Entropy above this fraction of ln(V) is taken for the uniform distribution (ln(V) itself is the
+# maximum); a trained LM sits far below it (about 0.5-3 nats against ln(49152) = 10.8 for SmolLM2).
+UNIFORM_ENTROPY_FRACTION = 0.9
+# ... and it counts as a collapse only for a policy that started well below it: a randomly
+# initialised or barely trained model starts near uniform, and noise there must not stop a run.
+HEALTHY_ENTROPY_FRACTION = 0.75
+
+
+class RunStopped(RuntimeError):
+    """The run stopped itself: the message names why, the step and what to do; `exit_code` is the
+    process's (1 for a failure, 128 + signal for an interrupt)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def checkpoint_note(run_dir: Path) -> str:
+    """`the last checkpoint is ...; continue with resume=...`, or that there is none."""
+    from rl.loop import checkpoint
+
+    newest = checkpoint.newest(run_dir)
+    if newest is None:
+        return "There is no checkpoint to continue from (checkpoint.every_steps=0, or none was due yet)."
+    return (
+        f"The last checkpoint is {newest} (step {checkpoint.read_state(newest).step}); continue from it with "
+        f"`python -m rl.launch resume={run_dir}`."
+    )
+
+
+def has_signal(token_fields: dict) -> bool:
+    """Whether any trained token has a non-zero advantage (False for algorithms without advantages)."""
+    advantages = token_fields.get("advantages")
+    if advantages is None:
+        return False
+    masks = token_fields.get("loss_mask") or [[1.0] * len(row) for row in advantages]
+    return any(a != 0 and m > 0 for row, mask in zip(advantages, masks) for a, m in zip(row, mask))
+
+
+class DivergenceGuard:
+    """Counts skipped updates and spots collapse; `check` stops the run when either goes too far.
+
+    warn(message) shows a warning on the console (above the progress bar)."""
+
+    def __init__(self, max_skipped_in_a_row: int, stop_on_collapse: bool, vocab_size: int, run_dir: Path,
+                 warn: Callable[[str], None]):
+        self.max_skipped_in_a_row = max_skipped_in_a_row
+        self.stop_on_collapse = stop_on_collapse
+        self.uniform_entropy = math.log(vocab_size)
+        self.run_dir = Path(run_dir)
+        self.warn = warn
+        self.skipped = 0  # in this process's steps
+        self.in_a_row = 0
+        self.first_entropy: float | None = None
+
+    def record_update(self, step: int, train_metrics: dict) -> None:
+        """After each learner update: count it if the learner skipped it."""
+        loss, grad_norm = train_metrics.get("loss", 0.0), train_metrics.get("grad_norm", 0.0)
+        if train_metrics.get("update_skipped") or not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.skipped += 1
+            self.in_a_row += 1
+            self.warn(
+                f"step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); the update was "
+                f"skipped (no optimizer step). Skipped so far: {self.skipped}."
+            )
+        else:
+            self.in_a_row = 0
+
+    def check(self, step: int, metrics: dict, advantages_nonzero: bool) -> None:
+        """After the step is recorded: raise RunStopped on repeated skips or (if so configured) collapse."""
+        if self.in_a_row > self.max_skipped_in_a_row:
+            raise RunStopped(
+                f"Training diverged: {self.in_a_row} updates in a row up to step {step} had a non-finite loss "
+                f"or gradient norm and were skipped (limit train.max_skipped_updates={self.max_skipped_in_a_row}). "
+                "Lower learner.lr, check the reward and the data for extreme values, or use float32. No final "
+                f"model was written. {checkpoint_note(self.run_dir)}"
+            )
+        if self.in_a_row:
+            return  # a skipped update says nothing about the policy's health
+        problem = self._collapse(metrics, advantages_nonzero)
+        if problem is None:
+            return
+        if not self.stop_on_collapse:
+            self.warn(f"step {step}: the policy has collapsed: {problem}. Training goes on (train.stop_on_collapse=false).")
+            return
+        raise RunStopped(
+            f"The policy collapsed at step {step}: {problem}. The run stops here and writes no final model "
+            "(train.stop_on_collapse=true); lower learner.lr (or raise learner.warmup_steps) and start again. "
+            f"{checkpoint_note(self.run_dir)}"
+        )
+
+    def _collapse(self, metrics: dict, advantages_nonzero: bool) -> str | None:
+        entropy = metrics.get("entropy")
+        if entropy is not None and math.isfinite(entropy):
+            near_uniform = entropy >= UNIFORM_ENTROPY_FRACTION * self.uniform_entropy
+            if self.first_entropy is None:
+                # A randomly initialised model starts uniform: only a rise to it is a collapse.
+                self.first_entropy = entropy
+            elif near_uniform and self.first_entropy < HEALTHY_ENTROPY_FRACTION * self.uniform_entropy:
+                return (
+                    f"its entropy is {entropy:.2f} nats per token, about ln(vocabulary) = {self.uniform_entropy:.2f}, "
+                    f"the uniform distribution (it was {self.first_entropy:.2f} at the start)"
+                )
+        if metrics.get("grad_norm") == 0.0 and advantages_nonzero:
+            return "its gradient norm is exactly 0 although the advantages are not (dead weights)"
+        return None
+
+
+class GracefulStop:
+    """While active, the first SIGINT or SIGTERM asks the loop to stop at the next step boundary;
+    a second SIGINT interrupts at once (KeyboardInterrupt). Only the main thread can own signals:
+    elsewhere it does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: Callable[[str], None] = print):
+        self.signum: int | None = None
+        self.announce = announce
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by a signal: 128 + its number (130, 143)."""
+        return 128 + (self.signum or signal.SIGINT)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.announce(
+            f"{signal.Signals(signum).name}: stopping after the current step (and saving a checkpoint unless "
+            "checkpoint.on_interrupt=false); press Ctrl-C again to stop at once."
+        )
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+
+class EngineRecovery:
+    """Runs pool work; when an engine has died or stopped answering, restarts it with the learner's
+    current weights (`weights()`) and runs the work again, at most `max_restarts` times in the run."""
+
+    def __init__(self, pool, weights: Callable[[], dict], max_restarts: int, run_dir: Path,
+                 warn: Callable[[str], None]):
+        self.pool, self.weights, self.max_restarts = pool, weights, max_restarts
+        self.run_dir, self.warn = Path(run_dir), warn
+        self.restarts = 0
+
+    def run(self, step: int, what: str, work: Callable[[], object]):
+        from rollouts.pool import RolloutEngineError
+
+        while True:
+            try:
+                return work()
+            except RolloutEngineError as error:
+                # A ping waits no longer than a call may (a hung engine is found in timeout_s).
+                broken = self.pool.unresponsive(min(60.0, self.pool.timeout_s or 60.0))
+                if not broken:
+                    raise  # every engine answers: the failure is the work's own, not a crash
+                if self.restarts + len(broken) > self.max_restarts:
+                    raise RunStopped(
+                        f"Step {step}: rollout engine(s) {broken} died or stopped answering ({error}), and the run "
+                        f"already restarted {self.restarts} (limit rollout.max_restarts={self.max_restarts}). "
+                        "Check the engine logs in "
+                        f"{self.run_dir / 'logs'} (memory, a crashing kernel). No final model was written. "
+                        f"{checkpoint_note(self.run_dir)}"
+                    ) from None
+                for index in broken:
+                    self.restarts += 1
+                    self.warn(
+                        f"step {step}: rollout engine {index} died or stopped answering in {what} ({error}); "
+                        f"restarting it (restart {self.restarts} of at most {self.max_restarts})."
+                    )
+                    self.pool.restart(index)
+                self.pool.update_weights(self.weights())

@@ -1,0 +1,245 @@
+"""Getting the learner's weights into the rollout engines: one interface, two backends.
+
+- `ObjectStoreSync` (sync.backend=object_store, the fallback): learner rank 0 gathers the full
+  state dict, the driver fetches it and puts one copy in Ray's object store, every engine loads it.
+- `CollectiveSync` (sync.backend=collective): a torch.distributed group of its own joins learner
+  rank 0 (rank 0 of the group) and every engine worker (gloo on CPU, NCCL on GPU). Every learner
+  rank walks the parameters one at a time (under ZeRO-3 each is gathered only for its turn),
+  rank 0 packs them into buckets of `sync.bucket_mb` and broadcasts each bucket; each engine
+  worker unpacks a bucket into (name, tensor) views and hands them to the engine's in-place
+  reload as they arrive. Nothing passes through the driver, and neither side holds more than a
+  bucket beyond the model. With LoRA only the adapted layers change, so only their merged
+  weights W + (alpha/r) B A are sent; everything else is still the base model the engines loaded.
+
+The learner and the engines do not know which backend is in use: the trainer calls `push()`.
+A bucket travels as three broadcasts: a header [data bytes, metadata bytes], the metadata (JSON:
+name, dtype, shape, offset of each tensor) and the data; a header of zeros ends the stream.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import time
+from abc import ABC, abstractmethod
+from datetime import timedelta
+
+import torch
+
+ALIGN = 16  # byte offset of every tensor in a bucket, so that uint8 views can be reinterpreted
+GROUP_TIMEOUT = timedelta(minutes=30)
+
+
+# ---------------------------------------------------------------------------------------------
+# The group and the stream (both sides)
+
+
+def open_port() -> tuple[str, int]:
+    """(this node's IP, a free port on it): where the group's store will listen."""
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+def transfer_device(own: torch.device, nccl: bool) -> torch.device:
+    """Where a member's buffers live: its GPU with NCCL, else host memory (gloo)."""
+    return own if nccl else torch.device("cpu")
+
+
+def join_group(host: str, port: int, rank: int, world: int, device: torch.device):
+    """A process group of its own (not torch.distributed's default one, which DeepSpeed and vLLM
+    use): gloo for CPU tensors, NCCL for CUDA ones. Blocks until all `world` ranks have joined."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=GROUP_TIMEOUT)
+    if device.type == "cuda":
+        return dist.ProcessGroupNCCL(store, rank, world)
+    return dist.ProcessGroupGloo(store, rank, world, GROUP_TIMEOUT)
+
+
+def _broadcast(group, tensor: torch.Tensor) -> None:
+    group.broadcast([tensor], _root0()).wait()
+
+
+def _root0():
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    return opts
+
+
+def send_stream(group, named_tensors, bucket_bytes: int, device: torch.device) -> dict[str, float]:
+    """Broadcast (name, tensor) pairs from group rank 0 in buckets. Each tensor's bytes are copied
+    into one reused bucket buffer before the next is asked for (so a ZeRO-3 gather can be
+    released); a tensor larger than a bucket goes alone, straight from its own memory."""
+    sent, buckets = 0, 0
+    buffer = torch.empty(bucket_bytes, dtype=torch.uint8, device=device)
+    meta: list = []
+    size = 0
+
+    def flush(data: torch.Tensor, entries: list) -> None:
+        nonlocal sent, buckets
+        blob = torch.tensor(list(json.dumps(entries).encode()), dtype=torch.uint8, device=device)
+        _broadcast(group, torch.tensor([data.numel(), blob.numel()], dtype=torch.int64, device=device))
+        _broadcast(group, blob)
+        _broadcast(group, data)
+        sent, buckets = sent + data.numel(), buckets + 1
+
+    for name, tensor in named_tensors:
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        entry = [name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)]
+        if flat.numel() > bucket_bytes:
+            flush(flat.to(device), [[*entry, 0, flat.numel()]])
+            continue
+        if size + flat.numel() > bucket_bytes:
+            flush(buffer[:size], meta)
+            meta, size = [], 0
+        buffer[size : size + flat.numel()].copy_(flat)
+        meta.append([*entry, size, flat.numel()])
+        size += -(-flat.numel() // ALIGN) * ALIGN
+    if meta:
+        flush(buffer[:size], meta)
+    _broadcast(group, torch.zeros(2, dtype=torch.int64, device=device))
+    return {"sync_bytes": float(sent), "sync_buckets": float(buckets)}
+
+
+def receive_stream(group, device: torch.device):
+    """The (name, tensor) pairs `send_stream` broadcasts, bucket by bucket, as views into each bucket."""
+    while True:
+        header = torch.zeros(2, dtype=torch.int64, device=device)
+        _broadcast(group, header)
+        data_bytes, meta_bytes = header.tolist()
+        if meta_bytes == 0:
+            return
+        blob = torch.empty(meta_bytes, dtype=torch.uint8, device=device)
+        _broadcast(group, blob)
+        data = torch.empty(data_bytes, dtype=torch.uint8, device=device)
+        _broadcast(group, data)
+        for name, dtype, shape, offset, nbytes in json.loads(bytes(blob.cpu().tolist()).decode()):
+            yield name, data[offset : offset + nbytes].view(getattr(torch, dtype)).view(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The learner side (run in every learner rank's actor through LearnerGroup.submit)
+
+
+def _learner_join(worker, host: str, port: int, world: int, nccl: bool) -> None:
+    if worker.rank == 0:
+        worker.weight_device = transfer_device(worker.device, nccl)
+        worker.weight_group = join_group(host, port, 0, world, worker.weight_device)
+
+
+def _learner_open_port(worker) -> tuple[str, int]:
+    return open_port()
+
+
+def _learner_send(worker, bucket_bytes: int) -> dict[str, float]:
+    """Every rank walks the weights (ZeRO-3 gathers are collective); rank 0 sends them."""
+    weights = iter_engine_weights(worker)
+    if worker.rank != 0:
+        for _ in weights:
+            pass
+        return {}
+    return send_stream(worker.weight_group, weights, bucket_bytes, worker.weight_device)
+
+
+def iter_engine_weights(worker):
+    """(HF name, full tensor) for each weight the engines must load, one at a time; a collective
+    call under ZeRO-3. Each tensor is valid only until the next is asked for.
+
+    Without LoRA: every parameter once (a tied output layer is the input embedding, sent once
+    under its first name, as `named_parameters` gives it). With LoRA: only the adapted layers'
+    merged weights W + (alpha/r) B A, in float32 then rounded once, as in `_merged_lora_state`.
+    """
+    import deepspeed
+
+    from rl.learner.group import ADAPTER, _causal_lm
+
+    causal_lm = _causal_lm(worker.engine.module.lm)
+    if worker.lora is None:
+        for name, p in causal_lm.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                yield name, p.detach()
+        return
+    from peft.tuners.lora import LoraLayer
+
+    for name, layer in causal_lm.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        weight, a, b = layer.base_layer.weight, layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        with deepspeed.zero.GatheredParameters([weight, a, b], modifier_rank=None):
+            delta = (b.float() @ a.float()) * layer.scaling[ADAPTER]
+            delta = delta.T if layer.fan_in_fan_out else delta
+            yield f"{name}.weight", (weight.float() + delta).to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backends (driver side)
+
+
+class WeightSync(ABC):
+    @abstractmethod
+    def push(self) -> dict[str, float]:
+        """Load the learner's current weights into every engine; returns metrics (seconds, bytes)."""
+
+    def close(self) -> None:
+        """Release what the backend holds."""
+
+
+class ObjectStoreSync(WeightSync):
+    """Learner rank 0 -> driver -> object store -> every engine: the full state dict each step."""
+
+    def __init__(self, pool, learners):
+        self.pool, self.learners = pool, learners
+
+    def push(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        state = self.learners.full_state_dict()
+        t1 = time.perf_counter()
+        self.pool.update_weights(state)
+        return {
+            "sync_gather_s": t1 - t0, "sync_load_s": time.perf_counter() - t1,
+            "sync_bytes": float(sum(t.numel() * t.element_size() for t in state.values())),
+        }
+
+
+class CollectiveSync(WeightSync):
+    """Learner rank 0 broadcasts buckets straight to every engine worker (see the module doc).
+
+    nccl: GPU to GPU. It needs every member on a GPU of its own: NCCL refuses two ranks on one
+    device, so colocated engines (which share their GPUs with learner ranks) and CPU clusters use
+    gloo through host memory.
+    """
+
+    def __init__(self, pool, learners, bucket_mb: float = 256.0, nccl: bool = False):
+        self.pool, self.learners = pool, learners
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        ranks = pool.wait("weight_ranks", pool.submit("weight_ranks"))
+        firsts = [1 + sum(ranks[:i]) for i in range(len(ranks))]
+        world = 1 + sum(ranks)
+        host, port = learners.wait(learners.submit(_learner_open_port), "open the weight group")[0]
+        # Every member blocks in the rendezvous until all have joined: start them all, then wait.
+        engine_refs = pool.submit("join_weight_group", [(host, port, first, world, nccl) for first in firsts])
+        learner_refs = learners.submit(_learner_join, host, port, world, nccl)
+        learners.wait(learner_refs, "join the weight group")
+        pool.wait("join_weight_group", engine_refs)
+
+    def push(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        engine_refs = self.pool.submit("receive_weights")
+        sent = self.learners.wait(self.learners.submit(_learner_send, self.bucket_bytes), "send weights")[0]
+        self.pool.wait("receive_weights", engine_refs)
+        return {**sent, "sync_stream_s": time.perf_counter() - t0}
+
+
+BACKENDS = {"object_store": ObjectStoreSync, "collective": CollectiveSync}
+
+
+def build_weight_sync(sync_cfg, pool, learners, plan) -> WeightSync:
+    """The configured backend; with `plan` (rl.loop.placement) deciding NCCL (GPUs, split) or gloo."""
+    if sync_cfg.backend == "collective":
+        return CollectiveSync(pool, learners, sync_cfg.bucket_mb, nccl=plan.on_gpu and plan.mode == "split")
+    return ObjectStoreSync(pool, learners)

