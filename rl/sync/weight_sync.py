@@ -156,7 +156,8 @@ def iter_engine_weights(worker):
     """
     import deepspeed
 
-    from rl.learner.group import ADAPTER, _causal_lm
+    from rl.learner.lora import ADAPTER
+    from rl.learner.model import _causal_lm
 
     causal_lm = _causal_lm(worker.engine.module.lm)
     if worker.lora is None:

@@ -20,7 +20,10 @@ from rl.algorithms.grpo import GRPO
 from rl.algorithms.opsd import OPSD
 from rl.learner.batch import MicroBatch, SequenceBatch, packed_tokens, plan_micro_batches
 from rl.config import LearnerConfig, LoraConfig, RunConfig
-from rl.learner.group import LearnerGroup, LearnerWorker, _call_loss, _Policy, _token_scores, _with_lora, free_port
+from rl.learner.group import LearnerGroup, LearnerWorker, free_port
+from rl.learner.lora import _with_lora
+from rl.learner.model import _Policy
+from rl.learner.step import _call_loss, _token_scores
 from rl.tiny import build_model
 
 TEMPERATURE = 0.9
@@ -61,7 +64,7 @@ def grouped_batch(seed: int, teacher: bool = False) -> SequenceBatch:
 def layout(batch: SequenceBatch, share_prompt: bool, max_tokens, micro_batch_size: int,
            view: bool = False) -> list[MicroBatch]:
     """The learner's micro-batches of `batch` (or of the same sequences' teacher views) under a
-    layout, as LearnerWorker._micro_batches plans them and _tensors builds them."""
+    layout, as MicroBatcher.micro_batches plans them and _tensors builds them."""
     plan = plan_micro_batches(batch, micro_batch_size, max_tokens, share_prompt)
     packed = share_prompt or max_tokens is not None
     build = partial(MicroBatch.packed, share_prompt=share_prompt) if packed else MicroBatch.from_sequences

@@ -1,0 +1,161 @@
+"""One learner rank (`LearnerWorker`): builds the parts (rl.learner.model, lora, frozen,
+micro_batches, step, export) around one DeepSpeed engine, and is what a Ray actor runs."""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from functools import partial
+
+import torch
+
+from rl.config import LearnerConfig, LoraConfig
+from rl.learner.batch import SequenceBatch
+from rl.learner.export import StateExport
+from rl.learner.frozen import FrozenModels, freeze
+from rl.learner.micro_batches import MicroBatcher, packed_layout
+from rl.learner.model import DiffusionForward, _causal_lm, build_model, load_model, wrap
+from rl.learner.step import StepRunner
+
+logger = logging.getLogger(__name__)
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): (step+1)/warmup_steps, then 1.
+
+    Counting from step+1 means the first step already moves (a factor of 0 would waste it) and
+    the peak is reached at step warmup_steps-1.
+    """
+    if warmup_steps == 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+def _deepspeed_config(cfg: LearnerConfig, dtype: str, world_size: int) -> dict:
+    # Accumulation is driven by hand (a step's micro-batch count varies), so DeepSpeed's own
+    # gradient_accumulation_steps stays 1 and never rescales the loss.
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.micro_batch_size * world_size,
+        "gradient_clipping": cfg.max_grad_norm,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        # check_grad_overflow: a non-finite gradient skips the step in bf16 too, as in fp32.
+        "bf16": {"enabled": dtype == "bfloat16", "check_grad_overflow": True},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _init_distributed(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    # Under Ray each actor sees only its own GPU (index 0); launched by hand, all GPUs show.
+    local_rank = rank % torch.cuda.device_count() if cuda else rank
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
+        MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+    )
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+
+
+class LearnerWorker:
+    """One data-parallel rank: a DeepSpeed engine over an HF causal LM (optionally with LoRA adapters),
+    plus the frozen reference and the teacher copies it is asked for."""
+
+    def __init__(
+        self,
+        model_path: str,
+        learner_cfg: LearnerConfig,
+        dtype: str,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        seed: int,
+        total_steps: int,
+        with_reference: bool = False,
+        with_teacher: bool = False,
+        lora: LoraConfig | None = None,
+        diffusion: DiffusionForward | None = None,
+    ):
+        """with_reference: keep the frozen initial policy (`compute_logprobs(reference=True)`).
+        with_teacher: keep what `learner_cfg.teacher.kind` needs (frozen: the same reference; ema: an
+        EMA copy; live: nothing). With LoRA the frozen model is the policy with adapters disabled.
+        diffusion: the model is a masked-diffusion one, scored as `DiffusionForward` says."""
+        import deepspeed
+
+        if diffusion is not None and with_teacher:
+            raise ValueError("Teacher views (OPSD) are not supported for masked-diffusion models.")
+        self.rank = rank
+        self.lora = lora if lora is not None and lora.enabled else None
+        _init_distributed(rank, world_size, master_addr, master_port)
+        torch.manual_seed(seed)  # peft's adapter initialisation: the same on every rank
+        if learner_cfg.warmup_steps > total_steps:
+            logger.warning(
+                "learner.warmup_steps=%d exceeds the run's %d steps: the lr never reaches its peak.",
+                learner_cfg.warmup_steps, total_steps,
+            )
+
+        ds_config = _deepspeed_config(learner_cfg, dtype, world_size)
+        model, pad_id = build_model(model_path, dtype, learner_cfg, self.lora, diffusion)
+        packed = packed_layout(learner_cfg, _causal_lm(model), diffusion is not None)
+        teacher = learner_cfg.teacher.kind if with_teacher else None
+        ema = copy.deepcopy(model) if teacher == "ema" else None
+        policy = wrap(model, diffusion, pad_id)
+        optimizer = torch.optim.AdamW(
+            [p for p in policy.parameters() if p.requires_grad], lr=learner_cfg.lr,
+            betas=tuple(learner_cfg.betas), weight_decay=learner_cfg.weight_decay,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, partial(warmup_factor, warmup_steps=learner_cfg.warmup_steps)
+        )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        self.device = self.engine.device
+
+        def frozen_copy(lm: torch.nn.Module):
+            return freeze(wrap(lm, diffusion, pad_id), learner_cfg, ds_config, self.device)
+
+        reference = None
+        if (with_reference or teacher == "frozen") and self.lora is None:
+            reference = frozen_copy(load_model(model_path, dtype, diffusion))
+        self.frozen = FrozenModels(self.engine, learner_cfg, self.lora is not None, reference,
+                                   None if ema is None else frozen_copy(ema), rank, self.device)
+        batcher = MicroBatcher(learner_cfg, pad_id, packed, self.device)
+        self.steps = StepRunner(self.engine, batcher, self.frozen, learner_cfg.teacher.kind, world_size)
+        self.state = StateExport(self.engine, self.frozen, rank, self.lora is not None, model_path)
+
+    @property
+    def reference(self):
+        """The frozen initial policy's own copy, or None (not asked for, or LoRA: adapters disabled)."""
+        return self.frozen.reference
+
+    # The calls a LearnerGroup makes (Ray actor methods); documented where they are implemented.
+
+    def train_step(self, batch: SequenceBatch, loss_fn, temperature: float = 1.0,
+                   num_micro_batches: int | None = None, return_logprobs: bool = False):
+        """One optimizer step on this rank's shard (`StepRunner.train_step`)."""
+        return self.steps.train_step(batch, loss_fn, temperature, num_micro_batches, return_logprobs)
+
+    def compute_logprobs(self, batch: SequenceBatch, temperature: float = 1.0, with_entropy: bool = False,
+                         reference: bool = False, num_micro_batches: int | None = None):
+        """Per completion token log-probs (and entropies) of this rank's shard (`StepRunner.compute_logprobs`)."""
+        return self.steps.compute_logprobs(batch, temperature, with_entropy, reference, num_micro_batches)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The HF weights on rank 0 (`StateExport.full_state_dict`)."""
+        return self.state.full_state_dict()
+
+    def save_hf(self, out_dir: str, adapter: bool = False) -> None:
+        self.state.save_hf(out_dir, adapter)
+
+    def save_checkpoint(self, out_dir: str) -> None:
+        self.state.save_checkpoint(out_dir)
+
+    def load_checkpoint(self, in_dir: str) -> None:
+        self.state.load_checkpoint(in_dir)
