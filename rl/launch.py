@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     from rl.loop.guards import GracefulStop, RunStopped
-    from rl.loop.trainer import WeightSyncError, train
+    from rl.loop.trainer import train
+    from rl.sync.check import WeightSyncError
     from rollouts.pool import RolloutEngineError
 
     started = time.time()

@@ -22,15 +22,11 @@ from rl.loop.guards import DivergenceGuard, EngineRecovery, GracefulStop, RunSto
 from rl.models import resolve_model_path, vocab_size
 from rl.learner.prompt_masks import prompt_mask_schedule
 from rl.loop.tracking import Console, Tracker, keep_actor_logs
+from rl.sync.check import SyncCheck
 from rl.sync.weight_sync import ObjectStoreSync, build_weight_sync
 from rewards.scoring import RewardScorer, log_failures
-from rollouts.types import ScoringRequest
 
 CORRECTNESS_PARTS = ("math_verify", "correct")
-
-
-class WeightSyncError(RuntimeError):
-    """The engines do not hold the learner's weights after a push."""
 
 
 def init_ray(cfg: RunConfig) -> None:
@@ -73,31 +69,6 @@ def place(cfg: RunConfig):
     plan = ResourcePlan.from_config(cfg, on_gpu=ray.cluster_resources().get("GPU", 0) > 0).apply()
     print(plan.table(), file=sys.stderr, flush=True)
     return plan
-
-
-def check_weight_sync(pool, learners, batch: SequenceBatch, n_sequences: int, threshold: float) -> dict[str, float]:
-    """Re-score some of the step's sequences on the engines and the learner; stop on a gap."""
-    if n_sequences == 0:
-        return {}
-    idx = list(range(min(n_sequences, len(batch))))
-    sample = batch.select(idx)
-    learner_lp, _ = learners.compute_logprobs(sample, temperature=1.0)
-    requests = [ScoringRequest(ids[:p], ids[p:]) for ids, p in zip(sample.input_ids, sample.prompt_lens)]
-    engine_lps = pool.score_each_engine(requests)
-    worst_mean, worst_max = 0.0, 0.0
-    for engine_index, engine_lp in enumerate(engine_lps):
-        gaps = [abs(a - b) for la, le in zip(learner_lp, engine_lp) for a, b in zip(la, le)]
-        mean_gap = sum(gaps) / max(len(gaps), 1)
-        worst_mean, worst_max = max(worst_mean, mean_gap), max(worst_max, max(gaps, default=0.0))
-        if mean_gap > threshold:
-            raise WeightSyncError(
-                f"After the weight push, engine {engine_index} disagrees with the learner by {mean_gap:.3g} "
-                f"nats per token on average (max {max(gaps):.3g}; limit sync.max_logprob_gap={threshold}). "
-                "The engine is not running the learner's weights: a failed or partial reload, a dtype "
-                "mismatch, or vLLM-CPU's stale tied-embedding repack. Training on would optimise a "
-                "different policy than the one sampling, so the run stops here."
-            )
-    return {"logprob_gap": worst_mean, "logprob_gap_max": worst_max}
 
 
 def _take_prompts(stream: PromptStream, n: int, cfg: RunConfig, tokenizer) -> tuple[list[dict], list[list[int]], int]:
@@ -274,6 +245,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
         placement=plan,
     )
     weight_sync = build_weight_sync(cfg.sync, pool, learners, plan)
+    sync_check = SyncCheck(cfg, pool, learners)
     done = checkpoint.resume(run_dir, cfg, learners, pool, stream) if resume else checkpoint.TrainerState()
     console = console or Console(cfg.train.steps, done.step + 1)
     tracker = Tracker(run_dir, cfg.train.steps, cfg.model_dump(mode="json"), cfg.tracking.wandb, cfg.tracking.tensorboard,
@@ -296,14 +268,15 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
 
         return recovery.run(step, "generation", generate)
 
-    def push_and_check(batch: SequenceBatch) -> tuple[dict, dict]:
+    def push_and_check(step: int, batch: SequenceBatch, algo_metrics: dict, batch_age: int) -> tuple[dict, dict]:
         nonlocal weight_sync
         if recovery.restarts and not isinstance(weight_sync, ObjectStoreSync):
             # A replaced engine is not a member of the collective group, which cannot take one mid-run.
             console.line("an engine was replaced: weights go through the object store from now on")
             weight_sync = ObjectStoreSync(pool, learners)
         pushed = weight_sync.push()
-        return pushed, check_weight_sync(pool, learners, batch, cfg.sync.check_sequences, cfg.sync.max_logprob_gap)
+        evaluating = evaluator is not None and eval_due(cfg.eval, step, cfg.train.steps)
+        return pushed, sync_check(step, batch, algo_metrics, batch_age, evaluating)
 
     # train.max_staleness >= 1: the next step's rollouts are generated on this thread pool while
     # the learner trains. `version` counts the learner's weight updates; the engines hold the
@@ -368,7 +341,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
 
             if sleeps:
                 pool.wake_up()
-            push_metrics, sync_metrics = recovery.run(step, "weight sync", lambda: push_and_check(batch))
+            push_metrics, sync_metrics = recovery.run(step, "weight sync", lambda: push_and_check(step, batch, algo_metrics, batch_age))
             t4 = time.time()
 
             lengths = [len(c.token_ids) for c, _ in flat]

@@ -140,7 +140,7 @@ def test_with_prompt_masking_engine_and_learner_estimates_agree(model_dir, mask_
     """d1's prompt masking on: the engine's estimates at generation and in `score` (the weight-sync
     check) mask each prompt as the learner does, and all three equal a plain forward on the prompt
     with exactly those tokens masked."""
-    from rl.loop.trainer import check_weight_sync
+    from rl.sync.check import check_weight_sync
     from rollouts.diffusion import prompt_mask
 
     prob = 0.5

