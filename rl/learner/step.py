@@ -1,5 +1,5 @@
 """The step: forward/backward over a rank's micro-batches and one optimizer step, and the no-grad
-scoring forward (`compute_logprobs`). The loss is whatever the caller hands in (see rl.learner.worker)."""
+scoring forward (`compute_logprobs`). The loss is whatever the caller hands in (its contract: rl.learner)."""
 from __future__ import annotations
 
 from functools import partial
