@@ -6,8 +6,7 @@ Two ways to measure the engine-vs-learner log-prob gap, with one limit (sync.max
 - the rollout gap: the next step's rollouts were sampled with the pushed weights, and the learner
   scores the same tokens anyway before its update (the algorithm's `mismatch/logprob_gap_mean`,
   from the training forward at updates_per_batch=1): that gap IS the check, for free. A stale
-  engine then stops the run one step later, before a batch sampled from the wrong policy is
-  trained on past its own step.
+  engine then stops the run one step later, before that step is logged or checkpointed.
 `SyncCheck` uses the second where it measures the same thing, and the first for the pushes no
 next step checks.
 """
