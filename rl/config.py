@@ -77,8 +77,8 @@ class DataConfig(Section):
     train: str = Field(
         "gsm8k",
         description="Training set: `gsm8k`, `math500` (resolved under `local_dir` when set, else "
-        "from the hub), a hub dataset id, a path to a .jsonl file, or `synthetic:<task>` (rl.tiny's "
-        "offline tasks, e.g. synthetic:chain_addition).",
+        "from the hub), a hub dataset id, a path to a .jsonl file, or `<source>:<name>` from a data "
+        "source a plug-in registered (e.g. synthetic:chain_addition, with plugins=[rl.demo.tiny]).",
     )
     split: str = Field("train", description="Split to read for named or hub sets.")
     local_dir: Optional[str] = Field(
@@ -671,7 +671,8 @@ class EvalConfig(Section):
         min_length=1,
         description="Sets to evaluate on, by short name: from the hub (openai/gsm8k test, "
         "HuggingFaceH4/MATH-500, math-ai/amc23, HuggingFaceH4/aime_2024), or from `local_dir` when set; "
-        "or `synthetic:<task>` (the test split of rl.tiny's offline tasks).",
+        "or `<source>:<name>` from a data source a plug-in registered (e.g. synthetic:chain_addition, "
+        "the test split of rl.demo.tiny's offline tasks, with plugins=[rl.demo.tiny]).",
     )
     local_dir: Optional[str] = Field(
         None,
@@ -770,9 +771,11 @@ class EvalConfig(Section):
     @field_validator("benchmarks")
     @classmethod
     def _known_benchmarks(cls, names: list[str]) -> list[str]:
-        unknown = [n for n in names if n not in BENCHMARKS and not n.startswith("synthetic:")]
+        # `<source>:<name>` is checked when it is read (rl.data.source_loader): its source may
+        # be registered by a plug-in.
+        unknown = [n for n in names if n not in BENCHMARKS and ":" not in n]
         if unknown:
-            raise ValueError(f"unknown benchmarks {unknown}; choose from {', '.join(BENCHMARKS)} or synthetic:<task>")
+            raise ValueError(f"unknown benchmarks {unknown}; choose from {', '.join(BENCHMARKS)} or <source>:<name> from a registered data source (e.g. synthetic:chain_addition)")
         return names
 
     @model_validator(mode="after")
@@ -832,6 +835,15 @@ class CheckpointConfig(Section):
 
 class RunConfig(Section):
     recipe: str = Field("custom", description="Name of the recipe this config came from.")
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="Modules (`package.module`) or files (`path/to/file.py`) imported when the config "
+        "is loaded: they register what the rest of the config may name, such as data sources "
+        "(rl.data.register_data_source), built models (rl.models.register_model_builder) and rewards. "
+        "`rl.demo.tiny` provides the offline demo tasks (`synthetic:<task>`) and the built model "
+        "tiny-dllm-chain-addition. Imported here, not by each command, so that every entry point "
+        "(launch, evaluate, sft, a resume, a script) sees the same names.",
+    )
     seed: int = Field(0, description="Seeds data order, engines and learner.")
     algorithm: str = Field("grpo", description="Registered algorithm name (see rl.algorithms).")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -851,6 +863,28 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Run-state checkpoints for exact resume (off by default)."
     )
+
+    @field_validator("plugins")
+    @classmethod
+    def _import_plugins(cls, plugins: list[str]) -> list[str]:
+        import importlib
+
+        from rewards.registry import load_file
+
+        for plugin in plugins:
+            try:
+                if plugin.endswith(".py"):
+                    if not Path(plugin).is_file():
+                        raise FileNotFoundError(f"{Path(plugin).resolve()} does not exist")
+                    load_file(Path(plugin))
+                else:
+                    importlib.import_module(plugin)
+            except Exception as e:  # an error of the user's plug-in: name it, then what went wrong
+                raise ValueError(
+                    f"could not import plug-in {plugin!r}: {type(e).__name__}: {e}. A plug-in is a module "
+                    "name (rl.demo.tiny) or a path to a .py file"
+                ) from None
+        return plugins
 
     @model_validator(mode="after")
     def _engine_fits_model(self) -> "RunConfig":

@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from rl.config import load_config
-from rl.tiny import addition_task
+from rl.demo.tiny import addition_task
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ from rl.learner.batch import SequenceBatch
 from rl.loop.checkpoint import CheckpointError, TrainerState
 from rl.config import PROJECT_ROOT, ConfigError, LearnerConfig, LoraConfig, TeacherConfig, load_config
 from rl.data import PromptStream
-from rl.tiny import addition_task
+from rl.demo.tiny import addition_task
 from rollouts.types import SamplingSpec
 
 pytestmark = pytest.mark.slow

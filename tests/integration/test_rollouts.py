@@ -19,7 +19,7 @@ PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [20], [30, 31, 32, 33]]
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    from rl.tiny import build_model
+    from rl.demo.tiny import build_model
 
     root = tmp_path_factory.mktemp("rollout_models")
     return {

@@ -21,7 +21,7 @@ from rl.algorithms.opsd import OPSD
 from rl.learner.batch import MicroBatch, SequenceBatch, packed_tokens, plan_micro_batches
 from rl.config import LearnerConfig, LoraConfig, RunConfig
 from rl.learner.group import LearnerGroup, LearnerWorker, _call_loss, _Policy, _token_scores, _with_lora, free_port
-from rl.tiny import build_model
+from rl.demo.tiny import build_model
 
 TEMPERATURE = 0.9
 # (prompt length, completion lengths) per group; the last group has one completion (nothing to

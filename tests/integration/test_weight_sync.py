@@ -16,7 +16,7 @@ import torch
 
 from rl.config import LearnerConfig, LoraConfig
 from rl.learner.group import LearnerGroup
-from rl.tiny import build_model
+from rl.demo.tiny import build_model
 from rl.loop.trainer import WeightSyncError, check_weight_sync
 from rl.sync.weight_sync import CollectiveSync, ObjectStoreSync
 from rollouts import RolloutPool

@@ -28,7 +28,7 @@ def _launch(*args):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from rl.tiny import build_model
+    from rl.demo.tiny import build_model
 
     return build_model(tmp_path_factory.mktemp("tiny") / "model")
 
