@@ -12,6 +12,9 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rewards.math import AnswerFallback
+from rewards.scoring import OnError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = PROJECT_ROOT / "recipes"
 
@@ -226,6 +229,25 @@ class RolloutConfig(Section):
         return dict(answer_length=self.max_tokens, block_length=d.block_length, steps=d.steps,
                     remasking=d.remasking, mask_token_id=d.mask_token_id, prompt_mask_prob=prompt_mask_prob)
 
+    def engine_options(
+        self, model: ModelConfig, max_model_len: int, colocated: bool = False, sleep_mode: bool = False,
+        prompt_mask_prob: float = 0.0,
+    ) -> dict:
+        """rollouts.engine.make_engine's keyword arguments past kind, path and seed (what a
+        RolloutPool passes on to each engine): the one place the trainer's engines and rl.evaluate's
+        engine get their settings, so that a model is evaluated on the engine it was trained with.
+        colocated: engines share GPUs with the learners (the smaller default GPU share)."""
+        return dict(
+            dtype=model.dtype,
+            max_model_len=max_model_len,
+            kv_cache_gb=self.kv_cache_gb,
+            gpu_memory_utilization=self.gpu_memory_utilization or (0.4 if colocated else 0.85),
+            trust_remote_code=model.trust_remote_code,
+            diffusion=self.diffusion_settings(prompt_mask_prob),
+            sleep_mode=sleep_mode,
+            tensor_parallel_size=self.gpus_per_engine,
+        )
+
 
 class GRPOConfig(Section):
     group_size: int = Field(8, ge=2, description="G completions per prompt [8 in DeepSeekMath/DAPO].")
@@ -418,14 +440,14 @@ class RewardConfig(Section):
         "completion in <run>/reward_failures.jsonl. 10 s is thousands of times a normal "
         "math-verify call, yet a stuck sympy simplification costs a step only seconds.",
     )
-    on_error: Literal["raise", "zero"] = Field(
+    on_error: OnError = Field(
         "raise",
         description="A reward that raises or returns a non-finite or non-numeric value: `raise` stops "
         "the run with the function, the completion and the row (a bug in a reward silently "
         "scored 0 would train on a wrong signal); `zero` scores it 0, counts it "
         "(`reward_errors_scored_zero`) and logs it like a timeout.",
     )
-    answer_fallback: Literal["none", "last_number", "math_verify"] = Field(
+    answer_fallback: AnswerFallback = Field(
         "last_number",
         description="How math_verify finds a completion's answer when it has no \\boxed{} and no "
         "`#### N` line: `last_number` (default: small models often answer without the box and "
@@ -731,7 +753,7 @@ class EvalConfig(Section):
         "engines' context is sized for the longer of training and evaluation. For the diffusion "
         "engine this is the answer length, a multiple of rollout.diffusion.block_length.",
     )
-    answer_fallback: Literal["none", "last_number", "math_verify"] = Field(
+    answer_fallback: AnswerFallback = Field(
         "last_number",
         description="How grading finds an answer without \\boxed{} or `#### N`, as reward.answer_fallback "
         "(default the same as the training reward, so evaluation measures what training rewards).",

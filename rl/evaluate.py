@@ -353,15 +353,7 @@ def evaluate_model(args: dict[str, str]) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     evaluator = Evaluator(tokenizer, cfg.eval)
     engine = make_engine(
-        cfg.rollout.engine,
-        path,
-        seed=cfg.seed,
-        dtype=cfg.model.dtype,
-        max_model_len=evaluator.context_tokens(),
-        kv_cache_gb=cfg.rollout.kv_cache_gb,
-        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        trust_remote_code=cfg.model.trust_remote_code,
-        diffusion=cfg.rollout.diffusion_settings(),
+        cfg.rollout.engine, path, seed=cfg.seed, **cfg.rollout.engine_options(cfg.model, max_model_len=evaluator.context_tokens())
     )
     try:
         metrics = evaluator.run(engine, out, meta={"model": path})

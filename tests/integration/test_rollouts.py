@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from rollouts import RolloutEngineError, RolloutPool, make_engine
-from rollouts.pool import _chunk_bounds
 from rollouts.types import SamplingSpec, ScoringRequest
 
 TOL = 1e-4
@@ -129,11 +128,6 @@ def check_top_k_logprobs(engine, learner) -> None:
 def test_import_is_light():
     code = "import sys, rollouts; rollouts.RolloutEngine; assert not {'vllm', 'ray'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_chunk_bounds_are_contiguous_and_balanced():
-    assert _chunk_bounds(5, 2) == [(0, 3), (3, 5)]
-    assert _chunk_bounds(1, 3) == [(0, 1), (1, 1), (1, 1)]
 
 
 @pytest.mark.slow
