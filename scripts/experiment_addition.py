@@ -207,9 +207,9 @@ def main() -> None:
     for sub, target, keep in comparisons:
         chosen = [(d, label) for d, label in zip(run_dirs, labels) if keep is None or label in keep]
         name = f"{sub}_target_{target}" + ("_main" if keep else "")
-        cmd = [sys.executable, "-m", "rl.compare", *[d for d, _ in chosen], "--metric", metrics[sub],
-               "--labels", ",".join(label for _, label in chosen), "--out", str(out / "compare" / name)]
-        subprocess.run(cmd + ([] if target == "default" else ["--target", target]), cwd=ROOT, check=True)
+        cmd = [sys.executable, "-m", "rl.compare", "runs=" + ",".join(str(d) for d, _ in chosen), f"metric={metrics[sub]}",
+               "labels=" + ",".join(label for _, label in chosen), f"out={out / 'compare' / name}"]
+        subprocess.run(cmd + ([] if target == "default" else [f"target={target}"]), cwd=ROOT, check=True)
     print(f"total {time.time() - t0:.0f} s; comparison in {out / 'compare'}", flush=True)
 
 
