@@ -4,6 +4,7 @@ the few switches that take no value are `--name` (`--dry-run`). A list is comma-
 (`benchmarks=gsm8k,math500`, `runs=A,B`). -h / --help prints the tool's usage."""
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -19,8 +20,13 @@ class CommandLine:
     switches: set[str] = field(default_factory=set)  # the `--name` switches given
 
 
-def wants_help(argv: list[str]) -> bool:
-    return "-h" in argv or "--help" in argv
+def tool_arguments(argv: list[str] | None, usage: str) -> list[str] | None:
+    """A tool's arguments (sys.argv's when None); None once -h or --help has printed the usage."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(usage)
+        return None
+    return argv
 
 
 def parse_command_line(

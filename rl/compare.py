@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from rl.cli import UsageError, parse_command_line, require, wants_help
+from rl.cli import UsageError, parse_command_line, require, tool_arguments
 
 AXES = {
     "tokens": "cumulative rollout tokens",
@@ -308,9 +308,8 @@ def _target(value: str | None) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if wants_help(argv):
-        print(USAGE)
+    argv = tool_arguments(argv, USAGE)
+    if argv is None:
         return 0
     try:
         line = parse_command_line(argv, USAGE, ("runs", "metric", "target", "labels", "out"), ("--allow-mixed-protocols",))

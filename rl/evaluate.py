@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from rl.cli import UsageError, parse_command_line, wants_help
+from rl.cli import UsageError, parse_command_line, tool_arguments
 from rl.config import EVAL_PROTOCOLS, ConfigError, DataConfig, EvalConfig, RunConfig, load_config
 from rl.data import DataError, chat_prompt_ids, load_rows
 from rewards.math import ANSWER_FALLBACKS
@@ -360,9 +360,8 @@ def evaluate_model(args: dict[str, str]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if wants_help(argv):
-        print(USAGE)
+    argv = tool_arguments(argv, USAGE)
+    if argv is None:
         return 0
     from rl.models import ModelError
 

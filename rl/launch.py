@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from rl.cli import UsageError, parse_command_line, wants_help
+from rl.cli import UsageError, parse_command_line, tool_arguments
 
 USAGE = """usage: python -m rl.launch recipe=NAME [key=value ...] [--print-config] [--dry-run] [--verbose]
        python -m rl.launch resume=RUN_DIR [key=value ...] [--print-config] [--dry-run] [--verbose]
@@ -60,10 +60,12 @@ def _validate(cfg) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or wants_help(argv):
+    argv = tool_arguments(argv, USAGE)
+    if argv is None:
+        return 0
+    if not argv:
         print(USAGE)
-        return 0 if argv else 2
+        return 2
     try:
         # Every key but recipe= and resume= is a config override, checked by the config loader.
         line = parse_command_line(argv, USAGE, ("recipe", "resume"), ("--print-config", "--dry-run", "--verbose"),

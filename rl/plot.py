@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from rl.cli import UsageError, parse_command_line, require, wants_help
+from rl.cli import UsageError, parse_command_line, require, tool_arguments
 
 # (title, metric names drawn in that panel): a panel is left out when the run has none of them.
 PANELS = (
@@ -79,9 +79,8 @@ USAGE = "usage: " + __doc__.splitlines()[0].split("`")[1]
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if wants_help(argv):
-        print(USAGE)
+    argv = tool_arguments(argv, USAGE)
+    if argv is None:
         return 0
     try:
         line = parse_command_line(argv, USAGE, ("run", "out"))

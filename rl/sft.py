@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from rl.cli import UsageError, parse_command_line, wants_help
+from rl.cli import UsageError, parse_command_line, tool_arguments
 from rl.config import ConfigError, RunConfig, load_config
 from rl.data import DataError, build_prompt, load_rows
 
@@ -159,9 +159,8 @@ USAGE = __doc__.split("\n\n")[1]
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if wants_help(argv):
-        print(USAGE)
+    argv = tool_arguments(argv, USAGE)
+    if argv is None:
         return 0
     from rl.models import ModelError
 
