@@ -797,7 +797,10 @@ class EvalConfig(Section):
         # be registered by a plug-in.
         unknown = [n for n in names if n not in BENCHMARKS and ":" not in n]
         if unknown:
-            raise ValueError(f"unknown benchmarks {unknown}; choose from {', '.join(BENCHMARKS)} or <source>:<name> from a registered data source (e.g. synthetic:chain_addition)")
+            raise ValueError(
+                f"unknown benchmarks {unknown}; choose from {', '.join(BENCHMARKS)} or <source>:<name> from a "
+                "registered data source (e.g. synthetic:chain_addition)"
+            )
         return names
 
     @model_validator(mode="after")

@@ -30,8 +30,9 @@ STATED_ANSWER = re.compile(r"The answer is:?")
 # GSM8K's calculator annotations inside worked solutions: `<<48/2=24>>`.
 CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
 # `prefix:name` (e.g. `synthetic:chain_addition`): a source served by a registered loader. A
-# prefix is a word, so Windows drive letters aside, no hub id or file path looks like one.
-SOURCE_PREFIX = re.compile(r"([A-Za-z_][\w-]*):(.+)")
+# prefix is one word; hub ids have no colon, and a `.jsonl` source is always read as a file.
+PREFIX = r"[A-Za-z_][\w-]*"
+SOURCE_PREFIX = re.compile(rf"({PREFIX}):(.+)")
 # Registered data sources: prefix -> loader(name, split) -> raw rows. Nothing is built in: plug-in
 # modules named in the config's `plugins` register theirs (rl.demo.tiny registers `synthetic`), so
 # that demo and test data never sit on the library's import path.
@@ -79,7 +80,7 @@ def _read_hub(name: str, config: str | None, split: str) -> list[dict]:
 
 def register_data_source(prefix: str, loader: Callable[[str, str], list[dict]]) -> None:
     """Make `data.train=<prefix>:<name>` (and `eval.benchmarks`) read loader(name, split)."""
-    if not re.fullmatch(r"[A-Za-z_][\w-]*", prefix):
+    if not re.fullmatch(PREFIX, prefix):
         raise ValueError(f"A data source prefix is one word (letters, digits, _ or -), got {prefix!r}.")
     old = DATA_SOURCES.get(prefix)
     if old is not None and old is not loader:

@@ -348,9 +348,8 @@ def evaluate_model(args: dict[str, str]) -> dict[str, float]:
     path = resolve_model_path(model)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     evaluator = Evaluator(tokenizer, cfg.eval)
-    engine = make_engine(
-        cfg.rollout.engine, path, seed=cfg.seed, **cfg.rollout.engine_options(cfg.model, max_model_len=evaluator.context_tokens())
-    )
+    options = cfg.rollout.engine_options(cfg.model, max_model_len=evaluator.context_tokens())
+    engine = make_engine(cfg.rollout.engine, path, seed=cfg.seed, **options)
     try:
         metrics = evaluator.run(engine, out, meta={"model": path})
     finally:
