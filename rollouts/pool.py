@@ -149,7 +149,8 @@ class RolloutPool:
         self._gather("wake_up", [a.call.remote("wake_up") for a in self._actors])
 
     def apply(self, fn: Callable) -> list:
-        """fn(engine) in every actor, for diagnostics and tests; results in engine order."""
+        """fn(engine) in every actor, results in engine order: diagnostics, benchmarks, and tests
+        that patch an engine inside its own process."""
         return self._gather("apply", [a.apply.remote(fn) for a in self._actors])
 
     def close(self) -> None:

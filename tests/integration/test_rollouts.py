@@ -144,12 +144,13 @@ def test_vllm_tied_embeddings_need_the_lm_head_repack(vllm_pools, tiny_models):
     learner = load_learner(tiny_models["tied"])
     requests = scoring_requests()
     perturb(learner, seed=10)
-    pool.apply(lambda engine: setattr(engine, "repack_tied_lm_head", False))
+    # The engine sets _needs_repack for a tied model on CPU; clearing it in the actor skips the repack.
+    pool.apply(lambda engine: setattr(engine, "_needs_repack", False))
     try:
         pool.update_weights(pushed_weights(learner))
         stale = max_gap(pool.score(requests), reference_scores(learner, requests))
     finally:
-        pool.apply(lambda engine: setattr(engine, "repack_tied_lm_head", True))
+        pool.apply(lambda engine: setattr(engine, "_needs_repack", True))
     assert stale > 0.3, "without the repack the tied lm_head should keep its old packed weights"
     pool.update_weights(pushed_weights(learner))
     assert max_gap(pool.score(requests), reference_scores(learner, requests)) < TOL
