@@ -180,4 +180,3 @@ class RolloutPool:
         for a in self._actors:
             ray.kill(a)
         self._actors = []
-
