@@ -78,14 +78,9 @@ def test_an_unknown_model_name_is_a_clear_error(empty_registries):
         resolve_model_path("tiny-dllm-chain-addition")
 
 
-def test_plugins_named_in_the_config_register_their_names(empty_registries):
+def test_a_plugin_file_named_in_the_config_registers_its_names(empty_registries):
     cfg = load_config(None, [f"plugins=[{ROOT}/tests/fixtures/custom_plugin.py]", "data.train=countdown:3", "data.shuffle=false"])
     assert [r["answer"] for r in load_rows(cfg.data, seed=0)] == ["2", "1", "0"]
-    # The demo recipe names rl.demo.tiny, which registers the synthetic tasks and the built model.
-    cfg = load_config("igpo_tiny")
-    assert cfg.plugins == ["rl.demo.tiny"] and "synthetic" in data.DATA_SOURCES
-    check_model_path(cfg.model.path)
-    assert len(load_rows(cfg.data, seed=0)) == 5000
 
 
 def test_a_plugin_that_does_not_import_is_a_clear_error():
@@ -95,9 +90,17 @@ def test_a_plugin_that_does_not_import_is_a_clear_error():
         load_config(None, ["plugins=[nowhere.py]"])
 
 
-def test_the_library_does_not_import_the_demo_module():
-    # A fresh interpreter: this test session has imported rl.demo.tiny already.
+def test_the_library_does_not_import_the_demo_module_and_the_recipe_does():
+    # A fresh interpreter: this test session may have imported rl.demo.tiny already.
     entry_points = "rl.launch, rl.evaluate, rl.sft, rl.compare, rl.plot, rl.data, rl.models, rl.loop.trainer, rl.config"
-    code = f"import sys, {entry_points}; print(sorted(m for m in sys.modules if m.startswith('rl.demo')))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    code = (
+        f"import sys, {entry_points}\n"
+        "print(sorted(m for m in sys.modules if m.startswith('rl.demo')))\n"
+        "cfg = rl.config.load_config('igpo_tiny')\n"  # names plugins: [rl.demo.tiny]
+        "print(sorted(rl.data.DATA_SOURCES), sorted(rl.models.MODEL_BUILDERS))\n"
+        "rl.models.check_model_path(cfg.model.path)\n"
+        "print(len(rl.data.load_rows(cfg.data, seed=0)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["[]", "['synthetic'] ['tiny-dllm-chain-addition']", "5000"]
