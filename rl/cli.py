@@ -48,13 +48,13 @@ def parse_command_line(
                 raise UsageError(f"Unknown switch `{arg}`: {known}; options are key=value.\n{usage}")
             line.switches.add(arg)
             continue
-        key, sep, _ = arg.partition("=")
+        key, sep, value = arg.partition("=")
         if not sep or not key:
             raise UsageError(f"Argument `{arg}` is not of the form key=value.\n{usage}")
         if key in keys:
             if key in line.options:
                 raise UsageError(f"`{key}` is given twice ({key}={line.options[key]} and {arg}); give it once.")
-            line.options[key] = arg.split("=", 1)[1]
+            line.options[key] = value
         elif config_override is not None and config_override(key):
             line.overrides.append(arg)
         else:
