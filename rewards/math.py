@@ -9,6 +9,7 @@ import functools
 import logging
 import re
 import threading
+from typing import Literal, get_args
 
 from rewards.registry import register_reward
 
@@ -18,7 +19,9 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 # "12 dollars", "\frac{1}{2} cups": plain-word units after a number; LaTeX would read them as a
 # product of single-letter symbols.
 _WORD_UNITS = re.compile(r"^(.*?[\d}])\s+(?:[A-Za-z]{2,}\s*)+$")
-ANSWER_FALLBACKS = ("none", "last_number", "math_verify")
+# The answer fallbacks (final_answer's `fallback`); rl.config's options take their type from here.
+AnswerFallback = Literal["none", "last_number", "math_verify"]
+ANSWER_FALLBACKS = get_args(AnswerFallback)
 
 # Set in reward worker processes: there the process kill is the deadline, so math-verify's own
 # signal.alarm timeouts are turned off (they would also turn a hang into a silent 0).

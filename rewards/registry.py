@@ -51,7 +51,8 @@ def _load_builtins() -> None:
     import rewards.math  # noqa: F401  (registers the built-in rewards)
 
 
-def _load_file(path: Path):
+def load_file(path: Path):
+    """Import a Python file as a module, once per process (also used for the config's `plugins`)."""
     module_name = f"_user_reward_{path.stem}_{abs(hash(str(path.resolve())))}"
     if module_name in sys.modules:
         return sys.modules[module_name]
@@ -78,7 +79,7 @@ def get_reward(ref: str) -> RewardFn:
             path = Path(target)
             if not path.exists():
                 raise FileNotFoundError(f"reward file {path.resolve()} does not exist")
-            module = _load_file(path)
+            module = load_file(path)
         else:
             module = importlib.import_module(target)
     except Exception as e:  # import errors of user code: say which reward failed to load

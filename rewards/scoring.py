@@ -10,12 +10,16 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from rewards.calls import Signature, call_reward
 from rewards.pool import Outcome, RewardPool, Task
 from rewards.registry import get_reward, portable_ref
 
-ON_ERROR = ("raise", "zero")
+# What a reward that raises or returns a non-number does (RewardScorer's `on_error`); rl.config's
+# reward.on_error takes its type from here.
+OnError = Literal["raise", "zero"]
+ON_ERROR = get_args(OnError)
 
 
 class RewardError(RuntimeError):

@@ -1,8 +1,8 @@
 """Compare methods by their whole evaluation curves: accuracy against rollout tokens, steps and
 training wall time, and the rollout tokens each method needed to reach a target accuracy.
 
-    python -m rl.compare RUN_DIR [RUN_DIR ...] [--metric eval/gsm8k/pass@1] [--target ACC]
-        [--labels NAME,NAME,...] [--out DIR]
+    python -m rl.compare runs=RUN_DIR,RUN_DIR,... [metric=eval/gsm8k/pass@1] [target=ACC]
+        [labels=NAME,NAME,...] [out=DIR] [--allow-mixed-protocols]
 
 Each run directory holds `config.yaml` (its `algorithm` names the method, `seed` the seed) and
 `metrics.jsonl`, whose lines with the metric key are the evaluation points (rl.evaluate's keys,
@@ -13,7 +13,7 @@ other steps are interpolated linearly), the mean of their tokens, wall times and
 A method's tokens (steps, wall time) to target is where its mean curve first reaches the target,
 interpolated linearly between evaluation points. The default target is the best accuracy of the
 method whose best is lowest, so every method reaches it. Wall time is the run's clock minus the
-time spent evaluating (`eval/time_s`). Written to --out (default: the current directory):
+time spent evaluating (`eval/time_s`). Written to `out` (default: the current directory):
 comparison.md, comparison.json, accuracy_vs_tokens.png, accuracy_vs_step.png,
 accuracy_vs_wall_time.png.
 
@@ -25,7 +25,6 @@ with the differences printed as a warning at the top of comparison.md and in com
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+from rl.cli import UsageError, parse_command_line, require, tool_arguments
 
 AXES = {
     "tokens": "cumulative rollout tokens",
@@ -139,7 +140,7 @@ def default_metric(run_dirs: list[Path]) -> str:
     logged = [{k: v for line in read_metrics(d) for k, v in line.items() if k.startswith("eval/")} for d in run_dirs]
     common = set.intersection(*({k for k in keys if k.endswith("/pass@1")} for keys in logged))
     if not common:
-        raise CompareError("No eval/<benchmark>/pass@1 key is logged by every run; pass --metric.")
+        raise CompareError("No eval/<benchmark>/pass@1 key is logged by every run; pass metric=...")
     return max(sorted(common), key=lambda k: logged[0].get(k.removesuffix("pass@1") + "problems", 0))
 
 
@@ -150,7 +151,7 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
         if same_seed:
             raise CompareError(
                 f"Runs {same_seed[0].path} and {run.path} are both method {run.label!r} with seed {run.seed}; "
-                "give --labels to tell the methods apart."
+                "give labels=NAME,NAME,... to tell the methods apart."
             )
         groups.setdefault(run.label, []).append(run)
     return groups
@@ -205,7 +206,7 @@ def compare(runs: list[Run], metric: str, target: float | None = None, allow_mix
     groups = group_runs(runs)
     curves = {label: seed_mean(rs) for label, rs in groups.items()}
     bests = {label: max(c["mean"]) for label, c in curves.items()}
-    target_rule = "given with --target" if target is not None else "best accuracy of the method whose best is lowest"
+    target_rule = "given with target=" if target is not None else "best accuracy of the method whose best is lowest"
     target = min(bests.values()) if target is None else target
     methods = {}
     for label, rs in groups.items():
@@ -228,7 +229,7 @@ def compare(runs: list[Run], metric: str, target: float | None = None, allow_mix
         # Happens by default when the weakest method never rose above the common start.
         warning = (
             f"Every method starts at or above the target {target:.4f}, so each reaches it at 0 tokens and the "
-            "ratios say nothing. Pass --target above the starting accuracy."
+            "ratios say nothing. Pass target= above the starting accuracy."
         )
     return {"metric": metric, "target": target, "target_rule": target_rule, "best_method": best_method,
             "warning": warning, "protocol": runs[0].protocol if not differences else None,
@@ -296,28 +297,33 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rl.compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="run directories (config.yaml + metrics.jsonl)")
-    parser.add_argument("--metric", help="metrics.jsonl key to compare (default: pass@1 of the largest benchmark every run has)")
-    parser.add_argument("--target", type=float, help="target accuracy (default: the lowest of the methods' best accuracies)")
-    parser.add_argument("--labels", help="comma-separated method name per run, in order (default: each run's algorithm)")
-    parser.add_argument("--out", default=".", help="output directory")
-    parser.add_argument("--allow-mixed-protocols", action="store_true",
-                        help="compare runs evaluated under different eval protocols, flagged in the report")
-    args = parser.parse_args(argv)
+USAGE = __doc__.split("\n\n")[1]
+
+
+def _target(value: str | None) -> float | None:
     try:
-        run_dirs = [Path(r) for r in args.runs]
-        labels = args.labels.split(",") if args.labels else [None] * len(run_dirs)
+        return None if value is None else float(value)
+    except ValueError:
+        raise UsageError(f"target={value} is not a number: give an accuracy such as target=0.4.") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = tool_arguments(argv, USAGE)
+    if argv is None:
+        return 0
+    try:
+        line = parse_command_line(argv, USAGE, ("runs", "metric", "target", "labels", "out"), ("--allow-mixed-protocols",))
+        run_dirs = [Path(r) for r in require(line, "runs", USAGE).split(",")]
+        labels = line.options["labels"].split(",") if "labels" in line.options else [None] * len(run_dirs)
         if len(labels) != len(run_dirs):
-            raise CompareError(f"--labels has {len(labels)} names for {len(run_dirs)} runs.")
-        metric = args.metric or default_metric(run_dirs)
+            raise CompareError(f"labels= has {len(labels)} names for {len(run_dirs)} runs.")
+        metric = line.options.get("metric") or default_metric(run_dirs)
         runs = [load_run(d, metric, label) for d, label in zip(run_dirs, labels)]
-        result = compare(runs, metric, args.target, args.allow_mixed_protocols)
-    except CompareError as e:
+        result = compare(runs, metric, _target(line.options.get("target")), "--allow-mixed-protocols" in line.switches)
+    except (UsageError, CompareError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    out = Path(line.options.get("out", "."))
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "comparison.md").write_text(markdown(result))

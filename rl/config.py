@@ -12,6 +12,9 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rewards.math import AnswerFallback
+from rewards.scoring import OnError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = PROJECT_ROOT / "recipes"
 
@@ -77,8 +80,8 @@ class DataConfig(Section):
     train: str = Field(
         "gsm8k",
         description="Training set: `gsm8k`, `math500` (resolved under `local_dir` when set, else "
-        "from the hub), a hub dataset id, a path to a .jsonl file, or `synthetic:<task>` (rl.tiny's "
-        "offline tasks, e.g. synthetic:chain_addition).",
+        "from the hub), a hub dataset id, a path to a .jsonl file, or `<source>:<name>` from a data "
+        "source a plug-in registered (e.g. synthetic:chain_addition, with plugins=[rl.demo.tiny]).",
     )
     split: str = Field("train", description="Split to read for named or hub sets.")
     local_dir: Optional[str] = Field(
@@ -225,6 +228,25 @@ class RolloutConfig(Section):
         d = self.diffusion
         return dict(answer_length=self.max_tokens, block_length=d.block_length, steps=d.steps,
                     remasking=d.remasking, mask_token_id=d.mask_token_id, prompt_mask_prob=prompt_mask_prob)
+
+    def engine_options(
+        self, model: ModelConfig, max_model_len: int, colocated: bool = False, sleep_mode: bool = False,
+        prompt_mask_prob: float = 0.0,
+    ) -> dict:
+        """rollouts.engine.make_engine's keyword arguments past kind, path and seed (what a
+        RolloutPool passes on to each engine): the one place the trainer's engines and rl.evaluate's
+        engine get their settings, so that a model is evaluated on the engine it was trained with.
+        colocated: engines share GPUs with the learners (the smaller default GPU share)."""
+        return dict(
+            dtype=model.dtype,
+            max_model_len=max_model_len,
+            kv_cache_gb=self.kv_cache_gb,
+            gpu_memory_utilization=self.gpu_memory_utilization or (0.4 if colocated else 0.85),
+            trust_remote_code=model.trust_remote_code,
+            diffusion=self.diffusion_settings(prompt_mask_prob),
+            sleep_mode=sleep_mode,
+            tensor_parallel_size=self.gpus_per_engine,
+        )
 
 
 class GRPOConfig(Section):
@@ -418,14 +440,14 @@ class RewardConfig(Section):
         "completion in <run>/reward_failures.jsonl. 10 s is thousands of times a normal "
         "math-verify call, yet a stuck sympy simplification costs a step only seconds.",
     )
-    on_error: Literal["raise", "zero"] = Field(
+    on_error: OnError = Field(
         "raise",
         description="A reward that raises or returns a non-finite or non-numeric value: `raise` stops "
         "the run with the function, the completion and the row (a bug in a reward silently "
         "scored 0 would train on a wrong signal); `zero` scores it 0, counts it "
         "(`reward_errors_scored_zero`) and logs it like a timeout.",
     )
-    answer_fallback: Literal["none", "last_number", "math_verify"] = Field(
+    answer_fallback: AnswerFallback = Field(
         "last_number",
         description="How math_verify finds a completion's answer when it has no \\boxed{} and no "
         "`#### N` line: `last_number` (default: small models often answer without the box and "
@@ -675,7 +697,8 @@ class EvalConfig(Section):
         min_length=1,
         description="Sets to evaluate on, by short name: from the hub (openai/gsm8k test, "
         "HuggingFaceH4/MATH-500, math-ai/amc23, HuggingFaceH4/aime_2024), or from `local_dir` when set; "
-        "or `synthetic:<task>` (the test split of rl.tiny's offline tasks).",
+        "or `<source>:<name>` from a data source a plug-in registered (e.g. synthetic:chain_addition, "
+        "the test split of rl.demo.tiny's offline tasks, with plugins=[rl.demo.tiny]).",
     )
     local_dir: Optional[str] = Field(
         None,
@@ -734,7 +757,7 @@ class EvalConfig(Section):
         "engines' context is sized for the longer of training and evaluation. For the diffusion "
         "engine this is the answer length, a multiple of rollout.diffusion.block_length.",
     )
-    answer_fallback: Literal["none", "last_number", "math_verify"] = Field(
+    answer_fallback: AnswerFallback = Field(
         "last_number",
         description="How grading finds an answer without \\boxed{} or `#### N`, as reward.answer_fallback "
         "(default the same as the training reward, so evaluation measures what training rewards).",
@@ -774,9 +797,14 @@ class EvalConfig(Section):
     @field_validator("benchmarks")
     @classmethod
     def _known_benchmarks(cls, names: list[str]) -> list[str]:
-        unknown = [n for n in names if n not in BENCHMARKS and not n.startswith("synthetic:")]
+        # `<source>:<name>` is checked when it is read (rl.data.source_loader): its source may
+        # be registered by a plug-in.
+        unknown = [n for n in names if n not in BENCHMARKS and ":" not in n]
         if unknown:
-            raise ValueError(f"unknown benchmarks {unknown}; choose from {', '.join(BENCHMARKS)} or synthetic:<task>")
+            raise ValueError(
+                f"unknown benchmarks {unknown}; choose from {', '.join(BENCHMARKS)} or <source>:<name> from a "
+                "registered data source (e.g. synthetic:chain_addition)"
+            )
         return names
 
     @model_validator(mode="after")
@@ -836,6 +864,15 @@ class CheckpointConfig(Section):
 
 class RunConfig(Section):
     recipe: str = Field("custom", description="Name of the recipe this config came from.")
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="Modules (`package.module`) or files (`path/to/file.py`) imported when the config "
+        "is loaded: they register what the rest of the config may name, such as data sources "
+        "(rl.data.register_data_source), built models (rl.models.register_model_builder) and rewards. "
+        "`rl.demo.tiny` provides the offline demo tasks (`synthetic:<task>`) and the built model "
+        "tiny-dllm-chain-addition. Imported here, not by each command, so that every entry point "
+        "(launch, evaluate, sft, a resume, a script) sees the same names.",
+    )
     seed: int = Field(0, description="Seeds data order, engines and learner.")
     algorithm: str = Field("grpo", description="Registered algorithm name (see rl.algorithms).")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -855,6 +892,28 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Run-state checkpoints for exact resume (off by default)."
     )
+
+    @field_validator("plugins")
+    @classmethod
+    def _import_plugins(cls, plugins: list[str]) -> list[str]:
+        import importlib
+
+        from rewards.registry import load_file
+
+        for plugin in plugins:
+            try:
+                if plugin.endswith(".py"):
+                    if not Path(plugin).is_file():
+                        raise FileNotFoundError(f"{Path(plugin).resolve()} does not exist")
+                    load_file(Path(plugin))
+                else:
+                    importlib.import_module(plugin)
+            except Exception as e:  # an error of the user's plug-in: name it, then what went wrong
+                raise ValueError(
+                    f"could not import plug-in {plugin!r}: {type(e).__name__}: {e}. A plug-in is a module "
+                    "name (rl.demo.tiny) or a path to a .py file"
+                ) from None
+        return plugins
 
     @model_validator(mode="after")
     def _engine_fits_model(self) -> "RunConfig":

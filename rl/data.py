@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from rl.config import PROJECT_ROOT, DataConfig
@@ -28,7 +29,14 @@ QUESTION_KEYS = ("question", "problem", "prompt")
 STATED_ANSWER = re.compile(r"The answer is:?")
 # GSM8K's calculator annotations inside worked solutions: `<<48/2=24>>`.
 CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
-SYNTHETIC_PREFIX = "synthetic:"
+# `prefix:name` (e.g. `synthetic:chain_addition`): a source served by a registered loader. A
+# prefix is one word; hub ids have no colon, and a `.jsonl` source is always read as a file.
+PREFIX = r"[A-Za-z_][\w-]*"
+SOURCE_PREFIX = re.compile(rf"({PREFIX}):(.+)")
+# Registered data sources: prefix -> loader(name, split) -> raw rows. Nothing is built in: plug-in
+# modules named in the config's `plugins` register theirs (rl.demo.tiny registers `synthetic`), so
+# that demo and test data never sit on the library's import path.
+DATA_SOURCES: dict[str, Callable[[str, str], list[dict]]] = {}
 
 
 class DataError(ValueError):
@@ -70,14 +78,41 @@ def _read_hub(name: str, config: str | None, split: str) -> list[dict]:
     return [dict(r) for r in ds]
 
 
+def register_data_source(prefix: str, loader: Callable[[str, str], list[dict]]) -> None:
+    """Make `data.train=<prefix>:<name>` (and `eval.benchmarks`) read loader(name, split)."""
+    if not re.fullmatch(PREFIX, prefix):
+        raise ValueError(f"A data source prefix is one word (letters, digits, _ or -), got {prefix!r}.")
+    old = DATA_SOURCES.get(prefix)
+    if old is not None and old is not loader:
+        raise ValueError(f"A data source {prefix!r} is already registered ({old.__module__}.{old.__qualname__}).")
+    DATA_SOURCES[prefix] = loader
+
+
+def source_loader(source: str) -> tuple[Callable[[str, str], list[dict]], str] | None:
+    """(loader, name) for a registered `prefix:name` source; None for a file or hub name; a
+    DataError naming the fix for a prefix nobody registered."""
+    match = SOURCE_PREFIX.fullmatch(source)
+    if match is None or source.endswith(".jsonl"):
+        return None
+    prefix, name = match.groups()
+    if prefix not in DATA_SOURCES:
+        raise DataError(
+            f"Data source {source!r}: no data source {prefix!r} is registered (registered: "
+            f"{', '.join(sorted(DATA_SOURCES)) or 'none'}). The module that provides it registers it with "
+            "rl.data.register_data_source; name that module in the config's `plugins` (e.g. "
+            "plugins=[rl.demo.tiny] for synthetic:<task>, the offline demo tasks)."
+        )
+    return DATA_SOURCES[prefix], name
+
+
 _ANNOUNCED: set[Path] = set()  # local copies found missing, said once per process
 
 
 def read_source(source: str, split: str, local_dir: str | None) -> list[dict]:
-    if source.startswith(SYNTHETIC_PREFIX):
-        from rl.tiny import synthetic_rows
-
-        return synthetic_rows(source[len(SYNTHETIC_PREFIX):], split)
+    registered = source_loader(source)
+    if registered is not None:
+        loader, name = registered
+        return loader(name, split)
     if source.endswith(".jsonl"):
         path = _resolve(source)
         if not path.exists():
@@ -135,6 +170,8 @@ def filter_rows(raw: list[dict], cfg: DataConfig) -> list[dict]:
 def check_local_paths(cfg: DataConfig) -> list[str]:
     """Without reading anything: raise DataError for a data file that does not exist; return notes
     (a missing local copy that the hub will replace) for the dry run to print."""
+    if source_loader(cfg.train) is not None:  # raises for a prefix nobody registered
+        return []
     if cfg.train.endswith(".jsonl"):
         path = _resolve(cfg.train)
         if not path.is_file():

@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from rl.cli import UsageError, parse_command_line, tool_arguments
 from rl.config import EVAL_PROTOCOLS, ConfigError, DataConfig, EvalConfig, RunConfig, load_config
 from rl.data import DataError, chat_prompt_ids, load_rows
 from rewards.math import ANSWER_FALLBACKS
@@ -287,18 +288,13 @@ CLI_KEYS = ("model", "recipe", "out", "regrade")
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:
-    args = {}
-    for a in argv:
-        if "=" not in a:
-            raise ConfigError(f"Argument `{a}` is not of the form key=value.\n{USAGE}")
-        key, value = a.split("=", 1)
-        if "." not in key and key not in CLI_KEYS + tuple(EvalConfig.model_fields) + tuple(RunConfig.model_fields):
-            raise ConfigError(
-                f"Unknown option `{key}`. Options: {', '.join(CLI_KEYS + tuple(EvalConfig.model_fields))}, "
-                "or a dotted config key such as rollout.kv_cache_gb=2."
-            )
-        args[key] = value
-    return args
+    """The options by key: rl.evaluate's own, the `eval` section's (without `eval.`), and config
+    overrides (dotted keys, or top-level ones such as seed or plugins)."""
+    line = parse_command_line(
+        argv, USAGE, CLI_KEYS + tuple(EvalConfig.model_fields),
+        config_override=lambda key: "." in key or key in RunConfig.model_fields,
+    )
+    return {**line.options, **dict(override.split("=", 1) for override in line.overrides)}
 
 
 def _overrides(args: dict[str, str]) -> list[str]:
@@ -352,17 +348,8 @@ def evaluate_model(args: dict[str, str]) -> dict[str, float]:
     path = resolve_model_path(model)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     evaluator = Evaluator(tokenizer, cfg.eval)
-    engine = make_engine(
-        cfg.rollout.engine,
-        path,
-        seed=cfg.seed,
-        dtype=cfg.model.dtype,
-        max_model_len=evaluator.context_tokens(),
-        kv_cache_gb=cfg.rollout.kv_cache_gb,
-        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        trust_remote_code=cfg.model.trust_remote_code,
-        diffusion=cfg.rollout.diffusion_settings(),
-    )
+    options = cfg.rollout.engine_options(cfg.model, max_model_len=evaluator.context_tokens())
+    engine = make_engine(cfg.rollout.engine, path, seed=cfg.seed, **options)
     try:
         metrics = evaluator.run(engine, out, meta={"model": path})
     finally:
@@ -372,9 +359,8 @@ def evaluate_model(args: dict[str, str]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(USAGE)
+    argv = tool_arguments(argv, USAGE)
+    if argv is None:
         return 0
     from rl.models import ModelError
 
@@ -384,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics = regrade(args["regrade"], args.get("answer_fallback"))
         else:
             metrics = evaluate_model(args)
-    except (ConfigError, DataError, ModelError, FileNotFoundError) as e:
+    except (UsageError, ConfigError, DataError, ModelError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(metrics), file=sys.stderr)

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from rl.cli import UsageError, parse_command_line, tool_arguments
+
 USAGE = """usage: python -m rl.launch recipe=NAME [key=value ...] [--print-config] [--dry-run] [--verbose]
        python -m rl.launch resume=RUN_DIR [key=value ...] [--print-config] [--dry-run] [--verbose]
 
@@ -58,26 +60,22 @@ def _validate(cfg) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or "-h" in argv or "--help" in argv:
+    argv = tool_arguments(argv, USAGE)
+    if argv is None:
+        return 0
+    if not argv:
         print(USAGE)
-        return 0 if argv else 2
-    flags = {a for a in argv if a.startswith("--")}
-    unknown_flags = flags - {"--print-config", "--dry-run", "--verbose"}
-    if unknown_flags:
-        _fail(f"unknown flag(s) {', '.join(sorted(unknown_flags))}.\n{USAGE}")
-    args = [a for a in argv if not a.startswith("--")]
-    if "--verbose" in flags:
-        args.append("tracking.verbose=true")
-    recipe = resume_dir = None
-    overrides = []
-    for a in args:
-        if a.startswith("recipe="):
-            recipe = a.split("=", 1)[1]
-        elif a.startswith("resume="):
-            resume_dir = Path(a.split("=", 1)[1])
-        else:
-            overrides.append(a)
+        return 2
+    try:
+        # Every key but recipe= and resume= is a config override, checked by the config loader.
+        line = parse_command_line(argv, USAGE, ("recipe", "resume"), ("--print-config", "--dry-run", "--verbose"),
+                                  config_override=lambda key: True)
+    except UsageError as e:
+        _fail(str(e))
+    flags = line.switches
+    recipe = line.options.get("recipe")
+    resume_dir = Path(line.options["resume"]) if "resume" in line.options else None
+    overrides = line.overrides + (["tracking.verbose=true"] if "--verbose" in flags else [])
     if recipe is not None and resume_dir is not None:
         _fail("give recipe= or resume=, not both: a resumed run keeps the config in its directory.")
 

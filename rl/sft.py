@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from rl.cli import UsageError, parse_command_line, tool_arguments
 from rl.config import ConfigError, RunConfig, load_config
 from rl.data import DataError, build_prompt, load_rows
 
@@ -154,26 +155,27 @@ def train_sft(cfg: RunConfig, run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
 
 
+USAGE = __doc__.split("\n\n")[1]
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(__doc__.split("\n\n")[1])
+    argv = tool_arguments(argv, USAGE)
+    if argv is None:
         return 0
-    print_config = "--print-config" in argv
-    args = [a for a in argv if a != "--print-config"]
-    recipe = next((a.split("=", 1)[1] for a in args if a.startswith("recipe=")), None)
-    overrides = [a for a in args if not a.startswith("recipe=")]
     from rl.models import ModelError
 
     try:
-        cfg = load_config(recipe, overrides)
+        # Every key but recipe= is a config override, checked by the config loader.
+        line = parse_command_line(argv, USAGE, ("recipe",), ("--print-config",), config_override=lambda key: True)
+        print_config = "--print-config" in line.switches
+        cfg = load_config(line.options.get("recipe"), line.overrides)
         if print_config:
             print(cfg.to_yaml())
             return 0
         name = cfg.tracking.run_name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = Path(cfg.tracking.output_dir) / name
         lines = train_sft(cfg, run_dir)
-    except (ConfigError, DataError, ModelError) as e:
+    except (UsageError, ConfigError, DataError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"[sft] {len(lines)} steps, final loss {lines[-1]['loss']:.4f}; run in {run_dir}", file=sys.stderr)

@@ -1,9 +1,9 @@
 """A pool of rollout engines, one per Ray actor, driven from the trainer process."""
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
+from rl.actors import even_bounds, gather
 from rollouts.types import Completion, SamplingSpec, ScoringRequest
 
 
@@ -149,7 +149,8 @@ class RolloutPool:
         self._gather("wake_up", [a.call.remote("wake_up") for a in self._actors])
 
     def apply(self, fn: Callable) -> list:
-        """fn(engine) in every actor, for diagnostics and tests; results in engine order."""
+        """fn(engine) in every actor, results in engine order: diagnostics, benchmarks, and tests
+        that patch an engine inside its own process."""
         return self._gather("apply", [a.apply.remote(fn) for a in self._actors])
 
     def close(self) -> None:
@@ -161,7 +162,7 @@ class RolloutPool:
     def _spread(self, method: str, items: list, *args, aligned: list | None = None) -> list:
         """Contiguous chunks of `items` to the engines, as method(chunk, *args[, aligned chunk]):
         `aligned` (one entry per item, such as hints per prompt) is cut the same way."""
-        bounds = _chunk_bounds(len(items), len(self._actors))
+        bounds = even_bounds(len(items), len(self._actors))
 
         def arguments(lo: int, hi: int) -> tuple:
             return (items[lo:hi], *args) if aligned is None else (items[lo:hi], *args, aligned[lo:hi])
@@ -171,26 +172,7 @@ class RolloutPool:
         return [x for part in self._gather(method, refs) for x in part]
 
     def _gather(self, method: str, refs: list) -> list:
-        """ray.get that fails fast: the first engine error is raised without waiting for the rest."""
-        import ray
-
-        engine_of = {ref: i for i, ref in enumerate(refs)}
-        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
-        pending = list(refs)
-        while pending:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done, pending = ray.wait(pending, num_returns=1, timeout=left)
-            if not done:
-                late = sorted(engine_of[r] for r in pending)
-                raise RolloutEngineError(f"{self.kind} engines {late} gave no answer to {method} in {self.timeout_s} s")
-            try:
-                ray.get(done[0])
-            except ray.exceptions.RayError as e:
-                cause = getattr(e, "cause", None) or e
-                raise RolloutEngineError(
-                    f"{self.kind} engine {engine_of[done[0]]} failed in {method}: {type(cause).__name__}: {cause}"
-                ) from e
-        return ray.get(refs)
+        return gather(refs, method, lambda i: f"{self.kind} engine {i}", RolloutEngineError, self.timeout_s)
 
     def _kill(self) -> None:
         import ray
@@ -198,14 +180,3 @@ class RolloutPool:
         for a in self._actors:
             ray.kill(a)
         self._actors = []
-
-
-def _chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:
-    """Contiguous [lo, hi) ranges whose sizes differ by at most one."""
-    size, extra = divmod(n, parts)
-    bounds, lo = [], 0
-    for i in range(parts):
-        hi = lo + size + (i < extra)
-        bounds.append((lo, hi))
-        lo = hi
-    return bounds

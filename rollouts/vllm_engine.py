@@ -62,9 +62,6 @@ def _receive_weights(worker) -> None:
 
 
 class VLLMEngine(RolloutEngine):
-    # Off only in tests, to show that the tied-embedding repack is what keeps logprobs right.
-    repack_tied_lm_head = True
-
     def __init__(
         self,
         model_path: str,
@@ -199,7 +196,7 @@ class VLLMEngine(RolloutEngine):
             raise RuntimeError(f"vLLM weight reload failed; this engine's weights are now undefined: {e}") from e
 
     def _after_reload(self) -> None:
-        if self._needs_repack and self.repack_tied_lm_head:
+        if self._needs_repack:
             self.llm.collective_rpc(_repack_lm_head)
         self.llm.reset_prefix_cache()
 

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python scripts/experiment_addition.py [--out /tmp/addition_experiment] [--seeds 0,1]
 
-One tiny Qwen3 (rl.tiny.build_model) is built and warmed up once (fixed seeds) to partial accuracy
+One tiny Qwen3 (rl.demo.tiny.build_model) is built and warmed up once (fixed seeds) to partial accuracy
 on `a+b=`; every run starts from that same checkpoint. The 100 single-digit pairs (a, b) are split
 once: HELDOUT_PAIRS of them are never shown in RL training and are the evaluation set (greedy,
 one answer each, through the trainer's own periodic evaluation: eval.local_dir/gsm8k/test.jsonl
@@ -94,7 +94,7 @@ def warm_up_teacher(model_dir: Path, steps: int, lr: float = 3e-3, seed: int = 0
     paper's teachers can do and a model trained only on `a+b=` cannot (see teacher_diagnostic)."""
     from rl.config import load_config
     from rl.data import build_teacher_prompt, normalize_row
-    from rl.tiny import supervised_warm_up
+    from rl.demo.tiny import supervised_warm_up
 
     cfg = load_config("opsd_smollm2", ["data.prompt_format=plain"])
     pairs = [(a, b) for a in range(10) for b in range(10)]
@@ -132,7 +132,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
-    from rl.tiny import build_model, warm_up_partial
+    from rl.demo.tiny import build_model, warm_up_partial
 
     model = out / "model"
     warmed, warm_up = out / "warmed", f"student 130, teacher {args.teacher_warmup_steps}\n"
@@ -207,9 +207,9 @@ def main() -> None:
     for sub, target, keep in comparisons:
         chosen = [(d, label) for d, label in zip(run_dirs, labels) if keep is None or label in keep]
         name = f"{sub}_target_{target}" + ("_main" if keep else "")
-        cmd = [sys.executable, "-m", "rl.compare", *[d for d, _ in chosen], "--metric", metrics[sub],
-               "--labels", ",".join(label for _, label in chosen), "--out", str(out / "compare" / name)]
-        subprocess.run(cmd + ([] if target == "default" else ["--target", target]), cwd=ROOT, check=True)
+        cmd = [sys.executable, "-m", "rl.compare", "runs=" + ",".join(str(d) for d, _ in chosen), f"metric={metrics[sub]}",
+               "labels=" + ",".join(label for _, label in chosen), f"out={out / 'compare' / name}"]
+        subprocess.run(cmd + ([] if target == "default" else [f"target={target}"]), cwd=ROOT, check=True)
     print(f"total {time.time() - t0:.0f} s; comparison in {out / 'compare'}", flush=True)
 
 

@@ -84,8 +84,8 @@ def main() -> None:
         previous = json.loads(times_file.read_text()) if times_file.exists() else {}
         times_file.write_text(json.dumps({**previous, **times}, indent=2))
     for metric, sub in (("eval/gsm8k/pass@1", "heldout"), ("eval/math500/pass@1", "train_problems")):
-        cmd = [sys.executable, "-m", "rl.compare", *run_dirs, "--metric", metric, "--labels", ",".join(labels),
-               "--out", str(out / "compare" / sub)]
+        cmd = [sys.executable, "-m", "rl.compare", "runs=" + ",".join(map(str, run_dirs)), f"metric={metric}",
+               "labels=" + ",".join(labels), f"out={out / 'compare' / sub}"]
         subprocess.run(cmd, cwd=ROOT, check=True)
     print(f"total {time.time() - t0:.0f} s; comparison in {out / 'compare'}", flush=True)
 

@@ -113,8 +113,8 @@ def main() -> int:
     summary = summarise(runs)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, out / "all_wrong.png")
-    subprocess.run([sys.executable, "-m", "rl.compare", *map(str, runs.values()), "--metric", EVAL_METRIC,
-                    "--out", str(out)], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "rl.compare", "runs=" + ",".join(map(str, runs.values())), f"metric={EVAL_METRIC}",
+                    f"out={out}"], cwd=ROOT, check=True)
     print("| run | all-wrong before | all-wrong trained | replaced/step | sampled acc first 5 -> last 5 | greedy held-out |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, s in summary.items():

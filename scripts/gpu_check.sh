@@ -22,7 +22,7 @@ import torch
 from rl.config import LearnerConfig
 from rl.learner.group import LearnerGroup
 from rl.loop.placement import ResourcePlan
-from rl.tiny import build_model
+from rl.demo.tiny import build_model
 from rl.sync.weight_sync import CollectiveSync
 from rollouts.pool import RolloutPool
 from tests.batches import varied_batch

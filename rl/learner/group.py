@@ -6,20 +6,12 @@ import socket
 
 import torch
 
+from rl.actors import even_bounds, gather
 from rl.config import LearnerConfig, LoraConfig
 from rl.learner.batch import SequenceBatch, plan_micro_batches
 from rl.learner.model import DiffusionForward
 from rl.learner.step import _add_metrics
 from rl.learner.worker import LearnerWorker
-
-
-def split_evenly(n: int, parts: int) -> list[list[int]]:
-    """Indices 0..n-1 cut into `parts` contiguous runs whose sizes differ by at most one."""
-    base, extra = divmod(n, parts)
-    bounds = [0]
-    for i in range(parts):
-        bounds.append(bounds[-1] + base + (1 if i < extra else 0))
-    return [list(range(bounds[i], bounds[i + 1])) for i in range(parts)]
 
 
 RANK_AGREED = ("grad_norm", "lr", "update_skipped")  # the same on every rank: not summed
@@ -78,26 +70,12 @@ class LearnerGroup:
     def _wait(self, refs: list, what: str) -> list:
         """Results in rank order; the first failing rank raises at once, since the others may
         be blocked in a collective waiting for it."""
-        import ray
-
-        rank_of = {ref: rank for rank, ref in enumerate(refs)}
-        results: list = [None] * len(refs)
-        pending = list(refs)
-        while pending:
-            (ref,), pending = ray.wait(pending, num_returns=1)
-            try:
-                results[rank_of[ref]] = ray.get(ref)
-            except ray.exceptions.RayError as e:
-                cause = getattr(e, "cause", None) or e
-                raise LearnerRankError(
-                    f"learner rank {rank_of[ref]} of {len(refs)} failed in {what}: {type(cause).__name__}: {cause}"
-                ) from e
-        return results
+        return gather(refs, what, lambda rank: f"learner rank {rank} of {len(refs)}", LearnerRankError)
 
     def _shards(self, batch: SequenceBatch) -> tuple[list[SequenceBatch], int]:
         """Contiguous per-rank shards and the micro-batch count every rank runs (set by the largest)."""
         c = self.cfg
-        shards = [batch.select(p) for p in split_evenly(len(batch), len(self.workers))]
+        shards = [batch.select(list(range(lo, hi))) for lo, hi in even_bounds(len(batch), len(self.workers))]
         count = max(
             len([run for run in plan_micro_batches(s, c.micro_batch_size, c.max_tokens_per_micro_batch, c.share_prompt) if run])
             for s in shards

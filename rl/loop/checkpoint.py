@@ -26,7 +26,6 @@ import os
 import random
 import re
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,8 +36,6 @@ from rl.config import ConfigError, RunConfig, load_config, parse_overrides
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 _COMPLETE = re.compile(r"step_\d+")
-# Holds a checkpoint half-written at that step, so that tests can kill a run mid-save.
-STALL_ENV = "RL_TEST_STALL_CHECKPOINT_AT_STEP"
 
 # What a resume may change: none of these alters what a step computes. Everything else is part of
 # the config hash, because a resumed run that trained differently would no longer be "the same
@@ -247,8 +244,6 @@ def save(run_dir: Path, cfg: RunConfig, learners, state: TrainerState) -> Path:
     learners.save_checkpoint(str(tmp / "learner"))
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "config.yaml").write_text(cfg.to_yaml())
-    if os.environ.get(STALL_ENV) == str(state.step):
-        time.sleep(3600)
     (tmp / STATE_FILE).write_text(json.dumps({**asdict(state), "config_hash": config_hash(cfg)}, indent=1))
     _fsync_tree(tmp)
     os.rename(tmp, final)

@@ -223,14 +223,14 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
         seed=cfg.seed,
         engine_cpus=cfg.rollout.engine_cpus,
         placement=plan,
-        dtype=cfg.model.dtype,
-        max_model_len=max(cfg.data.max_prompt_tokens + cfg.rollout.max_tokens, evaluator.context_tokens() if evaluator else 0),
-        kv_cache_gb=cfg.rollout.kv_cache_gb,
-        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization or (0.4 if colocated else 0.85),
-        trust_remote_code=cfg.model.trust_remote_code,
-        diffusion=cfg.rollout.diffusion_settings(cfg.learner.prompt_mask_prob),
         timeout_s=cfg.rollout.timeout_s,
-        **(dict(sleep_mode=sleeps, tensor_parallel_size=cfg.rollout.gpus_per_engine) if cfg.rollout.engine == "vllm" else {}),
+        **cfg.rollout.engine_options(
+            cfg.model,
+            max_model_len=max(cfg.data.max_prompt_tokens + cfg.rollout.max_tokens, evaluator.context_tokens() if evaluator else 0),
+            colocated=colocated,
+            sleep_mode=sleeps,
+            prompt_mask_prob=cfg.learner.prompt_mask_prob,
+        ),
     )
     learners = LearnerGroup(
         model_path,

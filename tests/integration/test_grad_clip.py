@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from rl.config import LearnerConfig
 from rl.learner.group import LearnerWorker, free_port
-from rl.tiny import build_model
+from rl.demo.tiny import build_model
 from tests.batches import varied_batch
 
 pytestmark = pytest.mark.slow

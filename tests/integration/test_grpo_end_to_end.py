@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rl.config import PROJECT_ROOT, load_config
-from rl.tiny import addition_task
+from rl.demo.tiny import addition_task
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import pytest
 import ray
 
 from rl.config import load_config
-from rl.tiny import addition_task
+from rl.demo.tiny import addition_task
 
 pytestmark = pytest.mark.slow
 
@@ -107,8 +107,8 @@ def test_tied_embedding_repack_off_stops_the_run(warmed, ray_session, tmp_path, 
 
     def push_with_repack_off_at_step_2(sync):
         pushes.append(1)
-        repack = len(pushes) != 2
-        sync.pool.apply(lambda engine: setattr(engine, "repack_tied_lm_head", repack))
+        repack = len(pushes) != 2  # the engine's own _needs_repack (tied model, CPU) is True
+        sync.pool.apply(lambda engine: setattr(engine, "_needs_repack", repack))
         return stream(sync)
 
     monkeypatch.setattr(CollectiveSync, "push", push_with_repack_off_at_step_2)

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rl.learner.batch import SequenceBatch
 from rl.config import LearnerConfig
 from rl.learner.group import LearnerGroup, LearnerWorker, free_port
-from rl.tiny import build_model
+from rl.demo.tiny import build_model
 from tests.batches import varied_batch
 
 pytestmark = pytest.mark.slow

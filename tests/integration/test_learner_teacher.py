@@ -18,7 +18,7 @@ from rl.learner.batch import SequenceBatch
 from rl.config import LearnerConfig, TeacherConfig
 from rl.algorithms.divergences import chunked_divergence
 from rl.learner.group import LearnerGroup, LearnerWorker, free_port
-from rl.tiny import build_model
+from rl.demo.tiny import build_model
 
 pytestmark = pytest.mark.slow
 

@@ -43,7 +43,7 @@ def _two_node_run(root: Path) -> dict:
     os.environ["RAY_AUTH_MODE"] = "token"  # this Ray refuses a second node without it (platform.md)
     from ray.cluster_utils import Cluster
 
-    from rl.tiny import addition_task
+    from rl.demo.tiny import addition_task
 
     model, data = addition_task(root, warmup_steps=20, n_rows=64)
     cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, include_dashboard=False))

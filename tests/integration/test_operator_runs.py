@@ -18,7 +18,7 @@ import ray
 from rl.loop import checkpoint
 from rl.config import PROJECT_ROOT, load_config
 from rl.loop.guards import RunStopped
-from rl.tiny import addition_task
+from rl.demo.tiny import addition_task
 
 pytestmark = pytest.mark.slow
 

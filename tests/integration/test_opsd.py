@@ -10,7 +10,7 @@ import torch
 from rl.algorithms import Rollouts, build_algorithm
 from rl.config import PROJECT_ROOT, load_config
 from rl.data import build_prompt, build_teacher_prompt
-from rl.tiny import addition_rows, build_model
+from rl.demo.tiny import addition_rows, build_model
 from rollouts.types import Completion
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from rl.config import ConfigError, load_config
-from rl.tiny import addition_task
+from rl.demo.tiny import addition_task
 
 pytestmark = pytest.mark.slow
 

@@ -187,7 +187,7 @@ def _real() -> dict:
 
     from rl.config import LearnerConfig
     from rl.learner.group import LearnerGroup
-    from rl.tiny import build_model
+    from rl.demo.tiny import build_model
     from rollouts.pool import RolloutPool
     from tests.batches import varied_batch
 

@@ -24,7 +24,7 @@ from rl.learner.batch import SequenceBatch
 from rl.loop.checkpoint import CheckpointError, TrainerState
 from rl.config import PROJECT_ROOT, ConfigError, LearnerConfig, LoraConfig, TeacherConfig, load_config
 from rl.data import PromptStream
-from rl.tiny import addition_task
+from rl.demo.tiny import addition_task
 from rollouts.types import SamplingSpec
 
 pytestmark = pytest.mark.slow
@@ -118,14 +118,16 @@ def test_kill_9_while_writing_a_checkpoint_leaves_a_resumable_run(resume_setup, 
     model, data = resume_setup
     run_dir = tmp_path / "run"
     args = _overrides(model, data, tmp_path, "run", 4, ["checkpoint.every_steps=2", "learner.num_learners=2", "learner.zero_stage=3"])
-    env = {**os.environ, checkpoint.STALL_ENV: "4"}
+    # rl.launch with step 4's checkpoint stalled once written, before the rename that commits it.
+    stalling_launch = [sys.executable, str(PROJECT_ROOT / "tests/fixtures/stalling_launch.py"), "4"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
     with (tmp_path / "killed.log").open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "rl.launch", *args], cwd=PROJECT_ROOT, env=env, stdout=log,
+        proc = subprocess.Popen([*stalling_launch, *args], cwd=PROJECT_ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.time() + 300
-            # config.yaml goes into the checkpoint right before the stall, after the learner ranks' files.
-            while not list((run_dir / "checkpoints").glob("step_000004.tmp-*/config.yaml")):
+            # The trainer state is the last file written into the checkpoint, right before the stall.
+            while not list((run_dir / "checkpoints").glob(f"step_000004.tmp-*/{checkpoint.STATE_FILE}")):
                 assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
                 assert time.time() < deadline, "the run never reached step 4's checkpoint"
                 time.sleep(0.5)

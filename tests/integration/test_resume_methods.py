@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from rl.config import load_config
-from rl.tiny import addition_rows, build_model, diffusion_task
+from rl.demo.tiny import addition_rows, build_model, diffusion_task
 
 pytestmark = pytest.mark.slow
 

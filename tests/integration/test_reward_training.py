@@ -11,7 +11,7 @@ import pytest
 from rewards.math import math_verify_reward
 from rewards.scoring import RewardError, RewardScorer
 from rl.config import PROJECT_ROOT, load_config
-from rl.tiny import addition_rows, build_model
+from rl.demo.tiny import addition_rows, build_model
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from rollouts import RolloutEngineError, RolloutPool, make_engine
-from rollouts.pool import _chunk_bounds
 from rollouts.types import SamplingSpec, ScoringRequest
 
 TOL = 1e-4
@@ -19,7 +18,7 @@ PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [20], [30, 31, 32, 33]]
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    from rl.tiny import build_model
+    from rl.demo.tiny import build_model
 
     root = tmp_path_factory.mktemp("rollout_models")
     return {
@@ -131,11 +130,6 @@ def test_import_is_light():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_chunk_bounds_are_contiguous_and_balanced():
-    assert _chunk_bounds(5, 2) == [(0, 3), (3, 5)]
-    assert _chunk_bounds(1, 3) == [(0, 1), (1, 1), (1, 1)]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["tied", "untied"])
 def test_vllm_score_tracks_weight_updates(vllm_pools, tiny_models, which):
@@ -150,12 +144,13 @@ def test_vllm_tied_embeddings_need_the_lm_head_repack(vllm_pools, tiny_models):
     learner = load_learner(tiny_models["tied"])
     requests = scoring_requests()
     perturb(learner, seed=10)
-    pool.apply(lambda engine: setattr(engine, "repack_tied_lm_head", False))
+    # The engine sets _needs_repack for a tied model on CPU; clearing it in the actor skips the repack.
+    pool.apply(lambda engine: setattr(engine, "_needs_repack", False))
     try:
         pool.update_weights(pushed_weights(learner))
         stale = max_gap(pool.score(requests), reference_scores(learner, requests))
     finally:
-        pool.apply(lambda engine: setattr(engine, "repack_tied_lm_head", True))
+        pool.apply(lambda engine: setattr(engine, "_needs_repack", True))
     assert stale > 0.3, "without the repack the tied lm_head should keep its old packed weights"
     pool.update_weights(pushed_weights(learner))
     assert max_gap(pool.score(requests), reference_scores(learner, requests)) < TOL

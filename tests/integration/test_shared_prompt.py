@@ -24,7 +24,7 @@ from rl.learner.group import LearnerGroup, LearnerWorker, free_port
 from rl.learner.lora import _with_lora
 from rl.learner.model import _Policy
 from rl.learner.step import _call_loss, _token_scores
-from rl.tiny import build_model
+from rl.demo.tiny import build_model
 
 TEMPERATURE = 0.9
 # (prompt length, completion lengths) per group; the last group has one completion (nothing to

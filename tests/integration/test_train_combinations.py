@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rl.config import load_config
-from rl.tiny import addition_rows, addition_task, build_model
+from rl.demo.tiny import addition_rows, addition_task, build_model
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import torch
 
 from rl.config import LearnerConfig, LoraConfig
 from rl.learner.group import LearnerGroup
-from rl.tiny import build_model
+from rl.demo.tiny import build_model
 from rl.sync.check import WeightSyncError, check_weight_sync
 from rl.sync.weight_sync import CollectiveSync, ObjectStoreSync
 from rollouts import RolloutPool
@@ -125,7 +125,7 @@ def test_vllm_collective_push_then_check(ray_session, models):
         # The object-store fallback lands in the same place.
         ObjectStoreSync(pool, learners).push()
         assert check_weight_sync(pool, learners, BATCH, 5, 1e-3)["logprob_gap"] < 1e-4
-        pool.apply(lambda e: setattr(e, "repack_tied_lm_head", False))
+        pool.apply(lambda e: setattr(e, "_needs_repack", False))  # set for a tied model on CPU: no repack now
         learners.train_step(BATCH, pg_loss)
         sync.push()
         with pytest.raises(WeightSyncError, match="engine 0 disagrees"):

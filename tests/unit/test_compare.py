@@ -49,7 +49,7 @@ def test_first_crossing_interpolates_between_evaluations():
 
 def test_tokens_to_default_target_on_a_hand_built_pair(pair, tmp_path):
     out = tmp_path / "cmp"
-    assert main([str(p) for p in pair] + ["--out", str(out)]) == 0
+    assert main(["runs=" + ",".join(map(str, pair)), f"out={out}"]) == 0
     result = json.loads((out / "comparison.json").read_text())
     # Default target: opsd's best is 0.6, grpo's 0.4, so the target is 0.4 (grpo's best).
     assert result["target"] == pytest.approx(0.4)
@@ -89,7 +89,7 @@ def test_a_target_every_method_starts_at_is_flagged(tmp_path):
     down = write_run(tmp_path, "down", "diffu_grpo", 0, [(0, 0, 10, 0.44), (1, 90, 20, 0.4)])
     runs = [load_run(up, METRIC), load_run(down, METRIC)]
     flagged = compare(runs, METRIC)
-    assert flagged["target"] == pytest.approx(0.44) and "Pass --target" in flagged["warning"]
+    assert flagged["target"] == pytest.approx(0.44) and "Pass target=" in flagged["warning"]
     assert compare(runs, METRIC, target=0.46)["warning"] is None
     assert compare(runs, METRIC, target=0.46)["methods"]["igpo"]["tokens_to_target"] == pytest.approx(100 * 0.02 / 0.06)
 
@@ -123,15 +123,15 @@ def test_seeds_become_a_mean_curve_with_a_min_max_band(tmp_path):
 def test_same_method_and_seed_twice_needs_labels(tmp_path, capsys):
     a = write_run(tmp_path, "lr1", "grpo", 0, [(0, 0, 1, 0.1), (1, 100, 2, 0.3)])
     b = write_run(tmp_path, "lr2", "grpo", 0, [(0, 0, 1, 0.1), (1, 100, 2, 0.4)])
-    assert main([str(a), str(b), "--out", str(tmp_path / "x")]) == 2
-    assert "--labels" in capsys.readouterr().err
-    assert main([str(a), str(b), "--labels", "lr1,lr2", "--out", str(tmp_path / "y")]) == 0
+    assert main([f"runs={a},{b}", f"out={tmp_path / 'x'}"]) == 2
+    assert "labels=NAME,NAME" in capsys.readouterr().err
+    assert main([f"runs={a},{b}", "labels=lr1,lr2", f"out={tmp_path / 'y'}"]) == 0
     result = json.loads((tmp_path / "y" / "comparison.json").read_text())
     assert sorted(result["methods"]) == ["lr1", "lr2"]
 
 
 def test_missing_metric_names_the_logged_keys(pair, capsys):
-    assert main([str(pair[0]), "--metric", "eval/math500/pass@1"]) == 2
+    assert main([f"runs={pair[0]}", "metric=eval/math500/pass@1"]) == 2
     assert "eval/gsm8k/pass@1" in capsys.readouterr().err
 
 
@@ -147,11 +147,25 @@ def test_runs_evaluated_under_different_protocols_are_refused_or_flagged(tmp_pat
     # Mixed: refused with the differing setting named, on the command line too.
     with pytest.raises(Exception, match="different protocols.*max_tokens.*38912.*1024"):
         compare([load_run(grpo, METRIC), load_run(opsd_short, METRIC)], METRIC)
-    assert main([str(grpo), str(opsd_short), "--out", str(tmp_path / "refused")]) == 2
+    assert main([f"runs={grpo},{opsd_short}", f"out={tmp_path / 'refused'}"]) == 2
     assert "max_tokens" in capsys.readouterr().err and not (tmp_path / "refused").exists()
     # Or compared with a loud flag in every output.
     out = tmp_path / "flagged"
-    assert main([str(grpo), str(opsd_short), "--allow-mixed-protocols", "--out", str(out)]) == 0
+    assert main([f"runs={grpo},{opsd_short}", "--allow-mixed-protocols", f"out={out}"]) == 0
     assert "MIXED EVALUATION PROTOCOLS: max_tokens" in capsys.readouterr().err
     assert "not comparable as evaluated" in (out / "comparison.md").read_text()
     assert "max_tokens" in json.loads((out / "comparison.json").read_text())["protocol_warning"]
+
+
+def test_bad_command_lines_are_named(pair, tmp_path, capsys):
+    """rl.compare takes key=value options like every tool (rl.cli); anything else is named."""
+    assert main([str(pair[0]), str(pair[1])]) == 2  # the old positional style
+    assert f"Argument `{pair[0]}` is not of the form key=value" in capsys.readouterr().err
+    assert main([f"runs={pair[0]}", "--metric", "eval/gsm8k/pass@1"]) == 2  # the old flag style
+    assert "Unknown switch `--metric`: its switches are --allow-mixed-protocols" in capsys.readouterr().err
+    assert main(["metric=eval/gsm8k/pass@1"]) == 2
+    assert "Missing `runs=...`" in capsys.readouterr().err
+    assert main([f"runs={pair[0]}", "target=high", f"out={tmp_path}"]) == 2
+    assert "target=high is not a number" in capsys.readouterr().err
+    assert main([f"runs={pair[0]}", "taget=0.4"]) == 2
+    assert "Unknown option `taget`. Options: runs, metric, target, labels, out." in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Masked-diffusion SFT (rl.diffusion_sft) and the tiny diffusion model and task (rl.tiny).
+"""Masked-diffusion SFT (rl.demo.diffusion_sft) and the tiny diffusion model and task (rl.demo.tiny).
 
 The loss is checked against a per-row, per-position loop that writes LLaDA's formula out; the
 masking against its definition; the tiny model against what a masked diffusion LM must be
@@ -12,8 +12,8 @@ import torch
 
 from rewards.math import math_verify_reward
 from rl.data import normalize_row
-from rl.diffusion_sft import eos_padded_answer, mask_answers, masked_diffusion_sft_loss, sft_batch
-from rl.tiny import build_diffusion_model, chain_addition_rows, reasoning_completion, warm_up_diffusion
+from rl.demo.diffusion_sft import eos_padded_answer, mask_answers, masked_diffusion_sft_loss, sft_batch
+from rl.demo.tiny import build_diffusion_model, chain_addition_rows, reasoning_completion, warm_up_diffusion
 
 MASK_ID = 99
 

@@ -28,7 +28,7 @@ def _launch(*args):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from rl.tiny import build_model
+    from rl.demo.tiny import build_model
 
     return build_model(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -285,13 +285,18 @@ def test_curves_png_is_drawn_and_redrawn_by_rl_plot(tmp_path):
         for step in (1, 2, 3, 4):
             f.write(json.dumps({"step": step, **_metrics(step)}) + "\n")
         f.write('{"step": 5, "rew')  # a line cut short by a kill is skipped
-    proc = subprocess.run([sys.executable, "-m", "rl.plot", str(tmp_path)], cwd=PROJECT_ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "rl.plot", f"run={tmp_path}"], cwd=PROJECT_ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     png = tmp_path / "curves.png"
     assert png.read_bytes()[:8] == PNG_SIGNATURE
     image = matplotlib.image.imread(png)
     assert image.shape[0] > 600 and image.shape[1] > 600  # 7 panels x 2 columns
-    proc = subprocess.run([sys.executable, "-m", "rl.plot", str(tmp_path / "nope")], cwd=PROJECT_ROOT,
+    proc = subprocess.run([sys.executable, "-m", "rl.plot", f"run={tmp_path / 'nope'}"], cwd=PROJECT_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "metrics.jsonl does not exist" in proc.stderr
+    # The old positional style is named, with the usage.
+    proc = subprocess.run([sys.executable, "-m", "rl.plot", str(tmp_path)], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and f"Argument `{tmp_path}` is not of the form key=value" in proc.stderr
+    assert "usage: python -m rl.plot run=RUN_DIR [out=OUT.png]" in proc.stderr

@@ -17,7 +17,7 @@ ROWS = [{"problem": f"{a}+{b}=", "solution": f"{a}+{b} is {a + b}.", "answer": s
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from rl.tiny import build_model
+    from rl.demo.tiny import build_model
 
     return str(build_model(tmp_path_factory.mktemp("sft_model") / "model"))
 

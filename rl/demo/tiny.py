@@ -1,5 +1,10 @@
 """Tiny local models and a synthetic addition task: offline stand-ins for tests and demos.
 
+A plug-in, not part of the library's import path: importing it registers the data source
+`synthetic:<task>` (rl.data.register_data_source) and the built model `tiny-dllm-chain-addition`
+(rl.models.register_model_builder). A config names it in `plugins: [rl.demo.tiny]` (recipe
+igpo_tiny does); tests and scripts import its builders directly.
+
 Everything here is built on the machine (no hub): a byte-level BPE tokenizer trained on a small
 corpus, a randomly initialised transformers model (Qwen3 with tied embeddings or Llama without),
 and a short supervised warm-up that gives the model partial accuracy on `a+b=` so that RL has a
@@ -12,6 +17,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from rl.data import DataError, register_data_source
+from rl.models import register_model_builder
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -245,7 +253,7 @@ def warm_up_diffusion(
     model_dir: str | Path, rows: list[dict], steps: int, lr: float = 1e-3, answer_length: int = 24, seed: int = 0,
     batch_size: int = 32,
 ) -> Path:
-    """Masked-diffusion SFT (rl.diffusion_sft) on `rows`' reasoning completions; saves the model back.
+    """Masked-diffusion SFT (rl.demo.diffusion_sft) on `rows`' reasoning completions; saves the model back.
 
     Rows are taken in order, `batch_size` a step, cycling when they run out. Like warm_up_partial
     it is meant to be stopped early, leaving a partly right model for RL to improve. Measured on
@@ -257,7 +265,7 @@ def warm_up_diffusion(
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from rl.diffusion_sft import mask_answers, masked_diffusion_sft_loss, sft_batch
+    from rl.demo.diffusion_sft import mask_answers, masked_diffusion_sft_loss, sft_batch
 
     model_dir = Path(model_dir)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -308,7 +316,7 @@ TINY_DLLM_WARMUP_STEPS = 2000  # the calibration in diffusion_task's docstring
 
 
 def build_tiny_dllm(out_dir: str | Path, seed: int = 0) -> Path:
-    """The built model `tiny-dllm-chain-addition` (rl.models.BUILT): build_diffusion_model warmed
+    """The built model `tiny-dllm-chain-addition` (registered below): build_diffusion_model warmed
     up for TINY_DLLM_WARMUP_STEPS on chain-arithmetic rows, about a minute on one CPU thread."""
     model = build_diffusion_model(out_dir, seed=seed)
     return warm_up_diffusion(model, chain_addition_rows(32 * TINY_DLLM_WARMUP_STEPS, seed=seed + 1), TINY_DLLM_WARMUP_STEPS)
@@ -320,9 +328,13 @@ SYNTHETIC = {"chain_addition": (chain_addition_rows, {"train": (5000, 5), "test"
 
 def synthetic_rows(name: str, split: str) -> list[dict]:
     if name not in SYNTHETIC:
-        raise ValueError(f"Unknown synthetic dataset {name!r}; available: {', '.join(sorted(SYNTHETIC))}.")
+        raise DataError(f"Unknown synthetic dataset {name!r}; available: {', '.join(sorted(SYNTHETIC))}.")
     make, splits = SYNTHETIC[name]
     if split not in splits:
-        raise ValueError(f"synthetic:{name} has splits {', '.join(splits)}, not {split!r}; set data.split.")
+        raise DataError(f"synthetic:{name} has splits {', '.join(splits)}, not {split!r}; set data.split.")
     n, seed = splits[split]
     return make(n, seed=seed)
+
+
+register_data_source("synthetic", synthetic_rows)
+register_model_builder("tiny-dllm-chain-addition", build_tiny_dllm, version=1)
