@@ -15,7 +15,7 @@ answer position masked] gives the logits at the answer positions (d1's one-step 
 reach the loss as `out.hidden` with `out.lm_head_weight=None`.
 
 A batch with a teacher view (OPSD) also gets a no-grad teacher forward on it per micro-batch,
-aligned to the same completion tokens (`out.teacher_hidden`); `learner.teacher.kind` picks the
+aligned to the same completion tokens (`out.teacher_hidden`); `opsd.teacher.kind` picks the
 teacher: the frozen initial policy, the live policy, or an EMA copy. With `model.lora.enabled`
 only peft adapters train, the frozen model is the same one with adapters disabled, and
 `full_state_dict`/`save_hf` give merged weights under the base model's HF names.
@@ -349,21 +349,22 @@ class LearnerWorker:
         seed: int,
         total_steps: int,
         with_reference: bool = False,
-        with_teacher: bool = False,
+        teacher=None,
         lora: LoraConfig | None = None,
         diffusion: DiffusionForward | None = None,
     ):
         """with_reference: keep the frozen initial policy (`compute_logprobs(reference=True)`).
-        with_teacher: keep what `learner_cfg.teacher.kind` needs (frozen: the same reference; ema: an
-        EMA copy; live: nothing). With LoRA the frozen model is the policy with adapters disabled.
+        teacher: the teacher settings (OPSD's TeacherConfig) when batches carry a teacher view; keep
+        what `teacher.kind` needs (frozen: the same reference; ema: an EMA copy; live: nothing). With LoRA the frozen model is the policy with adapters disabled.
         diffusion: the model is a masked-diffusion one, scored as `DiffusionForward` says."""
         import deepspeed
 
-        if diffusion is not None and with_teacher:
+        if diffusion is not None and teacher is not None:
             raise ValueError("Teacher views (OPSD) are not supported for masked-diffusion models.")
         self.diffusion = diffusion
 
         self.cfg = learner_cfg
+        self.teacher_cfg = teacher
         self.model_path = model_path
         self.rank = rank
         self.world_size = world_size
@@ -394,7 +395,7 @@ class LearnerWorker:
                 "would override (every layer would see the full window). Set learner.share_prompt=false and "
                 "leave learner.max_tokens_per_micro_batch unset for it."
             )
-        teacher = learner_cfg.teacher.kind if with_teacher else None
+        teacher = teacher.kind if teacher is not None else None
         ema = copy.deepcopy(model) if teacher == "ema" else None
         policy = self._wrap(model)
         optimizer = torch.optim.AdamW(
@@ -460,14 +461,14 @@ class LearnerWorker:
             return self.engine, nullcontext()
         if which == "ema":
             if self.ema is None:
-                raise ValueError("learner.teacher.kind=ema needs the learner built with with_teacher=True.")
+                raise ValueError("An ema teacher needs the learner built with teacher settings of kind ema.")
             return self.ema, nullcontext()
         if self.lora is not None:
             return self.engine, self.engine.module.lm.disable_adapter()
         if self.reference is None:
             raise ValueError(
                 f"Scoring with the frozen initial policy ({which}) needs the learner built with "
-                "with_reference=True, or with_teacher=True for learner.teacher.kind=frozen."
+                "with_reference=True, or with a teacher of kind frozen."
             )
         return self.reference, nullcontext()
 
@@ -485,7 +486,7 @@ class LearnerWorker:
 
     def _teacher_head_weight(self) -> torch.Tensor | None:
         """The teacher's output weight when it is another copy's (frozen or EMA), else None."""
-        module, _ = self._scorer(self.cfg.teacher.kind)
+        module, _ = self._scorer(self.teacher_cfg.kind)
         return None if module is self.engine else _full_weight(_unwrap(module).output_weight)
 
     @torch.no_grad()
@@ -493,7 +494,7 @@ class LearnerWorker:
         """teacher <- decay * teacher + (1 - decay) * policy, over the parameters that train."""
         import deepspeed
 
-        decay = self.cfg.teacher.ema_decay
+        decay = self.teacher_cfg.ema_decay
         ema = dict(_unwrap(self.ema).lm.named_parameters())
         for name, p in self.engine.module.lm.named_parameters():
             if not p.requires_grad:
@@ -570,7 +571,7 @@ class LearnerWorker:
         """Forward/backward every micro-batch, then one optimizer step (then the EMA teacher's update).
 
         A batch with a teacher view also gets, per micro-batch, a no-grad forward of the teacher
-        (`learner.teacher.kind`) on its teacher sequences, passed on as `out.teacher_hidden`.
+        (`opsd.teacher.kind`) on its teacher sequences, passed on as `out.teacher_hidden`.
 
         Returns the loss_fn metrics summed over micro-batches, `loss` (the sum of the scalars
         differentiated, i.e. this rank's share of the step's global loss), `grad_norm` (before
@@ -591,7 +592,7 @@ class LearnerWorker:
             # the count; DeepSpeed's fixed gradient_accumulation_steps cannot express that.
             self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
             mb, teacher_mb = pair or self._placeholder(with_teacher)
-            teacher_hidden = None if teacher_mb is None else self._score(self.cfg.teacher.kind, teacher_mb)
+            teacher_hidden = None if teacher_mb is None else self._score(self.teacher_cfg.kind, teacher_mb)
             loss_or_placeholder = loss_fn if pair else _placeholder_loss
             fn = partial(_call_loss, loss_or_placeholder, mb, temperature, teacher_hidden, teacher_weight)
             loss, part, kept = self.engine(mb=mb, fn=fn)
@@ -775,7 +776,7 @@ class LearnerGroup:
         seed: int,
         total_steps: int,
         with_reference: bool = False,
-        with_teacher: bool = False,
+        teacher=None,
         lora: LoraConfig | None = None,
         diffusion: DiffusionForward | None = None,
         placement=None,
@@ -797,7 +798,7 @@ class LearnerGroup:
         self.workers = [
             ray.remote(**options[rank])(LearnerWorker).remote(
                 model_path, learner_cfg, dtype, rank, n, address, port, seed, total_steps,
-                with_reference, with_teacher, lora, diffusion,
+                with_reference, teacher, lora, diffusion,
             )
             for rank in range(n)
         ]

@@ -267,9 +267,9 @@ def test_learner_step_and_training_scores_match_across_layouts(tiny_model):
         batch.token_fields["ref_logprobs"], _ = worker.compute_logprobs(batch, TEMPERATURE, reference=True)
         # The old path: a no-grad forward before the step feeds the mismatch metrics.
         before = worker.compute_logprobs(batch, TEMPERATURE)[0]
-        old_metrics = algo.use_policy_scores(batch, before, None)
+        _, old_metrics = algo.use_policy_scores(batch, before, None)
         metrics, kept = worker.train_step(batch, algo.loss, TEMPERATURE, return_logprobs=True)
-        new_metrics = algo.use_policy_scores(batch, kept, None)
+        _, new_metrics = algo.use_policy_scores(batch, kept, None)
         return SimpleNamespace(metrics=metrics, old=old_metrics, new=new_metrics, state=worker.full_state_dict(),
                                kept=kept, before=before)
 
