@@ -10,7 +10,7 @@ what the loop hands back (Rollouts.repair_counts).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel
@@ -96,14 +96,12 @@ class Algorithm:
     name: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
     requirements: Requirements = Requirements()
+    # loss(out, mb) -> (loss, metrics): a picklable callable holding only the loss options (a frozen
+    # dataclass), set in __init__. The learner receives it, never the algorithm and its tokenizer.
+    loss: Callable[[PolicyOutputs, MicroBatch], tuple[torch.Tensor, dict[str, float]]]
 
     def __init__(self, cfg):
         self.cfg = cfg.algorithm_section
-
-    def loss(self, out: PolicyOutputs, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Replace with a picklable callable (a frozen dataclass holding only the loss options): the
-        learner receives it, not the algorithm."""
-        raise NotImplementedError
 
     def keep_group(self, rewards: list[float]) -> bool:
         """Whether a prompt's group goes into the batch (False: resample, as in dynamic sampling)."""

@@ -1,6 +1,5 @@
 """GRPO loss math against a plain, loop-by-loop reference written here."""
 import dataclasses
-import math
 
 import pytest
 import torch
