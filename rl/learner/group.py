@@ -15,7 +15,7 @@ answer position masked] gives the logits at the answer positions (d1's one-step 
 reach the loss as `out.hidden` with `out.lm_head_weight=None`.
 
 A batch with a teacher view (OPSD) also gets a no-grad teacher forward on it per micro-batch,
-aligned to the same completion tokens (`out.teacher_hidden`); `opsd.teacher.kind` picks the
+aligned to the same completion tokens (`out.teacher_hidden`); the teacher settings' kind picks the
 teacher: the frozen initial policy, the live policy, or an EMA copy. With `model.lora.enabled`
 only peft adapters train, the frozen model is the same one with adapters disabled, and
 `full_state_dict`/`save_hf` give merged weights under the base model's HF names.
@@ -355,7 +355,8 @@ class LearnerWorker:
     ):
         """with_reference: keep the frozen initial policy (`compute_logprobs(reference=True)`).
         teacher: the teacher settings (OPSD's TeacherConfig) when batches carry a teacher view; keep
-        what `teacher.kind` needs (frozen: the same reference; ema: an EMA copy; live: nothing). With LoRA the frozen model is the policy with adapters disabled.
+        what `teacher.kind` needs (frozen: the same reference; ema: an EMA copy; live: nothing).
+        With LoRA the frozen model is the policy with adapters disabled.
         diffusion: the model is a masked-diffusion one, scored as `DiffusionForward` says."""
         import deepspeed
 
@@ -571,7 +572,7 @@ class LearnerWorker:
         """Forward/backward every micro-batch, then one optimizer step (then the EMA teacher's update).
 
         A batch with a teacher view also gets, per micro-batch, a no-grad forward of the teacher
-        (`opsd.teacher.kind`) on its teacher sequences, passed on as `out.teacher_hidden`.
+        (the `teacher` settings' kind) on its teacher sequences, passed on as `out.teacher_hidden`.
 
         Returns the loss_fn metrics summed over micro-batches, `loss` (the sum of the scalars
         differentiated, i.e. this rank's share of the step's global loss), `grad_norm` (before
