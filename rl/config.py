@@ -747,13 +747,12 @@ def algorithm_section(ref: str) -> tuple[str | None, type[BaseModel] | None]:
 
 
 def _stray_key_message(key: str, ref: str, section: str | None, run_cls: type[BaseModel]) -> str:
-    from rl.algorithms.base import _ALGORITHMS
+    from rl.algorithms.base import registered_algorithms
 
-    owner = next((name for name, cls in _ALGORITHMS.items() if cls.name == key), None)
     own = f"its options go in section `{section}`" if section else "it has no algorithm section"
-    if owner is not None:
-        return (f"Section `{key}` configures algorithm {owner}, but this run's algorithm is {ref}: {own}. "
-                f"Move the options there, or set algorithm={owner}.")
+    if key in registered_algorithms():  # a built-in's section is named after it
+        return (f"Section `{key}` configures algorithm {key}, but this run's algorithm is {ref}: {own}. "
+                f"Move the options there, or set algorithm={key}.")
     allowed = list(run_cls.model_fields) + ([section] if section else [])
     close = difflib.get_close_matches(key, allowed, n=1)
     hint = f" Did you mean `{close[0]}`?" if close else ""
@@ -769,12 +768,11 @@ def _check_keys(data: dict, model_cls: type[BaseModel], prefix: str = "") -> Non
             section, config_cls = algorithm_section(ref)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        stray = [key for key in data if key not in fields and key != section]
-        if stray:
-            raise ConfigError(_stray_key_message(stray[0], ref, section, RunConfig))
         if section is not None:
             fields[section] = config_cls
     for key, value in data.items():
+        if key not in fields and model_cls is RunConfig:
+            raise ConfigError(_stray_key_message(key, ref, section, RunConfig))
         if key not in fields:
             allowed = list(fields)
             close = difflib.get_close_matches(key, allowed, n=1)

@@ -65,6 +65,10 @@ def _overrides(method: str, models: Path, out: Path, steps: int) -> tuple[str | 
     return recipe, [f"algorithm={method}", "train.prompts_per_step=64", "learner.lr=3e-4", *run]
 
 
+def _is_timing(key: str) -> bool:
+    return key.startswith("time/") or key.endswith("_s") or key == "wall_time"
+
+
 def _param_hash(final: Path) -> str:
     from safetensors.torch import load_file
 
@@ -89,7 +93,7 @@ def run_one(method: str, models: Path, steps: int) -> dict:
         run_dir.mkdir()
         train(cfg, run_dir)
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        metrics = [{k: v for k, v in r.items() if not k.startswith("time/") and not k.endswith("_s")} for r in records]
+        metrics = [{k: v for k, v in r.items() if not _is_timing(k)} for r in records]
         return {"metrics": metrics, "params_sha256": _param_hash(run_dir / "final")}
 
 
@@ -104,7 +108,7 @@ def compare(before: Path, after: Path) -> int:
         same_params = a[method]["params_sha256"] == b[method]["params_sha256"]
         diffs = []
         for step, (x, y) in enumerate(zip(a[method]["metrics"], b[method]["metrics"]), 1):
-            for key in sorted(set(x) | set(y)):
+            for key in sorted(k for k in set(x) | set(y) if not _is_timing(k)):
                 if x.get(key, "<absent>") != y.get(key, "<absent>"):
                     diffs.append(f"step {step} {key}: {x.get(key, '<absent>')} -> {y.get(key, '<absent>')}")
         if len(a[method]["metrics"]) != len(b[method]["metrics"]):

@@ -101,17 +101,20 @@ class GRPOConfig(Section):
     @field_validator("advantage")
     @classmethod
     def _known_advantage(cls, name: str) -> str:
-        if name not in advantages.ADVANTAGES:
-            raise ValueError(f"unknown advantage estimator {name!r}; choose from {', '.join(sorted(advantages.ADVANTAGES))}")
+        try:
+            advantages.get_advantage(name)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
         return name
 
     @field_validator("policy_loss")
     @classmethod
     def _known_policy_loss(cls, name: str) -> str:
-        if name not in policy_losses.POLICY_LOSSES:
-            raise ValueError(f"unknown policy loss {name!r}; choose from {', '.join(sorted(policy_losses.POLICY_LOSSES))}")
+        try:
+            policy_losses.get_policy_loss(name)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
         return name
-
 
 def padded(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged per-token rows -> (values [B, T], mask [B, T]), zero-padded."""
