@@ -200,3 +200,20 @@ def test_sequence_level_ratio_loss_matches_reference():
     assert 0 < clipped_seqs < 4  # both branches of the clip are exercised
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
     assert torch.allclose(logits.grad, ref_logits.grad, atol=1e-6)
+
+
+def test_the_loop_sums_repair_counts_over_the_sampling_rounds():
+    """Counts come back from repair_groups and are summed by the loop, round by round (no state kept
+    by the algorithm): diffu-GRPO counts every sampled group, kept or dropped."""
+    from rl.algorithms.diffu_grpo import DiffuGRPO
+
+    cfg = RunConfig(algorithm="diffu_grpo", model={"kind": "masked_diffusion"}, rollout={"engine": "diffusion"},
+                    diffu_grpo={"group_size": 2, "dynamic_sampling": True, "max_sampling_rounds": 3},
+                    train={"prompts_per_step": 3}, data={"prompt_format": "plain"})
+    algo = DiffuGRPO(cfg)
+    patterns = [["1", "0"], ["0", "0"], ["1", "1"], ["0", "0"], ["1", "1"], ["0", "1"], ["1", "0"]]
+    out = collect_rollouts(_Stream(), _FakePool(iter(patterns)), _TextScorer(), algo, algo.sampling_spec(), cfg, _Tok())
+    assert out.rounds == 3
+    assert out.rollouts.repair_counts["groups"] == 7 and out.rollouts.repair_counts["all_wrong_before"] == 2
+    _, metrics = algo.build_batch(out.rollouts)
+    assert metrics["igpo/all_wrong_fraction_before"] == pytest.approx(2 / 7)
