@@ -6,26 +6,12 @@ the file that defines your algorithm.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-AdvantageFn = Callable[[torch.Tensor, int], torch.Tensor]
-ADVANTAGES: dict[str, AdvantageFn] = {}
+from rl.algorithms.base import FunctionRegistry
 
-
-def register_advantage(name: str):
-    def wrap(fn: AdvantageFn) -> AdvantageFn:
-        ADVANTAGES[name] = fn
-        return fn
-
-    return wrap
-
-
-def get_advantage(name: str) -> AdvantageFn:
-    if name not in ADVANTAGES:
-        raise KeyError(f"Unknown advantage estimator {name!r}; registered: {', '.join(sorted(ADVANTAGES))}.")
-    return ADVANTAGES[name]
+ADVANTAGES = FunctionRegistry("advantage estimator")
+register_advantage, get_advantage = ADVANTAGES.register, ADVANTAGES.lookup
 
 
 @register_advantage("group_mean")

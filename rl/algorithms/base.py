@@ -133,6 +133,27 @@ class Algorithm:
         raise NotImplementedError
 
 
+class FunctionRegistry(dict):
+    """Pure functions by name (advantage estimators, policy losses): `@registry.register(name)` adds
+    one, `registry.lookup(name)` finds one or names the registered ones."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
+    def register(self, name: str):
+        def wrap(fn):
+            self[name] = fn
+            return fn
+
+        return wrap
+
+    def lookup(self, name: str):
+        if name not in self:
+            raise KeyError(f"Unknown {self.what} {name!r}; registered: {', '.join(sorted(self))}.")
+        return self[name]
+
+
 _ALGORITHMS: dict[str, type[Algorithm]] = {}
 
 

@@ -98,20 +98,12 @@ class GRPOConfig(Section):
     )
     chunk_size: int = Field(512, ge=1, description="Positions per chunk for logprobs and entropy over the vocabulary.")
 
-    @field_validator("advantage")
+    @field_validator("advantage", "policy_loss")
     @classmethod
-    def _known_advantage(cls, name: str) -> str:
+    def _registered(cls, name: str, info) -> str:
+        registry = advantages.ADVANTAGES if info.field_name == "advantage" else policy_losses.POLICY_LOSSES
         try:
-            advantages.get_advantage(name)
-        except KeyError as e:
-            raise ValueError(e.args[0]) from None
-        return name
-
-    @field_validator("policy_loss")
-    @classmethod
-    def _known_policy_loss(cls, name: str) -> str:
-        try:
-            policy_losses.get_policy_loss(name)
+            registry.lookup(name)
         except KeyError as e:
             raise ValueError(e.args[0]) from None
         return name

@@ -10,24 +10,12 @@ from typing import Callable
 
 import torch
 
+from rl.algorithms.base import FunctionRegistry
 from rl.algorithms.losses import clipped_surrogate, sequence_log_ratio
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-POLICY_LOSSES: dict[str, PolicyLossFn] = {}
-
-
-def register_policy_loss(name: str):
-    def wrap(fn: PolicyLossFn) -> PolicyLossFn:
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return wrap
-
-
-def get_policy_loss(name: str) -> PolicyLossFn:
-    if name not in POLICY_LOSSES:
-        raise KeyError(f"Unknown policy loss {name!r}; registered: {', '.join(sorted(POLICY_LOSSES))}.")
-    return POLICY_LOSSES[name]
+POLICY_LOSSES = FunctionRegistry("policy loss")
+register_policy_loss, get_policy_loss = POLICY_LOSSES.register, POLICY_LOSSES.lookup
 
 
 @register_policy_loss("ppo_clip")
