@@ -487,6 +487,11 @@ class LearnerWorker:
 
     def _teacher_head_weight(self) -> torch.Tensor | None:
         """The teacher's output weight when it is another copy's (frozen or EMA), else None."""
+        if self.teacher_cfg is None:
+            raise ValueError(
+                "This batch carries a teacher view, but the learner was built without teacher settings: "
+                "pass the algorithm's teacher (its Requirements.teacher) as `teacher=`."
+            )
         module, _ = self._scorer(self.teacher_cfg.kind)
         return None if module is self.engine else _full_weight(_unwrap(module).output_weight)
 

@@ -242,7 +242,7 @@ def test_teacher_view_must_end_with_the_same_completion(tiny_model):
 
 def test_missing_teacher_model_is_named(tiny_model):
     worker = LearnerWorker(str(tiny_model), learner_cfg(), "float32", 0, 1, "127.0.0.1", free_port(), 0, 10)
-    with pytest.raises(ValueError, match="with_reference=True"):
+    with pytest.raises(ValueError, match="built without teacher settings"):
         worker.train_step(STEP_BATCHES[0], distill_loss, TEMPERATURE)
 
 
