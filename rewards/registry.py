@@ -52,8 +52,8 @@ def _load_builtins() -> None:
 
 
 def load_file(path: Path):
-    """Import a Python file as a module, once per process (also used for the config's `plugins`)."""
-    module_name = f"_user_reward_{path.stem}_{abs(hash(str(path.resolve())))}"
+    """Import a Python file as a module, once per process (user rewards, algorithms, the config's `plugins`)."""
+    module_name = f"_user_{path.stem}_{abs(hash(str(path.resolve())))}"
     if module_name in sys.modules:
         return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, path)
@@ -61,6 +61,26 @@ def load_file(path: Path):
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_object(ref: str, what: str, noun: str = "function"):
+    """The object `module.path:name` or `path/to/file.py:name` names: a user's reward, algorithm, ...
+    (`what` and `noun`, what it should be, name it in errors)."""
+    target, name = ref.rsplit(":", 1)
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.exists():
+                raise FileNotFoundError(f"{what} file {path.resolve()} does not exist")
+            module = load_file(path)
+        else:
+            module = importlib.import_module(target)
+    except Exception as e:  # import errors of user code: say which plug-in failed to load
+        raise ImportError(f"Could not load {what} {ref!r}: {type(e).__name__}: {e}") from e
+    obj = getattr(module, name, None)
+    if obj is None:
+        raise AttributeError(f"{what.capitalize()} {ref!r}: {target} has no {noun} {name!r}.")
+    return obj
 
 
 def get_reward(ref: str) -> RewardFn:
@@ -73,20 +93,9 @@ def get_reward(ref: str) -> RewardFn:
             f"Unknown reward {ref!r}. Registered rewards: {', '.join(registered_rewards())}; "
             "or name your own as `module.path:function` or `path/to/file.py:function`."
         )
-    target, fn_name = ref.rsplit(":", 1)
-    try:
-        if target.endswith(".py"):
-            path = Path(target)
-            if not path.exists():
-                raise FileNotFoundError(f"reward file {path.resolve()} does not exist")
-            module = load_file(path)
-        else:
-            module = importlib.import_module(target)
-    except Exception as e:  # import errors of user code: say which reward failed to load
-        raise ImportError(f"Could not load reward {ref!r}: {type(e).__name__}: {e}") from e
-    fn = getattr(module, fn_name, None)
-    if fn is None or not callable(fn):
-        raise AttributeError(f"Reward {ref!r}: {target} has no function {fn_name!r}.")
+    fn = load_object(ref, "reward")
+    if not callable(fn):
+        raise AttributeError(f"Reward {ref!r}: {fn!r} is not a function.")
     return fn
 
 
@@ -104,6 +113,6 @@ def portable_ref(ref: str) -> str:
     module = fn.__module__
     if module.startswith("rewards."):
         return ref
-    if module == "__main__" or module.startswith("_user_reward_"):
+    if module == "__main__" or module.startswith("_user_"):
         return f"{Path(inspect.getfile(fn)).resolve()}:{fn.__name__}"
     return f"{module}:{fn.__name__}"

@@ -221,8 +221,8 @@ class RolloutConfig(Section):
 
     def diffusion_settings(self, prompt_mask_prob: float = 0.0) -> dict | None:
         """The masked-diffusion engine's keyword arguments (make_engine's `diffusion`); None otherwise.
-        prompt_mask_prob: learner.prompt_mask_prob, so that the engine's estimates mask prompts as the
-        learner's do."""
+        prompt_mask_prob: the algorithm's (diffu_grpo.prompt_mask_prob), so that the engine's estimates
+        mask prompts as the learner's do."""
         if self.engine != "diffusion":
             return None
         d = self.diffusion
@@ -247,167 +247,6 @@ class RolloutConfig(Section):
             sleep_mode=sleep_mode,
             tensor_parallel_size=self.gpus_per_engine,
         )
-
-
-class GRPOConfig(Section):
-    group_size: int = Field(8, ge=2, description="G completions per prompt [8 in DeepSeekMath/DAPO].")
-    normalize_std: bool = Field(
-        False,
-        description="Divide advantages by the group's reward std (original GRPO). Off by default "
-        "following Dr. GRPO, which shows the division biases toward too-easy/too-hard questions.",
-    )
-    clip_low: float = Field(0.2, ge=0, description="PPO clip 1-eps_low [0.2].")
-    clip_high: float = Field(0.28, ge=0, description="Clip-higher 1+eps_high [0.28, DAPO]; keeps exploration alive.")
-    kl_coef: float = Field(0.0, ge=0, description="Weight of the KL to a frozen reference [0-0.04]; 0 skips the reference forward.")
-    kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator (Schulman's k1/k2/k3); k3 is unbiased and positive.")
-    loss_agg: Literal["token_mean", "seq_mean_token_mean", "sum_constant"] = Field(
-        "token_mean",
-        description="token_mean: over all valid tokens of the step (DAPO); seq_mean_token_mean: "
-        "original GRPO; sum_constant: token sum / constant (Dr. GRPO). Always global over the step.",
-    )
-    loss_constant: Optional[float] = Field(
-        None, description="Denominator for sum_constant; None uses rollout.max_tokens x sequences."
-    )
-    updates_per_batch: int = Field(1, ge=1, description="mu: optimizer steps per rollout batch [1-4]; >1 needs an old-policy forward.")
-    ratio_level: Literal["token", "sequence"] = Field(
-        "token",
-        description="Importance ratio per token (PPO/GRPO, and the IGPO paper) or one per sequence, exp "
-        "of the mean token log-ratio, clipped as a whole (GSPO's form; IGPO's released config).",
-    )
-    entropy_top_fraction: Optional[float] = Field(
-        None,
-        gt=0,
-        le=1,
-        description="Train the policy-gradient term only on this top fraction of response tokens by "
-        "entropy under the current policy [0.2: the 80/20 paper, arXiv 2506.01939, where high-entropy "
-        "'forking' tokens carry the learning signal]. None trains on every token. The KL term and the "
-        "loss normaliser still cover every token: the filter removes gradient, it does not reweight.",
-    )
-    entropy_scope: Literal["batch", "sequence"] = Field(
-        "batch", description="Rank tokens by entropy across the whole step's batch (the paper) or within each sequence."
-    )
-    dynamic_sampling: bool = Field(
-        False,
-        description="DAPO's dynamic sampling: drop groups whose rewards are all equal (no signal) and "
-        "sample more prompts until prompts_per_step groups with signal are collected. The dropped "
-        "groups' tokens still count in cumulative_rollout_tokens.",
-    )
-    max_sampling_rounds: int = Field(
-        4, ge=1, description="Cap on generation rounds per step for dynamic sampling; a short batch trains as it is."
-    )
-    overlong_filter: bool = Field(
-        False,
-        description="DAPO's overlong filtering: truncated completions (finish_reason=length) are left "
-        "out of the loss, so a cut-off answer is not punished as wrong. (The soft overlong penalty "
-        "is the `overlong` reward.)",
-    )
-    importance_sampling: Literal["off", "token", "sequence"] = Field(
-        "off",
-        description="Truncated importance-sampling correction of the training-inference mismatch: "
-        "weight the policy-gradient term by min(pi_learner_old / pi_engine, cap), per token or per "
-        "sequence (as in verl/Fengyao's TIS). Needs a learner forward before the update. With "
-        "rollout.top_p < 1 or rollout.top_k > 0 the weights are biased below 1 and cannot be fixed "
-        "by a weight: the engine samples from (and reports log-probs of) the truncated, renormalised "
-        "distribution q, the learner scores the full one pi, so pi/q on every sampled token is at "
-        "most the kept mass (E_q[pi/q] = the nucleus mass < 1), and tokens outside the nucleus are "
-        "never sampled. The correction then shrinks the gradient by about the nucleus mass instead "
-        "of removing the engine-learner mismatch; use it with top_p=1, top_k=-1.",
-    )
-    importance_cap: float = Field(2.0, gt=0, description="C of the truncated importance weight [about 2].")
-    track_mismatch: bool = Field(
-        True,
-        description="Log the rollout-vs-learner logprob gap of each step's sampled tokens (mean, max, "
-        "and the mean importance weight). Free at updates_per_batch=1 without a filter (read from the "
-        "training forward itself); otherwise from the no-grad forward those options need anyway. The mismatch "
-        "it shows is what silently biases training when engines and learner disagree.",
-    )
-    chunk_size: int = Field(512, ge=1, description="Positions per chunk for logprobs and entropy over the vocabulary.")
-
-
-class IGPOConfig(Section):
-    """Inpainting-guided policy optimisation for masked diffusion LLMs (arXiv 2509.10396): GRPO
-    (the `grpo` section's loss settings, on the one-step estimator) that, when every response of a
-    group is wrong, samples the group again with parts of the reference reasoning fixed in the
-    answer and swaps correct inpainted responses in. Algorithm `diffu_grpo` is the same without it."""
-
-    inpainting: bool = Field(True, description="Repair all-wrong groups with inpainted samples; off is diffu-GRPO (d1, arXiv 2504.12216).")
-    replace_fraction: float = Field(
-        0.5, ge=0, le=1, description="lambda: at most floor(lambda x G) wrong responses of a group are replaced [0.5]."
-    )
-    chunk_min: int = Field(5, ge=1, description="Reference reasoning is cut into consecutive chunks of chunk_min..chunk_max tokens [5-10].")
-    chunk_max: int = Field(10, ge=1)
-    reveal_min: float = Field(0.2, gt=0, le=1, description="Each inpainted sample reveals a fraction eta ~ U[reveal_min, reveal_max] of the chunks [0.2-0.6].")
-    reveal_max: float = Field(0.6, gt=0, le=1)
-    free_tail: int = Field(30, ge=0, description="The last answer positions never get hints, leaving room to conclude [about 30].")
-    exclude_answer: bool = Field(
-        True, description="Leave the final answer out of the hints (the paper), so that a repaired response derives it."
-    )
-    released_variant: bool = Field(
-        False,
-        description="The released code's hints instead: the last chunk always revealed, chunk spacing "
-        "stretched by up to 1.5x, and the reveal count rounded up (it masks floor((1-eta)N) chunks; the "
-        "paper reveals floor(eta N)).",
-    )
-    hint_prefix: str = Field(
-        "",
-        description="Text put before the reference reasoning that hints are cut from. IGPO's release uses "
-        "`<reasoning>\\n` (its traces are '<reasoning>\\n' + the MetaMathQA response), so that hints follow "
-        "its `<reasoning>...<answer>` format prompt from the first answer position.",
-    )
-    hint_entropy_fraction: float = Field(
-        0.2,
-        gt=0,
-        le=1,
-        description="tau: of an inpainted response's hint tokens, only this top fraction by entropy "
-        "(old policy, at least one) stays in the loss; its own sampled tokens always stay [0.2; at 1, "
-        "training on off-policy hint tokens was unstable in the paper].",
-    )
-
-
-class OPSDConfig(Section):
-    """On-policy self-distillation (arXiv 2601.18734): the student is pulled toward the same model
-    shown the reference solution, at every position of the student's own rollout."""
-
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
-        "forward_kl", description="Per-position divergence over the full vocabulary; forward KL(p_T||p_S) is the paper's final choice."
-    )
-    jsd_beta: float = Field(0.5, gt=0, lt=1, description="beta of the generalized JSD [0.5 in the paper's first version].")
-    clip: Optional[float] = Field(
-        0.05,
-        gt=0,
-        description="Cap tau on each (position, vocab entry) term before the vocabulary sum [0.05 for "
-        "1.7B/4B]; without it style tokens ('wait') dominate and training collapses. None disables.",
-    )
-    scale_logits_by_temperature: bool = Field(
-        False,
-        description="Divide both logit sets by rollout.temperature before log_softmax, as the released "
-        "code does (siyan-zhao/OPSD opsd_trainer.py; opsd_qwen turns it on, since its clip tau 0.05 "
-        "was tuned under this scaling); the paper's text (default) compares the untempered distributions.",
-    )
-    token_loss: Literal["full", "sampled", "top_k"] = Field(
-        "full",
-        description="full: divergence over the whole vocabulary (the paper); sampled: -a_t log p_S(y_t) "
-        "with a_t = log p_T(y_t) - log p_S(y_t) detached (cheaper, worse); top_k: both renormalised "
-        "over the teacher's top k entries.",
-    )
-    top_k: int = Field(20, ge=1, description="k for token_loss=top_k.")
-    aggregation: Literal["paper", "code"] = Field(
-        "paper",
-        description="paper: mean over each sequence's tokens, then over sequences; code: mean over all "
-        "valid completion tokens of the step (the released code's token mean).",
-    )
-    chunk_size: int = Field(
-        512, ge=1, description="Positions per chunk of the full-vocabulary divergence; peak memory ~ chunk_size x vocab."
-    )
-    teacher_instruction: str = Field(
-        "Read the reference solution carefully until you understand why it works. Then solve the "
-        "problem yourself, reasoning step by step in your own words, and reach the same final "
-        "answer. Do not copy the reference solution.",
-        description="Told to the teacher after the reference solution (the paper's structure, our wording).",
-    )
-    teacher_enable_thinking: Optional[bool] = Field(
-        True, description="Teacher-side chat-template thinking switch (student off, teacher on: the paper's strongest pairing)."
-    )
 
 
 class RewardSpec(Section):
@@ -464,29 +303,6 @@ class RewardConfig(Section):
     )
 
 
-class TeacherConfig(Section):
-    """The model that scores a batch's teacher view (OPSD's teacher, arXiv 2601.18734)."""
-
-    kind: Literal["frozen", "live", "ema"] = Field(
-        "frozen",
-        description="frozen: the initial policy (the paper's main setting; a live teacher was unstable "
-        "there); with LoRA the same model with adapters disabled, else the frozen reference copy "
-        "(ZeRO-3-sharded like the learner). live: the current policy under no_grad. ema: a copy "
-        "whose weights follow an exponential moving average of the policy's, updated after every "
-        "optimizer step (one more model copy, sharded under ZeRO-3, plus a float32 master of the "
-        "trained weights on every rank for bf16 models; with LoRA only its adapters move).",
-    )
-    ema_decay: float = Field(
-        0.999,
-        gt=0,
-        lt=1,
-        description="For kind=ema: teacher <- decay * teacher + (1 - decay) * policy after each step. "
-        "0.999: the released EMA run (siyan-zhao/OPSD scripts/run_opsd_ema.sh, --ema_decay 0.999); the "
-        "paper gives no value. Over a 100-step run the teacher then stays within ~10% of the initial "
-        "policy, close to the paper's frozen teacher.",
-    )
-
-
 class LearnerConfig(Section):
     num_learners: int = Field(1, ge=1, description="Data-parallel DeepSpeed ranks (Ray actors).")
     zero_stage: Literal[2, 3] = Field(2, description="ZeRO stage: 2 shards optimizer state and gradients, 3 also parameters.")
@@ -519,19 +335,6 @@ class LearnerConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     learner_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner actor.")
-    prompt_mask_prob: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="Masked-diffusion models: mask each prompt token with this probability in the "
-        "one-step estimator's forward (d1's 0.15, a regulariser for mu > 1; IGPO's paper drops it: 0). "
-        "Applied alike wherever the estimator runs (learner, the diffusion engine's reported log-probs "
-        "and `score`), with a fresh mask for each inner update as d1 draws (rl.learner.prompt_masks): the "
-        "old-policy and reference log-probs of update j are scored under update j's mask before the step.",
-    )
-    teacher: TeacherConfig = Field(
-        default_factory=TeacherConfig, description="Which model scores a batch's teacher view (OPSD)."
-    )
 
 
 class SyncConfig(Section):
@@ -862,6 +665,27 @@ class CheckpointConfig(Section):
     )
 
 
+
+def _import_plugins(plugins: list[str]) -> None:
+    """Import the config's `plugins` (module names or .py files), naming the one that fails."""
+    import importlib
+
+    from rewards.registry import load_file
+
+    for plugin in plugins:
+        try:
+            if plugin.endswith(".py"):
+                if not Path(plugin).is_file():
+                    raise FileNotFoundError(f"{Path(plugin).resolve()} does not exist")
+                load_file(Path(plugin))
+            else:
+                importlib.import_module(plugin)
+        except Exception as e:  # an error of the user's plug-in: name it, then what went wrong
+            raise ValueError(
+                f"could not import plug-in {plugin!r}: {type(e).__name__}: {e}. A plug-in is a module "
+                "name (rl.demo.tiny) or a path to a .py file"
+            ) from None
+
 class RunConfig(Section):
     recipe: str = Field("custom", description="Name of the recipe this config came from.")
     plugins: list[str] = Field(
@@ -874,13 +698,19 @@ class RunConfig(Section):
         "(launch, evaluate, sft, a resume, a script) sees the same names.",
     )
     seed: int = Field(0, description="Seeds data order, engines and learner.")
-    algorithm: str = Field("grpo", description="Registered algorithm name (see rl.algorithms).")
+    # The algorithm's own options sit beside these sections, in the one section named after it
+    # (`grpo:`, `opsd:`, `igpo:`, `diffu_grpo:`, or your class's `name`), typed by its class's `Config`:
+    # the schema is a union keyed on `algorithm`, so a recipe carries only its algorithm's section.
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    algorithm: str = Field(
+        "grpo",
+        description="grpo, opsd, igpo, diffu_grpo (rl/algorithms/), or your own Algorithm subclass as "
+        "`path/to/file.py:Class` or `module.path:Class`; its options go in the section named after it.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
-    igpo: IGPOConfig = Field(default_factory=IGPOConfig, description="Inpainting (algorithms igpo and diffu_grpo).")
-    opsd: OPSDConfig = Field(default_factory=OPSDConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
@@ -893,27 +723,31 @@ class RunConfig(Section):
         default_factory=CheckpointConfig, description="Run-state checkpoints for exact resume (off by default)."
     )
 
-    @field_validator("plugins")
+    @model_validator(mode="before")
     @classmethod
-    def _import_plugins(cls, plugins: list[str]) -> list[str]:
-        import importlib
+    def _algorithm_section(cls, data: Any) -> Any:
+        """Validate the algorithm's section with its class's Config; any other extra key is an error."""
+        if not isinstance(data, dict):
+            return data
+        plugins = data.get("plugins") or []
+        if isinstance(plugins, list):  # first: a plug-in may register the algorithm named below
+            _import_plugins([str(p) for p in plugins])
+        ref = data.get("algorithm", cls.model_fields["algorithm"].default)
+        section, config_cls = algorithm_section(ref)
+        for key in data:
+            if key not in cls.model_fields and key != section:
+                raise ValueError(_stray_key_message(key, ref, section, cls))
+        if section is None or isinstance(data.get(section), config_cls):
+            return data
+        try:
+            return {**data, section: config_cls.model_validate(data.get(section) or {})}
+        except ValidationError as e:
+            raise ValueError("; ".join(_error_parts(e, prefix=f"{section}."))) from None
 
-        from rewards.registry import load_file
-
-        for plugin in plugins:
-            try:
-                if plugin.endswith(".py"):
-                    if not Path(plugin).is_file():
-                        raise FileNotFoundError(f"{Path(plugin).resolve()} does not exist")
-                    load_file(Path(plugin))
-                else:
-                    importlib.import_module(plugin)
-            except Exception as e:  # an error of the user's plug-in: name it, then what went wrong
-                raise ValueError(
-                    f"could not import plug-in {plugin!r}: {type(e).__name__}: {e}. A plug-in is a module "
-                    "name (rl.demo.tiny) or a path to a .py file"
-                ) from None
-        return plugins
+    @property
+    def algorithm_section(self) -> BaseModel:
+        """The algorithm's own section (`cfg.grpo` for algorithm=grpo, ...)."""
+        return getattr(self, algorithm_section(self.algorithm)[0])
 
     @model_validator(mode="after")
     def _engine_fits_model(self) -> "RunConfig":
@@ -963,33 +797,73 @@ class RunConfig(Section):
 # Loading: recipe file + dotted overrides -> validated RunConfig, with errors a person can act on.
 
 
-def _allowed_keys(model_cls: type[BaseModel]) -> list[str]:
-    return list(model_cls.model_fields)
+def algorithm_section(ref: str) -> tuple[str | None, type[BaseModel] | None]:
+    """(section name, its Config class) of `algorithm=<ref>`; (None, None) for rl.sft's baseline,
+    which runs no RL algorithm. Loads a user's `file.py:Class` the first time it is named."""
+    if ref == "sft":
+        return None, None
+    from rl.algorithms.base import algorithm_class
+
+    try:
+        cls = algorithm_class(ref)
+    except (KeyError, ImportError, AttributeError, TypeError) as e:
+        raise ValueError(f"algorithm={ref}: {e.args[0] if e.args else e}") from None
+    return cls.name, cls.Config
+
+
+def _stray_key_message(key: str, ref: str, section: str | None, run_cls: type[BaseModel]) -> str:
+    from rl.algorithms.base import registered_algorithms
+
+    own = f"its options go in section `{section}`" if section else "it has no algorithm section"
+    if key in registered_algorithms():  # a built-in's section is named after it
+        return (f"Section `{key}` configures algorithm {key}, but this run's algorithm is {ref}: {own}. "
+                f"Move the options there, or set algorithm={key}.")
+    allowed = list(run_cls.model_fields) + ([section] if section else [])
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" Did you mean `{close[0]}`?" if close else ""
+    return f"Unknown config key `{key}`.{hint} Allowed keys here: {', '.join(allowed)}."
 
 
 def _check_keys(data: dict, model_cls: type[BaseModel], prefix: str = "") -> None:
     """Reject unknown keys with the allowed choices and a close match, before pydantic runs."""
+    fields = {name: f.annotation for name, f in model_cls.model_fields.items()}
+    if model_cls is RunConfig:
+        ref = data.get("algorithm", RunConfig.model_fields["algorithm"].default)
+        try:
+            section, config_cls = algorithm_section(ref)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if section is not None:
+            fields[section] = config_cls
     for key, value in data.items():
-        fields = model_cls.model_fields
+        if key not in fields and model_cls is RunConfig:
+            raise ConfigError(_stray_key_message(key, ref, section, RunConfig))
         if key not in fields:
-            allowed = _allowed_keys(model_cls)
+            allowed = list(fields)
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f" Did you mean `{prefix}{close[0]}`?" if close else ""
             raise ConfigError(
                 f"Unknown config key `{prefix}{key}`.{hint} Allowed keys here: "
                 f"{', '.join(prefix + k for k in allowed)}."
             )
-        sub = fields[key].annotation
+        sub = fields[key]
         if isinstance(sub, type) and issubclass(sub, BaseModel) and isinstance(value, dict):
             _check_keys(value, sub, prefix=f"{prefix}{key}.")
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def _error_parts(err: ValidationError, prefix: str = "") -> list[str]:
     parts = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
+        if not e["loc"]:  # a whole-config check (a model validator): its message says it all
+            parts.append(e["msg"].removeprefix("Value error, "))
+            continue
+        loc = prefix + ".".join(str(x) for x in e["loc"])
         parts.append(f"`{loc}`: {e['msg']} (got {e.get('input')!r})")
-    return "Invalid config value: " + "; ".join(parts) + ". Fix the recipe or the override."
+    return parts
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    return "Invalid config value: " + "; ".join(_error_parts(err)) + ". Fix the recipe or the override."
 
 
 def recipe_path(name_or_path: str) -> Path:

@@ -27,7 +27,7 @@ class MaskedDiffusionEngine(TorchModelEngine):
     """answer_length: the masked span of the one-step estimator in `score` (the rollout length, as
     in the learner); generation uses each call's `spec.max_tokens`. steps None: half the answer
     length (LLaDA's default of two tokens per step). prompt_mask_prob: d1's prompt masking in the
-    estimator (learner.prompt_mask_prob), applied exactly as the learner's first inner update
+    estimator (the algorithm's prompt_mask_prob), applied exactly as the learner's first inner update
     applies it (`rollouts.diffusion.prompt_mask`, mask_seed 0), so that the log-probs reported with
     each completion and by `score` are the quantity the learner computes."""
 

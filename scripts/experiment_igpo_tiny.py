@@ -1,4 +1,4 @@
-"""IGPO versus diffu-GRPO on the tiny masked-diffusion chain-arithmetic task (recipe igpo_tiny).
+"""IGPO versus diffu-GRPO on the tiny masked-diffusion chain-arithmetic task (recipes igpo_tiny, diffu_grpo_tiny).
 
     PYTHONPATH=. python scripts/experiment_igpo_tiny.py [--out /tmp/igpo_tiny] [--seeds 0,1] [--steps 40]
 
@@ -30,7 +30,7 @@ def launch(out: Path, method: str, seed: int, steps: int) -> Path:
         print(f"[experiment] {name}: done before, reusing", flush=True)
         return run_dir
     args = [
-        "recipe=igpo_tiny", f"algorithm={method}", f"seed={seed}", f"train.steps={steps}", "learner.lr=3e-4",
+        f"recipe={method}_tiny", f"seed={seed}", f"train.steps={steps}", "learner.lr=3e-4",
         "train.prompts_per_step=64", "eval.every_steps=10", "eval.at_start=true",
         "eval.benchmarks=[synthetic:chain_addition]", "eval.limit=256",
         f"tracking.output_dir={out}", f"tracking.run_name={name}",

@@ -1,10 +1,19 @@
-"""What an algorithm is to the training loop, and the registry that selects one by name."""
+"""What an algorithm is to the training loop, and the registry that selects one by name or file.
+
+An algorithm is one class, in one file (rl/algorithms/ or anywhere): its config section (`Config`,
+a pydantic model, read as the recipe section named `name`), what it needs from the loop
+(`requirements`, one frozen object), the loss the learner runs (`loss`, a small picklable callable:
+it travels to every learner rank every step), and hooks the loop calls. Hooks return new values;
+they never edit their arguments, and nothing is carried from one hook to the next except through
+what the loop hands back (Rollouts.repair_counts).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, ClassVar
 
 import torch
+from pydantic import BaseModel
 
 from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch
 from rollouts.types import Completion, SamplingSpec
@@ -12,15 +21,17 @@ from rollouts.types import Completion, SamplingSpec
 
 @dataclass
 class Rollouts:
-    """One step's generations: `completions[i]` are the samples for `rows[i]`."""
+    """One step's generations: `completions[i]` are the samples for `rows[i]`. `repair_counts` sums
+    the counts every sampling round's repair_groups returned."""
 
     rows: list[dict]
     prompt_ids: list[list[int]]
     completions: list[list[Completion]]
     rewards: list[list[float]] = field(default_factory=list)
+    repair_counts: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SampledRound:
     """One sampling round's groups as scored, before the algorithm keeps or drops them:
     `completions[i]`, `rewards[i]` and `correct[i]` are the samples of `rows[i]`."""
@@ -32,41 +43,80 @@ class SampledRound:
     correct: list[list[bool]]
 
 
-class Algorithm:
-    """Hooks the loop calls; the learner only ever sees `loss` (a picklable callable).
+@dataclass(frozen=True)
+class Repair:
+    """What repair_groups returns: the round to keep or drop groups from (the given one when nothing
+    was replaced), every completion it generated (their tokens count in the rollout budget), and
+    counts the loop sums over the step's rounds into Rollouts.repair_counts."""
 
-    needs_reference: the loop fills token_fields["ref_logprobs"] from the frozen reference.
-    needs_policy_scores: the loop scores the batch with the learner before the first update
-    (logprobs, and entropies if wants_entropy) and hands them to `use_policy_scores`.
-    policy_scores_from_training: the loop hands `use_policy_scores` the log-probs the training
-    forward itself computed (the policy before the update, no forward of their own; entropies
-    None), after the step: for metrics that nothing in the loss depends on. The loss must pass
-    them on with `out.keep_logprobs`. Only with updates_per_batch == 1 and needs_policy_scores False.
-    needs_teacher: batches carry a teacher view; the learner keeps a teacher model to score it.
+    sampled: SampledRound
+    generated: list[Completion] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What an algorithm needs from the loop and the learner, decided once from its config.
+
+    reference: the loop fills token_fields["ref_logprobs"] from the frozen initial policy.
+    teacher: the teacher settings (OPSD's TeacherConfig) when batches carry a teacher view; the
+        learner then keeps that teacher model. None: no teacher.
+    policy_scores: the loop scores the batch with the learner before the first update (log-probs,
+        and entropies with `entropy`) and hands them to `use_policy_scores`.
+    policy_scores_from_training: instead, `use_policy_scores` gets the log-probs the training
+        forward computed (the policy before the update; entropies None), after the step, for
+        metrics nothing in the loss depends on. The loss passes them on with `out.keep_logprobs`.
+    updates_per_batch: optimizer steps per rollout batch.
+    sampling_rounds: most generation rounds per step while keep_group drops groups.
+    prompt_mask_prob: masked-diffusion models: the prompt-masking probability of the one-step
+        estimator, which the learner and the engines must apply alike.
     """
 
-    needs_reference: bool = False
-    needs_policy_scores: bool = False
+    reference: bool = False
+    teacher: Any = None
+    policy_scores: bool = False
     policy_scores_from_training: bool = False
-    wants_entropy: bool = False
-    needs_teacher: bool = False
+    entropy: bool = False
     updates_per_batch: int = 1
-    max_sampling_rounds: int = 1
+    sampling_rounds: int = 1
+    prompt_mask_prob: float = 0.0
+
+    def __post_init__(self):
+        if self.policy_scores_from_training and (self.policy_scores or self.updates_per_batch != 1):
+            raise ValueError(
+                "policy_scores_from_training reads the scores of the one training forward: it needs "
+                "updates_per_batch == 1 and policy_scores False (those scores come before the loss)."
+            )
+
+
+class Algorithm:
+    """Subclass this, set `name` (the recipe section it reads) and `Config`, set `requirements` and
+    `loss` in __init__(cfg), and implement sampling_spec and build_batch."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[BaseModel]]
+    requirements: Requirements = Requirements()
+    # loss(out, mb) -> (loss, metrics): a picklable callable holding only the loss options (a frozen
+    # dataclass), set in __init__. The learner receives it, never the algorithm and its tokenizer.
+    loss: Callable[[PolicyOutputs, MicroBatch], tuple[torch.Tensor, dict[str, float]]]
+
+    def __init__(self, cfg):
+        self.cfg = cfg.algorithm_section
 
     def keep_group(self, rewards: list[float]) -> bool:
         """Whether a prompt's group goes into the batch (False: resample, as in dynamic sampling)."""
         return True
 
-    def repair_groups(self, sampled: SampledRound, generate, score) -> list[Completion]:
-        """Called on every sampling round after scoring, before keep_group; may replace completions
-        and their rewards in `sampled` in place (IGPO's inpainting). `generate(prompts, spec, hints)`
-        samples with the loop's engines, `score(completions, rows)` gives (rewards, correct).
-        Returns every completion it generated: their tokens count in the rollout budget."""
-        return []
+    def repair_groups(self, sampled: SampledRound, generate, score) -> Repair:
+        """Called on every sampling round after scoring, before keep_group; may return a round with
+        some completions replaced (IGPO's inpainting). `generate(prompts, spec, hints)` samples with
+        the loop's engines, `score(completions, rows)` gives (rewards, correct)."""
+        return Repair(sampled)
 
-    def use_policy_scores(self, batch: SequenceBatch, logprobs, entropies) -> dict[str, float]:
-        """Current-policy logprobs/entropies per completion token, before any update."""
-        return {}
+    def use_policy_scores(self, batch: SequenceBatch, logprobs, entropies) -> tuple[SequenceBatch, dict[str, float]]:
+        """Current-policy logprobs/entropies per completion token, before any update: the batch to
+        train on (a new one when fields change) and metrics."""
+        return batch, {}
 
     def attach_tokenizer(self, tokenizer) -> None:
         """Called once before training, for algorithms that build prompts of their own."""
@@ -82,25 +132,70 @@ class Algorithm:
     def build_batch(self, rollouts: Rollouts) -> tuple[SequenceBatch, dict[str, float]]:
         raise NotImplementedError
 
-    def loss(self, out: PolicyOutputs, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError
+
+class FunctionRegistry(dict):
+    """Pure functions by name (advantage estimators, policy losses): `@registry.register(name)` adds
+    one, `registry.lookup(name)` finds one or names the registered ones."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
+    def register(self, name: str):
+        def wrap(fn):
+            self[name] = fn
+            return fn
+
+        return wrap
+
+    def lookup(self, name: str):
+        if name not in self:
+            raise KeyError(f"Unknown {self.what} {name!r}; registered: {', '.join(sorted(self))}.")
+        return self[name]
 
 
-_ALGORITHMS: dict[str, Callable[..., Algorithm]] = {}
+_ALGORITHMS: dict[str, type[Algorithm]] = {}
 
 
-def register_algorithm(name: str):
-    """Decorator: `algorithm=<name>` in a recipe builds this class from the RunConfig."""
-
-    def wrap(cls):
-        _ALGORITHMS[name] = cls
-        return cls
-
-    return wrap
+def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
+    """Class decorator: `algorithm=<cls.name>` selects it. A user's algorithm needs no registration:
+    name it as `algorithm=path/to/file.py:Class` (or `module.path:Class`)."""
+    _ALGORITHMS[cls.name] = cls
+    return cls
 
 
 def registered_algorithms() -> list[str]:
     return sorted(_ALGORITHMS)
+
+
+def algorithm_class(ref: str) -> type[Algorithm]:
+    """The class `algorithm=<ref>` names: a registered name, `file.py:Class` or `module:Class`."""
+    import rl.algorithms  # noqa: F401  (registers the built-ins)
+
+    if ref in _ALGORITHMS:
+        return _ALGORITHMS[ref]
+    if ":" not in ref:
+        raise KeyError(
+            f"Unknown algorithm {ref!r}. Registered: {', '.join(registered_algorithms())}; or name your own "
+            "class as `path/to/file.py:Class` (or `module.path:Class`)."
+        )
+    from rewards.registry import load_object
+
+    cls = load_object(ref, "algorithm", "class")
+    if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
+        raise TypeError(f"algorithm={ref} is not a subclass of rl.algorithms.Algorithm.")
+    for attr in ("name", "Config"):
+        if not hasattr(cls, attr):
+            raise TypeError(f"algorithm={ref} must set the class attribute `{attr}` (see rl.algorithms.base).")
+    if ref.rsplit(":", 1)[0].endswith(".py"):
+        import inspect
+
+        import ray.cloudpickle
+
+        # A file loaded by path is no importable module in a learner process: its loss (and
+        # anything else of it Ray ships) travels by value instead.
+        ray.cloudpickle.register_pickle_by_value(inspect.getmodule(cls))
+    return cls
 
 
 def build_algorithm(cfg) -> Algorithm:
@@ -109,9 +204,4 @@ def build_algorithm(cfg) -> Algorithm:
             "algorithm=sft is the supervised baseline, trained by TRL's SFTTrainer rather than this RL loop: "
             f"run it with `python -m rl.sft recipe={cfg.recipe}`."
         )
-    if cfg.algorithm not in _ALGORITHMS:
-        raise KeyError(
-            f"Unknown algorithm {cfg.algorithm!r}. Registered: {', '.join(registered_algorithms())}. "
-            "Register your own with @register_algorithm(name) in a module imported before launch."
-        )
-    return _ALGORITHMS[cfg.algorithm](cfg)
+    return algorithm_class(cfg.algorithm)(cfg)

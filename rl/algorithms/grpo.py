@@ -1,18 +1,115 @@
 """GRPO: group sampling, group-relative advantages, clipped surrogate, optional KL to a reference,
 plus the options practitioners run it with: 80/20 entropy filtering, DAPO dynamic sampling and
-overlong filtering, truncated importance-sampling correction of the engine/learner mismatch."""
+overlong filtering, truncated importance-sampling correction of the engine/learner mismatch.
+The advantage estimator and the policy loss are picked by name from their registries."""
 from __future__ import annotations
 
-import torch
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Optional
 
-from rl.algorithms import losses
-from rl.algorithms.base import Algorithm, Rollouts, register_algorithm
-from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch
+import torch
+from pydantic import Field, field_validator
+
+from rl.algorithms import advantages, losses, policy_losses
+from rl.algorithms.base import Algorithm, Requirements, Rollouts, register_algorithm
 from rl.algorithms.entropy import chunked_entropy, top_entropy_mask
+from rl.algorithms.losses import Aggregation, KLKind
+from rl.config import Section
+from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch
 from rollouts.types import SamplingSpec
 
 
-def _padded(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+class GRPOConfig(Section):
+    """GRPO (DeepSeekMath, arXiv 2402.03300) with the options practitioners run it with."""
+
+    group_size: int = Field(8, ge=2, description="G completions per prompt [8 in DeepSeekMath/DAPO].")
+    advantage: str = Field(
+        "group_mean",
+        description="Advantage estimator (rl.algorithms.advantages): group_mean (r - group mean; Dr. GRPO "
+        "shows dividing by the std biases toward too-easy/too-hard questions), group_mean_std (the "
+        "original GRPO), rloo (leave-one-out baseline), or one registered with @register_advantage.",
+    )
+    policy_loss: str = Field(
+        "ppo_clip",
+        description="Policy loss (rl.algorithms.policy_losses): ppo_clip (one importance ratio per token: "
+        "PPO/GRPO and the IGPO paper), gspo (one ratio per sequence, exp of the mean token log-ratio, "
+        "clipped as a whole: GSPO, and IGPO's released config), or one registered with @register_policy_loss.",
+    )
+    clip_low: float = Field(0.2, ge=0, description="PPO clip 1-eps_low [0.2].")
+    clip_high: float = Field(0.28, ge=0, description="Clip-higher 1+eps_high [0.28, DAPO]; keeps exploration alive.")
+    kl_coef: float = Field(0.0, ge=0, description="Weight of the KL to a frozen reference [0-0.04]; 0 skips the reference forward.")
+    kl_kind: KLKind = Field("k3", description="KL estimator (Schulman's k1/k2/k3); k3 is unbiased and positive.")
+    loss_agg: Aggregation = Field(
+        "token_mean",
+        description="token_mean: over all valid tokens of the step (DAPO); seq_mean_token_mean: "
+        "original GRPO; sum_constant: token sum / constant (Dr. GRPO). Always global over the step.",
+    )
+    loss_constant: Optional[float] = Field(
+        None, description="Denominator for sum_constant; None uses rollout.max_tokens x sequences."
+    )
+    updates_per_batch: int = Field(1, ge=1, description="mu: optimizer steps per rollout batch [1-4]; >1 needs an old-policy forward.")
+    entropy_top_fraction: Optional[float] = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Train the policy-gradient term only on this top fraction of response tokens by "
+        "entropy under the current policy [0.2: the 80/20 paper, arXiv 2506.01939, where high-entropy "
+        "'forking' tokens carry the learning signal]. None trains on every token. The KL term and the "
+        "loss normaliser still cover every token: the filter removes gradient, it does not reweight.",
+    )
+    entropy_scope: Literal["batch", "sequence"] = Field(
+        "batch", description="Rank tokens by entropy across the whole step's batch (the paper) or within each sequence."
+    )
+    dynamic_sampling: bool = Field(
+        False,
+        description="DAPO's dynamic sampling: drop groups whose rewards are all equal (no signal) and "
+        "sample more prompts until prompts_per_step groups with signal are collected. The dropped "
+        "groups' tokens still count in cumulative_rollout_tokens.",
+    )
+    max_sampling_rounds: int = Field(
+        4, ge=1, description="Cap on generation rounds per step for dynamic sampling; a short batch trains as it is."
+    )
+    overlong_filter: bool = Field(
+        False,
+        description="DAPO's overlong filtering: truncated completions (finish_reason=length) are left "
+        "out of the loss, so a cut-off answer is not punished as wrong. (The soft overlong penalty "
+        "is the `overlong` reward.)",
+    )
+    importance_sampling: Literal["off", "token", "sequence"] = Field(
+        "off",
+        description="Truncated importance-sampling correction of the training-inference mismatch: "
+        "weight the policy-gradient term by min(pi_learner_old / pi_engine, cap), per token or per "
+        "sequence (as in verl/Fengyao's TIS). Needs a learner forward before the update. With "
+        "rollout.top_p < 1 or rollout.top_k > 0 the weights are biased below 1 and cannot be fixed "
+        "by a weight: the engine samples from (and reports log-probs of) the truncated, renormalised "
+        "distribution q, the learner scores the full one pi, so pi/q on every sampled token is at "
+        "most the kept mass (E_q[pi/q] = the nucleus mass < 1), and tokens outside the nucleus are "
+        "never sampled. The correction then shrinks the gradient by about the nucleus mass instead "
+        "of removing the engine-learner mismatch; use it with top_p=1, top_k=-1.",
+    )
+    importance_cap: float = Field(2.0, gt=0, description="C of the truncated importance weight [about 2].")
+    track_mismatch: bool = Field(
+        True,
+        description="Log the rollout-vs-learner logprob gap of each step's sampled tokens (mean, max, "
+        "and the mean importance weight). Free at updates_per_batch=1 without a filter (read from the "
+        "training forward itself); otherwise from the no-grad forward those options need anyway. The mismatch "
+        "it shows is what silently biases training when engines and learner disagree.",
+    )
+    chunk_size: int = Field(512, ge=1, description="Positions per chunk for logprobs and entropy over the vocabulary.")
+
+    @field_validator("advantage", "policy_loss")
+    @classmethod
+    def _registered(cls, name: str, info) -> str:
+        registry = advantages.ADVANTAGES if info.field_name == "advantage" else policy_losses.POLICY_LOSSES
+        try:
+            registry.lookup(name)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        return name
+
+def padded(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged per-token rows -> (values [B, T], mask [B, T]), zero-padded."""
     width = max(max((len(r) for r in rows), default=0), 1)
     values, mask = torch.zeros(len(rows), width), torch.zeros(len(rows), width)
     for i, r in enumerate(rows):
@@ -21,22 +118,85 @@ def _padded(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
     return values, mask
 
 
-@register_algorithm("grpo")
+def with_token_fields(batch: SequenceBatch, **fields) -> SequenceBatch:
+    """A copy of `batch` with these token fields set (the others shared, not copied)."""
+    return dataclasses.replace(batch, token_fields={**batch.token_fields, **fields})
+
+
+@dataclass(frozen=True)
+class PolicyGradientLoss:
+    """The loss the learner runs: a policy loss over advantages, optional truncated importance
+    weights and KL to the reference, aggregated over the step. Only options: pickled every step."""
+
+    policy_loss: policy_losses.PolicyLossFn
+    clip_low: float
+    clip_high: float
+    kl_coef: float
+    kl_kind: str
+    loss_agg: str
+    importance_sampling: str
+    importance_cap: float
+    chunk_size: int
+
+    @classmethod
+    def from_config(cls, c: GRPOConfig) -> "PolicyGradientLoss":
+        return cls(policy_losses.get_policy_loss(c.policy_loss), c.clip_low, c.clip_high, c.kl_coef, c.kl_kind,
+                   c.loss_agg, c.importance_sampling, c.importance_cap, c.chunk_size)
+
+    def __call__(self, out: PolicyOutputs, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        fields = mb.token_fields
+        mask = mb.completion_mask * fields["loss_mask"] if "loss_mask" in fields else mb.completion_mask
+        logp = losses.chunked_token_logprobs(out.hidden, out.lm_head_weight, mb.completion_ids, out.temperature, self.chunk_size)
+        out.keep_logprobs(logp)
+        # With one update per batch the data is on-policy: old = current (detached), ratio == 1.
+        old = fields.get("old_logprobs", logp.detach())
+        per_token, clipped = self.policy_loss(logp, old, fields["advantages"], mask, self.clip_low, self.clip_high)
+        if "pg_mask" in fields:
+            per_token = per_token * fields["pg_mask"]
+        if self.importance_sampling != "off":
+            per_token = per_token * losses.truncated_is_weights(
+                old, fields["rollout_logprobs"], mask, self.importance_sampling, self.importance_cap
+            )
+        metrics = {}
+        if self.kl_coef > 0:
+            kl = losses.kl_penalty(logp, fields["ref_logprobs"], self.kl_kind)
+            per_token = per_token + self.kl_coef * kl
+            metrics["kl_sum"] = float((kl.detach() * mask).sum())
+        loss = losses.aggregate(per_token, mask, self.loss_agg, mb.loss_normalizer)
+        weight = None if out.lm_head_weight is None else out.lm_head_weight.detach()
+        entropy = chunked_entropy(out.hidden.detach(), weight, mask, out.temperature, self.chunk_size)
+        metrics["entropy_sum"] = float((entropy * mask).sum())
+        metrics["clip_fraction_sum"] = float((clipped * mask).sum())
+        metrics["tokens"] = float(mask.sum())
+        return loss, metrics
+
+
+@register_algorithm
 class GRPO(Algorithm):
+    name = "grpo"
+    Config = GRPOConfig
+
     def __init__(self, cfg):
-        self.cfg = cfg.grpo
+        super().__init__(cfg)
         self.rollout_cfg = cfg.rollout
-        self.needs_reference = self.cfg.kl_coef > 0
-        self.updates_per_batch = self.cfg.updates_per_batch
-        self.max_sampling_rounds = self.cfg.max_sampling_rounds if self.cfg.dynamic_sampling else 1
-        self.wants_entropy = self.cfg.entropy_top_fraction is not None
+        self.requirements = self._requirements()
+        self.loss = PolicyGradientLoss.from_config(self.cfg)
+
+    def _requirements(self) -> Requirements:
+        c = self.cfg
+        entropy = c.entropy_top_fraction is not None
         # Scores needed BEFORE the loss: old log-probs for mu > 1, the entropy filter, IS weights.
-        self.needs_policy_scores = (
-            self.updates_per_batch > 1 or self.wants_entropy or self.cfg.importance_sampling != "off"
+        policy_scores = c.updates_per_batch > 1 or entropy or c.importance_sampling != "off"
+        return Requirements(
+            reference=c.kl_coef > 0,
+            policy_scores=policy_scores,
+            # The mismatch statistics alone can wait: at mu = 1 the training forward's own
+            # log-probs are the current policy's, so no extra forward is spent on them.
+            policy_scores_from_training=c.track_mismatch and not policy_scores,
+            entropy=entropy,
+            updates_per_batch=c.updates_per_batch,
+            sampling_rounds=c.max_sampling_rounds if c.dynamic_sampling else 1,
         )
-        # The mismatch statistics alone can wait: at mu = 1 the training forward's own log-probs
-        # are the current policy's, so no extra forward is spent on them.
-        self.policy_scores_from_training = self.cfg.track_mismatch and not self.needs_policy_scores
 
     def loss_temperature(self) -> float:
         return self.rollout_cfg.temperature
@@ -51,25 +211,28 @@ class GRPO(Algorithm):
         # An all-equal group has zero advantage everywhere: no gradient, only cost.
         return not self.cfg.dynamic_sampling or max(rewards) > min(rewards)
 
+    def normalizer(self, kept_lens: list[int], sequences: int) -> float:
+        """The step's loss denominator over the completion lengths that stay in the loss."""
+        constant = self.cfg.loss_constant or float(self.rollout_cfg.max_tokens * sequences)
+        return losses.step_normalizer(kept_lens or [0], self.cfg.loss_agg, constant)
+
     def build_batch(self, rollouts: Rollouts) -> tuple[SequenceBatch, dict[str, float]]:
         g = self.cfg.group_size
         rewards = torch.tensor([r for group in rollouts.rewards for r in group], dtype=torch.float32)
-        advantages = losses.group_advantages(rewards, g, self.cfg.normalize_std).tolist()
+        advantage = advantages.get_advantage(self.cfg.advantage)(rewards, g).tolist()
         completions = [c for group in rollouts.completions for c in group]
         prompts = [p for p, group in zip(rollouts.prompt_ids, rollouts.completions) for _ in group]
         trained = [not (self.cfg.overlong_filter and c.truncated) for c in completions]
         lens = [len(c.token_ids) for c in completions]
-        kept_lens = [n for n, keep in zip(lens, trained) if keep]
-        constant = self.cfg.loss_constant or float(self.rollout_cfg.max_tokens * len(lens))
         batch = SequenceBatch(
             input_ids=[list(p) + list(c.token_ids) for p, c in zip(prompts, completions)],
             prompt_lens=[len(p) for p in prompts],
             token_fields={
-                "advantages": [[a] * n for a, n in zip(advantages, lens)],
+                "advantages": [[a] * n for a, n in zip(advantage, lens)],
                 "rollout_logprobs": [list(c.logprobs) for c in completions],
                 "loss_mask": [[float(keep)] * n for keep, n in zip(trained, lens)],
             },
-            loss_normalizer=losses.step_normalizer(kept_lens or [0], self.cfg.loss_agg, constant),
+            loss_normalizer=self.normalizer([n for n, keep in zip(lens, trained) if keep], len(lens)),
         )
         metrics = {
             "zero_advantage_fraction": (rewards.view(-1, g).std(dim=1) == 0).float().mean().item(),
@@ -77,50 +240,21 @@ class GRPO(Algorithm):
         }
         return batch, metrics
 
-    def use_policy_scores(self, batch: SequenceBatch, logprobs, entropies) -> dict[str, float]:
+    def use_policy_scores(self, batch: SequenceBatch, logprobs, entropies) -> tuple[SequenceBatch, dict[str, float]]:
         """Current-policy scores before the update: old logprobs, the entropy filter, mismatch stats."""
-        if self.updates_per_batch > 1:
-            batch.token_fields["old_logprobs"] = logprobs
-        metrics = {}
+        fields, metrics = {}, {}
+        if self.cfg.updates_per_batch > 1:
+            fields["old_logprobs"] = logprobs
         if self.cfg.entropy_top_fraction is not None:
-            entropy, mask = _padded(entropies)
+            entropy, mask = padded(entropies)
             keep = top_entropy_mask(entropy, mask, self.cfg.entropy_top_fraction, self.cfg.entropy_scope)
-            batch.token_fields["pg_mask"] = [keep[i, : len(r)].tolist() for i, r in enumerate(entropies)]
+            fields["pg_mask"] = [keep[i, : len(r)].tolist() for i, r in enumerate(entropies)]
             metrics["entropy_filter_kept_fraction"] = float(keep.sum() / mask.sum())
-        learner_lp, mask = _padded(logprobs)
-        rollout_lp, _ = _padded(batch.token_fields["rollout_logprobs"])
+        learner_lp, mask = padded(logprobs)
+        rollout_lp, _ = padded(batch.token_fields["rollout_logprobs"])
         gap = (learner_lp - rollout_lp).abs() * mask
         metrics["mismatch/logprob_gap_mean"] = float(gap.sum() / mask.sum())
         metrics["mismatch/logprob_gap_max"] = float(gap.max())
         weights = losses.truncated_is_weights(learner_lp, rollout_lp, mask, "token", self.cfg.importance_cap)
         metrics["mismatch/is_weight_mean"] = float(weights.sum() / mask.sum())
-        return metrics
-
-    def loss(self, out: PolicyOutputs, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        c, fields = self.cfg, mb.token_fields
-        mask = mb.completion_mask * fields["loss_mask"] if "loss_mask" in fields else mb.completion_mask
-        logp = losses.chunked_token_logprobs(out.hidden, out.lm_head_weight, mb.completion_ids, out.temperature, c.chunk_size)
-        out.keep_logprobs(logp)
-        # With one update per batch the data is on-policy: old = current (detached), ratio == 1.
-        old = fields.get("old_logprobs", logp.detach())
-        # A sequence-level ratio enters the same clipped surrogate as old + mean log-ratio at every token.
-        ratio_logp = logp if c.ratio_level == "token" else old + losses.sequence_log_ratio(logp, old, mask)
-        per_token, clipped = losses.clipped_surrogate(ratio_logp, old, fields["advantages"], c.clip_low, c.clip_high)
-        if "pg_mask" in fields:
-            per_token = per_token * fields["pg_mask"]
-        if c.importance_sampling != "off":
-            per_token = per_token * losses.truncated_is_weights(
-                old, fields["rollout_logprobs"], mask, c.importance_sampling, c.importance_cap
-            )
-        metrics = {}
-        if self.needs_reference:
-            kl = losses.kl_penalty(logp, fields["ref_logprobs"], c.kl_kind)
-            per_token = per_token + c.kl_coef * kl
-            metrics["kl_sum"] = float((kl.detach() * mask).sum())
-        loss = losses.aggregate(per_token, mask, c.loss_agg, mb.loss_normalizer)
-        weight = None if out.lm_head_weight is None else out.lm_head_weight.detach()
-        entropy = chunked_entropy(out.hidden.detach(), weight, mask, out.temperature, c.chunk_size)
-        metrics["entropy_sum"] = float((entropy * mask).sum())
-        metrics["clip_fraction_sum"] = float((clipped * mask).sum())
-        metrics["tokens"] = float(mask.sum())
-        return loss, metrics
+        return (with_token_fields(batch, **fields) if fields else batch), metrics

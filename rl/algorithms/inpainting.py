@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 import random
 import re
-from dataclasses import dataclass, fields
 from fractions import Fraction
 
 import torch
+from pydantic import Field, model_validator
 
 from rl.algorithms.entropy import top_entropy_mask
+from rl.config import Section
 
 GSM8K_MARKER = "####"
 METAMATH_MARKER = "The answer is:"  # MetaMathQA's final line; its responses are IGPO's training traces
@@ -25,53 +26,46 @@ BOXED_OPEN = "\\boxed{"
 _TRAILING_PUNCTUATION = r"[\s.,;:!$)\]}]*"
 
 
-@dataclass(frozen=True)
-class HintSettings:
-    """How hints are cut from the reference reasoning; defaults are the paper's.
+class HintSettings(Section):
+    """How hints are cut from the reference reasoning; defaults are the paper's. IGPO's config
+    section inherits these options, so they are declared and checked here only."""
 
-    released_variant switches to what the released code does instead: the last chunk is always
-    revealed, a final remainder shorter than chunk_min is never a chunk, and revealed chunks are
-    spread over the answer by a factor of up to stretch_max (each gap capped at max_spacing).
-    """
+    chunk_min: int = Field(
+        5, ge=1, strict=True, description="Reference reasoning is cut into consecutive chunks of chunk_min..chunk_max tokens [5-10]."
+    )
+    chunk_max: int = Field(10, ge=1, strict=True)
+    reveal_min: float = Field(
+        0.2, ge=0, le=1, description="Each inpainted sample reveals a fraction eta ~ U[reveal_min, reveal_max] of the chunks [0.2-0.6]."
+    )
+    reveal_max: float = Field(0.6, ge=0, le=1)
+    free_tail: int = Field(
+        30, ge=0, strict=True, description="The last answer positions never get hints, leaving room to conclude [about 30]."
+    )
+    exclude_answer: bool = Field(
+        True, strict=True, description="Leave the final answer out of the hints (the paper), so that a repaired response derives it."
+    )
+    released_variant: bool = Field(
+        False,
+        strict=True,
+        description="The released code's hints instead: the last chunk always revealed, a final remainder "
+        "shorter than chunk_min never a chunk, chunk spacing stretched by up to stretch_max, and the reveal "
+        "count rounded up (it masks floor((1-eta)N) chunks; the paper reveals floor(eta N)).",
+    )
+    stretch_max: float = Field(
+        1.5, ge=1, description="released_variant: revealed chunks' spacing is stretched by a factor of up to this [1.5, "
+        "the released code; it only ever widens the spacing, so 1 is no stretch]."
+    )
+    max_spacing: int = Field(100, ge=0, strict=True, description="released_variant: each stretched gap is capped at this many tokens.")
 
-    chunk_min: int = 5
-    chunk_max: int = 10
-    reveal_min: float = 0.2
-    reveal_max: float = 0.6
-    free_tail: int = 30
-    exclude_answer: bool = True
-    released_variant: bool = False
-    stretch_max: float = 1.5
-    max_spacing: int = 100
-
-    def __post_init__(self):
-        for field in fields(self):
-            value = getattr(self, field.name)
-            expected = {"int": int, "float": (int, float), "bool": bool}[field.type]
-            # bool is an int subclass: a True chunk size is a typo, not a size.
-            if not isinstance(value, expected) or (field.type != "bool" and isinstance(value, bool)):
-                raise ValueError(f"HintSettings.{field.name} must be a {field.type}, got {value!r}.")
-        if self.chunk_min < 1:
-            raise ValueError(f"HintSettings.chunk_min must be >= 1 (got {self.chunk_min}): a chunk needs a token.")
+    @model_validator(mode="after")
+    def _ordered_bounds(self) -> "HintSettings":
         if self.chunk_max < self.chunk_min:
+            raise ValueError(f"chunk_max ({self.chunk_max}) must be >= chunk_min ({self.chunk_min}); raise chunk_max or lower chunk_min")
+        if self.reveal_min > self.reveal_max:
             raise ValueError(
-                f"HintSettings.chunk_max ({self.chunk_max}) must be >= chunk_min ({self.chunk_min}); "
-                "raise chunk_max or lower chunk_min."
+                f"reveal_min ({self.reveal_min}) must be <= reveal_max ({self.reveal_max}): they bound the fraction of chunks revealed"
             )
-        if not 0.0 <= self.reveal_min <= self.reveal_max <= 1.0:
-            raise ValueError(
-                f"HintSettings needs 0 <= reveal_min <= reveal_max <= 1 (got reveal_min={self.reveal_min}, "
-                f"reveal_max={self.reveal_max}): they bound the fraction of chunks revealed."
-            )
-        if self.free_tail < 0:
-            raise ValueError(f"HintSettings.free_tail must be >= 0 (got {self.free_tail}): it counts answer positions.")
-        if self.stretch_max < 1.0:
-            raise ValueError(
-                f"HintSettings.stretch_max must be >= 1 (got {self.stretch_max}): the released code only ever "
-                "widens chunk spacing; use 1 for no stretch."
-            )
-        if self.max_spacing < 0:
-            raise ValueError(f"HintSettings.max_spacing must be >= 0 (got {self.max_spacing}): it caps a gap in tokens.")
+        return self
 
 
 def strip_final_answer(solution: str, answer: str) -> str:

@@ -5,20 +5,15 @@ valid completion tokens and 0.0 on padding.
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "sum_constant")
-KL_KINDS = ("k1", "k2", "k3")
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool, eps: float = 1e-6) -> torch.Tensor:
-    """A_i = r_i - mean(group), optionally / (std(group) + eps); rewards are grouped contiguously."""
-    grouped = rewards.view(-1, group_size)
-    adv = grouped - grouped.mean(dim=1, keepdim=True)
-    if normalize_std:
-        # Unbiased std, as in the original GRPO implementation (torch.std's default).
-        adv = adv / (grouped.std(dim=1, keepdim=True) + eps)
-    return adv.reshape(-1)
+# The one list of loss aggregations and KL estimators: config sections type their options with these.
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "sum_constant"]
+KLKind = Literal["k1", "k2", "k3"]
+AGGREGATIONS = get_args(Aggregation)
+KL_KINDS = get_args(KLKind)
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:

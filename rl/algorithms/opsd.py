@@ -7,24 +7,149 @@ still computed, for the accuracy curve).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal, Optional
+
 import torch
+from pydantic import Field
 
 from rl.algorithms import divergences, losses
-from rl.algorithms.base import Algorithm, Rollouts, register_algorithm
-from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch
+from rl.algorithms.base import Algorithm, Requirements, Rollouts, register_algorithm
+from rl.config import Section
 from rl.data import build_teacher_prompt
+from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch
 from rollouts.types import SamplingSpec
 
 
-@register_algorithm("opsd")
+class TeacherConfig(Section):
+    """The model that scores a batch's teacher view (OPSD's teacher, arXiv 2601.18734)."""
+
+    kind: Literal["frozen", "live", "ema"] = Field(
+        "frozen",
+        description="frozen: the initial policy (the paper's main setting; a live teacher was unstable "
+        "there); with LoRA the same model with adapters disabled, else the frozen reference copy "
+        "(ZeRO-3-sharded like the learner). live: the current policy under no_grad. ema: a copy "
+        "whose weights follow an exponential moving average of the policy's, updated after every "
+        "optimizer step (one more model copy, sharded under ZeRO-3, plus a float32 master of the "
+        "trained weights on every rank for bf16 models; with LoRA only its adapters move).",
+    )
+    ema_decay: float = Field(
+        0.999,
+        gt=0,
+        lt=1,
+        description="For kind=ema: teacher <- decay * teacher + (1 - decay) * policy after each step. "
+        "0.999: the released EMA run (siyan-zhao/OPSD scripts/run_opsd_ema.sh, --ema_decay 0.999); the "
+        "paper gives no value. Over a 100-step run the teacher then stays within ~10% of the initial "
+        "policy, close to the paper's frozen teacher.",
+    )
+
+
+class OPSDConfig(Section):
+    """On-policy self-distillation (arXiv 2601.18734): the student is pulled toward the same model
+    shown the reference solution, at every position of the student's own rollout."""
+
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="Per-position divergence over the full vocabulary; forward KL(p_T||p_S) is the paper's final choice."
+    )
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="beta of the generalized JSD [0.5 in the paper's first version].")
+    clip: Optional[float] = Field(
+        0.05,
+        gt=0,
+        description="Cap tau on each (position, vocab entry) term before the vocabulary sum [0.05 for "
+        "1.7B/4B]; without it style tokens ('wait') dominate and training collapses. None disables.",
+    )
+    scale_logits_by_temperature: bool = Field(
+        False,
+        description="Divide both logit sets by rollout.temperature before log_softmax, as the released "
+        "code does (siyan-zhao/OPSD opsd_trainer.py; opsd_qwen turns it on, since its clip tau 0.05 "
+        "was tuned under this scaling); the paper's text (default) compares the untempered distributions.",
+    )
+    token_loss: Literal["full", "sampled", "top_k"] = Field(
+        "full",
+        description="full: divergence over the whole vocabulary (the paper); sampled: -a_t log p_S(y_t) "
+        "with a_t = log p_T(y_t) - log p_S(y_t) detached (cheaper, worse); top_k: both renormalised "
+        "over the teacher's top k entries.",
+    )
+    top_k: int = Field(20, ge=1, description="k for token_loss=top_k.")
+    aggregation: Literal["paper", "code"] = Field(
+        "paper",
+        description="paper: mean over each sequence's tokens, then over sequences; code: mean over all "
+        "valid completion tokens of the step (the released code's token mean).",
+    )
+    chunk_size: int = Field(
+        512, ge=1, description="Positions per chunk of the full-vocabulary divergence; peak memory ~ chunk_size x vocab."
+    )
+    teacher_instruction: str = Field(
+        "Read the reference solution carefully until you understand why it works. Then solve the "
+        "problem yourself, reasoning step by step in your own words, and reach the same final "
+        "answer. Do not copy the reference solution.",
+        description="Told to the teacher after the reference solution (the paper's structure, our wording).",
+    )
+    teacher_enable_thinking: Optional[bool] = Field(
+        True, description="Teacher-side chat-template thinking switch (student off, teacher on: the paper's strongest pairing)."
+    )
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Which model scores the teacher view.")
+
+
+@dataclass(frozen=True)
+class DistillationLoss:
+    """The loss the learner runs: the per-token divergence from the teacher, aggregated over the
+    step. Only options: pickled every step."""
+
+    token_loss: str
+    divergence: str
+    jsd_beta: float
+    clip: float | None
+    top_k: int
+    chunk_size: int
+    aggregation: str
+
+    @classmethod
+    def from_config(cls, c: OPSDConfig) -> "DistillationLoss":
+        return cls(c.token_loss, c.divergence, c.jsd_beta, c.clip, c.top_k, c.chunk_size, divergences.AGGREGATION[c.aggregation])
+
+    def _per_token(self, out: PolicyOutputs, mb: MicroBatch) -> torch.Tensor:
+        if self.token_loss == "sampled":
+            # Cheap in compute, not in memory: both logit sets are materialised here.
+            teacher_logits = divergences.chunk_logits(
+                out.teacher_hidden, out.teacher_lm_head_weight if out.teacher_lm_head_weight is not None
+                else out.lm_head_weight, out.temperature
+            )
+            student_lp = losses.token_logprobs(out.logits(), mb.completion_ids)
+            teacher_lp = losses.token_logprobs(teacher_logits.detach(), mb.completion_ids)
+            return divergences.sampled_token_loss(student_lp, teacher_lp)
+        return divergences.chunked_divergence(
+            out.hidden,
+            out.teacher_hidden,
+            out.lm_head_weight,
+            mb.completion_mask,
+            kind=self.divergence,
+            beta=self.jsd_beta,
+            temperature=out.temperature,
+            clip=self.clip,
+            top_k=self.top_k if self.token_loss == "top_k" else None,
+            chunk_size=self.chunk_size,
+            teacher_lm_head_weight=out.teacher_lm_head_weight,
+        )
+
+    def __call__(self, out: PolicyOutputs, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        mask = mb.completion_mask
+        per_token = self._per_token(out, mb)
+        loss = losses.aggregate(per_token, mask, self.aggregation, mb.loss_normalizer)
+        return loss, {"divergence_sum": float((per_token.detach() * mask).sum()), "tokens": float(mask.sum())}
+
+
+@register_algorithm
 class OPSD(Algorithm):
-    needs_teacher = True
+    name = "opsd"
+    Config = OPSDConfig
 
     def __init__(self, cfg):
-        self.cfg = cfg.opsd
+        super().__init__(cfg)
         self.data_cfg = cfg.data
         self.rollout_cfg = cfg.rollout
-        self.agg_mode = divergences.AGGREGATION[self.cfg.aggregation]
+        self.requirements = Requirements(teacher=self.cfg.teacher)
+        self.loss = DistillationLoss.from_config(self.cfg)
         self.tokenizer = None
 
     def attach_tokenizer(self, tokenizer) -> None:
@@ -54,39 +179,8 @@ class OPSD(Algorithm):
         batch = SequenceBatch(
             input_ids=input_ids,
             prompt_lens=prompt_lens,
-            loss_normalizer=losses.step_normalizer(lens, self.agg_mode),
+            loss_normalizer=losses.step_normalizer(lens, self.loss.aggregation),
             teacher_input_ids=teacher_ids,
             teacher_prompt_lens=teacher_lens,
         )
         return batch, {"teacher_prompt_length": sum(teacher_lens) / len(teacher_lens)}
-
-    def _per_token(self, out: PolicyOutputs, mb: MicroBatch) -> torch.Tensor:
-        c = self.cfg
-        if c.token_loss == "sampled":
-            # Cheap in compute, not in memory: both logit sets are materialised here.
-            teacher_logits = divergences.chunk_logits(
-                out.teacher_hidden, out.teacher_lm_head_weight if out.teacher_lm_head_weight is not None
-                else out.lm_head_weight, out.temperature
-            )
-            student_lp = losses.token_logprobs(out.logits(), mb.completion_ids)
-            teacher_lp = losses.token_logprobs(teacher_logits.detach(), mb.completion_ids)
-            return divergences.sampled_token_loss(student_lp, teacher_lp)
-        return divergences.chunked_divergence(
-            out.hidden,
-            out.teacher_hidden,
-            out.lm_head_weight,
-            mb.completion_mask,
-            kind=c.divergence,
-            beta=c.jsd_beta,
-            temperature=out.temperature,
-            clip=c.clip,
-            top_k=c.top_k if c.token_loss == "top_k" else None,
-            chunk_size=c.chunk_size,
-            teacher_lm_head_weight=out.teacher_lm_head_weight,
-        )
-
-    def loss(self, out: PolicyOutputs, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        mask = mb.completion_mask
-        per_token = self._per_token(out, mb)
-        loss = losses.aggregate(per_token, mask, self.agg_mode, mb.loss_normalizer)
-        return loss, {"divergence_sum": float((per_token.detach() * mask).sum()), "tokens": float(mask.sum())}

@@ -15,7 +15,7 @@ answer position masked] gives the logits at the answer positions (d1's one-step 
 reach the loss as `out.hidden` with `out.lm_head_weight=None`.
 
 A batch with a teacher view (OPSD) also gets a no-grad teacher forward on it per micro-batch,
-aligned to the same completion tokens (`out.teacher_hidden`); `learner.teacher.kind` picks the
+aligned to the same completion tokens (`out.teacher_hidden`); the teacher settings' kind picks the
 teacher: the frozen initial policy, the live policy, or an EMA copy. With `model.lora.enabled`
 only peft adapters train, the frozen model is the same one with adapters disabled, and
 `full_state_dict`/`save_hf` give merged weights under the base model's HF names.

@@ -40,8 +40,9 @@ class FrozenModels:
     frozen model is the policy with adapters disabled); `ema` the EMA teacher's copy or None.
     """
 
-    def __init__(self, engine, cfg: LearnerConfig, lora: bool, reference, ema, rank: int, device: torch.device):
-        self.engine, self.cfg, self.lora, self.rank, self.device = engine, cfg, lora, rank, device
+    def __init__(self, engine, cfg: LearnerConfig, teacher, lora: bool, reference, ema, rank: int, device: torch.device):
+        # teacher: the algorithm's teacher settings (OPSD's TeacherConfig), None without a teacher.
+        self.engine, self.cfg, self.teacher, self.lora, self.rank, self.device = engine, cfg, teacher, lora, rank, device
         self.reference, self.ema = reference, ema
         self._ema_masters: dict[str, torch.Tensor] = {}
 
@@ -51,14 +52,14 @@ class FrozenModels:
             return self.engine, nullcontext()
         if which == "ema":
             if self.ema is None:
-                raise ValueError("learner.teacher.kind=ema needs the learner built with with_teacher=True.")
+                raise ValueError("An ema teacher needs the learner built with teacher settings of kind ema.")
             return self.ema, nullcontext()
         if self.lora:
             return self.engine, self.engine.module.lm.disable_adapter()
         if self.reference is None:
             raise ValueError(
                 f"Scoring with the frozen initial policy ({which}) needs the learner built with "
-                "with_reference=True, or with_teacher=True for learner.teacher.kind=frozen."
+                "with_reference=True, or with a teacher of kind frozen."
             )
         return self.reference, nullcontext()
 
@@ -76,7 +77,12 @@ class FrozenModels:
 
     def teacher_head_weight(self) -> torch.Tensor | None:
         """The teacher's output weight when it is another copy's (frozen or EMA), else None."""
-        module, _ = self._scorer(self.cfg.teacher.kind)
+        if self.teacher is None:
+            raise ValueError(
+                "This batch carries a teacher view, but the learner was built without teacher settings: "
+                "pass the algorithm's teacher (its Requirements.teacher) as `teacher=`."
+            )
+        module, _ = self._scorer(self.teacher.kind)
         return None if module is self.engine else _full_weight(_unwrap(module).output_weight)
 
     @torch.no_grad()
@@ -84,7 +90,7 @@ class FrozenModels:
         """teacher <- decay * teacher + (1 - decay) * policy, over the parameters that train."""
         import deepspeed
 
-        decay = self.cfg.teacher.ema_decay
+        decay = self.teacher.ema_decay
         ema = dict(_unwrap(self.ema).lm.named_parameters())
         for name, p in self.engine.module.lm.named_parameters():
             if not p.requires_grad:

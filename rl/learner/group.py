@@ -38,7 +38,7 @@ class LearnerGroup:
         seed: int,
         total_steps: int,
         with_reference: bool = False,
-        with_teacher: bool = False,
+        teacher=None,
         lora: LoraConfig | None = None,
         diffusion: DiffusionForward | None = None,
         placement=None,
@@ -60,7 +60,7 @@ class LearnerGroup:
         self.workers = [
             ray.remote(**options[rank])(LearnerWorker).remote(
                 model_path, learner_cfg, dtype, rank, n, address, port, seed, total_steps,
-                with_reference, with_teacher, lora, diffusion,
+                with_reference, teacher, lora, diffusion,
             )
             for rank in range(n)
         ]

@@ -60,7 +60,7 @@ class StepRunner:
         """Forward/backward every micro-batch, then one optimizer step (then the EMA teacher's update).
 
         A batch with a teacher view also gets, per micro-batch, a no-grad forward of the teacher
-        (`learner.teacher.kind`) on its teacher sequences, passed on as `out.teacher_hidden`.
+        (the `teacher` settings' kind) on its teacher sequences, passed on as `out.teacher_hidden`.
 
         Returns the loss_fn metrics summed over micro-batches, `loss` (the sum of the scalars
         differentiated, i.e. this rank's share of the step's global loss), `grad_norm` (before

@@ -78,17 +78,18 @@ class LearnerWorker:
         seed: int,
         total_steps: int,
         with_reference: bool = False,
-        with_teacher: bool = False,
+        teacher=None,
         lora: LoraConfig | None = None,
         diffusion: DiffusionForward | None = None,
     ):
         """with_reference: keep the frozen initial policy (`compute_logprobs(reference=True)`).
-        with_teacher: keep what `learner_cfg.teacher.kind` needs (frozen: the same reference; ema: an
-        EMA copy; live: nothing). With LoRA the frozen model is the policy with adapters disabled.
+        teacher: the teacher settings (OPSD's TeacherConfig) when batches carry a teacher view; keep
+        what `teacher.kind` needs (frozen: the same reference; ema: an EMA copy; live: nothing).
+        With LoRA the frozen model is the policy with adapters disabled.
         diffusion: the model is a masked-diffusion one, scored as `DiffusionForward` says."""
         import deepspeed
 
-        if diffusion is not None and with_teacher:
+        if diffusion is not None and teacher is not None:
             raise ValueError("Teacher views (OPSD) are not supported for masked-diffusion models.")
         self.rank = rank
         self.lora = lora if lora is not None and lora.enabled else None
@@ -103,8 +104,8 @@ class LearnerWorker:
         ds_config = _deepspeed_config(learner_cfg, dtype, world_size)
         model, pad_id = build_model(model_path, dtype, learner_cfg, self.lora, diffusion)
         packed = packed_layout(learner_cfg, _causal_lm(model), diffusion is not None)
-        teacher = learner_cfg.teacher.kind if with_teacher else None
-        ema = copy.deepcopy(model) if teacher == "ema" else None
+        teacher_kind = teacher.kind if teacher is not None else None
+        ema = copy.deepcopy(model) if teacher_kind == "ema" else None
         policy = wrap(model, diffusion, pad_id)
         optimizer = torch.optim.AdamW(
             [p for p in policy.parameters() if p.requires_grad], lr=learner_cfg.lr,
@@ -122,12 +123,12 @@ class LearnerWorker:
             return freeze(wrap(lm, diffusion, pad_id), learner_cfg, ds_config, self.device)
 
         reference = None
-        if (with_reference or teacher == "frozen") and self.lora is None:
+        if (with_reference or teacher_kind == "frozen") and self.lora is None:
             reference = frozen_copy(load_model(model_path, dtype, diffusion))
-        self.frozen = FrozenModels(self.engine, learner_cfg, self.lora is not None, reference,
+        self.frozen = FrozenModels(self.engine, learner_cfg, teacher, self.lora is not None, reference,
                                    None if ema is None else frozen_copy(ema), rank, self.device)
         batcher = MicroBatcher(learner_cfg, pad_id, packed, self.device)
-        self.steps = StepRunner(self.engine, batcher, self.frozen, learner_cfg.teacher.kind, world_size)
+        self.steps = StepRunner(self.engine, batcher, self.frozen, teacher_kind, world_size)
         self.state = StateExport(self.engine, self.frozen, rank, self.lora is not None, model_path)
 
     @property

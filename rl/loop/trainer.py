@@ -1,6 +1,7 @@
 """The loop: rollouts -> rewards -> algorithm -> learner -> weight sync -> check -> record."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -136,7 +137,7 @@ def collect_rollouts(stream, pool, scorer, algorithm, spec, cfg: RunConfig, toke
         out.failures += scored.failures
         return scored.totals, correctness(scored)
 
-    while len(out.rollouts.rows) < want and out.rounds < algorithm.max_sampling_rounds:
+    while len(out.rollouts.rows) < want and out.rounds < algorithm.requirements.sampling_rounds:
         out.rounds += 1
         t0 = time.time()
         rows, prompts, skipped = _take_prompts(stream, want - len(out.rollouts.rows), cfg, tokenizer)
@@ -157,8 +158,12 @@ def collect_rollouts(stream, pool, scorer, algorithm, spec, cfg: RunConfig, toke
             out.counts[k] = out.counts.get(k, 0) + v
         sampled = SampledRound(rows, prompts, groups, _split(scored.totals, groups), _split(correctness(scored), groups))
         t2 = time.time()
-        out.repair_completions += algorithm.repair_groups(sampled, pool.generate, score)
+        repair = algorithm.repair_groups(sampled, pool.generate, score)
         out.generation_s += time.time() - t2
+        out.repair_completions += repair.generated
+        for k, v in repair.counts.items():
+            out.rollouts.repair_counts[k] = out.rollouts.repair_counts.get(k, 0) + v
+        sampled = repair.sampled
         for row, prompt, group, rewards in zip(rows, prompts, sampled.completions, sampled.rewards):
             if algorithm.keep_group(rewards) and len(out.rollouts.rows) < want:
                 out.rollouts.rows.append(row)
@@ -199,6 +204,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
     check_prompts_fit(stream.rows, cfg.data, tokenizer)  # in seconds, before the cluster starts
     algorithm = build_algorithm(cfg)
     algorithm.attach_tokenizer(tokenizer)
+    needs = algorithm.requirements
     scorer = RewardScorer.from_config(cfg.reward, max_tokens=cfg.rollout.max_tokens)
     spec = algorithm.sampling_spec()
     # Built before the cluster starts, so that evaluation data errors surface in seconds.
@@ -209,7 +215,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
     diffusion = None
     if cfg.model.kind == "masked_diffusion":
         mask_id = resolve_mask_id(tokenizer, cfg.rollout.diffusion.mask_token_id)
-        diffusion = DiffusionForward(cfg.rollout.max_tokens, mask_id, cfg.learner.prompt_mask_prob, cfg.model.trust_remote_code)
+        diffusion = DiffusionForward(cfg.rollout.max_tokens, mask_id, needs.prompt_mask_prob, cfg.model.trust_remote_code)
 
     init_ray(cfg)
     plan = place(cfg)
@@ -229,7 +235,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
             max_model_len=max(cfg.data.max_prompt_tokens + cfg.rollout.max_tokens, evaluator.context_tokens() if evaluator else 0),
             colocated=colocated,
             sleep_mode=sleeps,
-            prompt_mask_prob=cfg.learner.prompt_mask_prob,
+            prompt_mask_prob=needs.prompt_mask_prob,
         ),
     )
     learners = LearnerGroup(
@@ -237,9 +243,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
         cfg.learner,
         cfg.model.dtype,
         seed=cfg.seed,
-        total_steps=cfg.train.steps * algorithm.updates_per_batch,
-        with_reference=algorithm.needs_reference,
-        with_teacher=algorithm.needs_teacher,
+        total_steps=cfg.train.steps * needs.updates_per_batch,
+        with_reference=needs.reference,
+        teacher=needs.teacher,
         lora=cfg.model.lora,
         diffusion=diffusion,
         placement=plan,
@@ -315,18 +321,20 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
                 pool.sleep()
 
             batch, algo_metrics = algorithm.build_batch(rollouts)
-            if algorithm.needs_reference:
-                batch.token_fields["ref_logprobs"], _ = learners.compute_logprobs(batch, temperature, reference=True)
-            if algorithm.needs_policy_scores:
-                scores = learners.compute_logprobs(batch, temperature, with_entropy=algorithm.wants_entropy)
-                algo_metrics.update(algorithm.use_policy_scores(batch, *scores))
-            masks = prompt_mask_schedule(batch, learners, temperature, algorithm.updates_per_batch, diffusion)
-            if algorithm.policy_scores_from_training:  # one update: no mask schedule (it needs mu > 1)
+            if needs.reference:
+                ref_logprobs, _ = learners.compute_logprobs(batch, temperature, reference=True)
+                batch = dataclasses.replace(batch, token_fields={**batch.token_fields, "ref_logprobs": ref_logprobs})
+            if needs.policy_scores:
+                scores = learners.compute_logprobs(batch, temperature, with_entropy=needs.entropy)
+                batch, scored = algorithm.use_policy_scores(batch, *scores)
+                algo_metrics.update(scored)
+            masks = prompt_mask_schedule(batch, learners, temperature, needs.updates_per_batch, diffusion)
+            if needs.policy_scores_from_training:  # one update: no mask schedule (it needs mu > 1)
                 train_metrics, logprobs = learners.train_step(batch, algorithm.loss, temperature, return_logprobs=True)
                 guard.record_update(step, train_metrics)
-                algo_metrics.update(algorithm.use_policy_scores(batch, logprobs, None))
+                algo_metrics.update(algorithm.use_policy_scores(batch, logprobs, None)[1])  # metrics only: trained
             else:
-                for update in range(algorithm.updates_per_batch):
+                for update in range(needs.updates_per_batch):
                     if masks is not None:
                         masks.use(update)  # d1: a fresh prompt mask per inner update
                     train_metrics = learners.train_step(batch, algorithm.loss, temperature)

@@ -19,8 +19,8 @@ EVAL = "eval/synthetic:chain_addition"
 def run(tmp_path, algorithm: str, steps: int, extra=()) -> list[dict]:
     from rl.loop.trainer import train
 
-    cfg = load_config("igpo_tiny", [
-        f"algorithm={algorithm}", f"train.steps={steps}", "train.prompts_per_step=64", "learner.lr=3e-4",
+    cfg = load_config(f"{algorithm}_tiny", [  # igpo_tiny, or diffu_grpo_tiny: the same settings without inpainting
+        f"train.steps={steps}", "train.prompts_per_step=64", "learner.lr=3e-4",
         f"tracking.output_dir={tmp_path}", f"tracking.run_name={algorithm}", *extra,
     ])
     run_dir = tmp_path / algorithm

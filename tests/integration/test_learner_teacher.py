@@ -15,7 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rl.learner.batch import SequenceBatch
-from rl.config import LearnerConfig, TeacherConfig
+from rl.algorithms.opsd import TeacherConfig
+from rl.config import LearnerConfig
 from rl.algorithms.divergences import chunked_divergence
 from rl.learner.group import LearnerGroup, LearnerWorker, free_port
 from rl.demo.tiny import build_model
@@ -99,8 +100,9 @@ def learner_cfg(**kw) -> LearnerConfig:
 
 
 def in_process_worker(model_dir, kind="frozen", decay=0.99, **cfg) -> LearnerWorker:
-    cfg = learner_cfg(teacher=TeacherConfig(kind=kind, ema_decay=decay), **{"micro_batch_size": 2, **cfg})
-    return LearnerWorker(str(model_dir), cfg, "float32", 0, 1, "127.0.0.1", free_port(), 0, 10, with_teacher=True)
+    cfg = learner_cfg(**{"micro_batch_size": 2, **cfg})
+    return LearnerWorker(str(model_dir), cfg, "float32", 0, 1, "127.0.0.1", free_port(), 0, 10,
+                         teacher=TeacherConfig(kind=kind, ema_decay=decay))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,9 +241,8 @@ def test_teacher_view_must_end_with_the_same_completion(tiny_model):
 
 
 def test_missing_teacher_model_is_named(tiny_model):
-    cfg = learner_cfg(teacher=TeacherConfig(kind="frozen"))
-    worker = LearnerWorker(str(tiny_model), cfg, "float32", 0, 1, "127.0.0.1", free_port(), 0, 10)
-    with pytest.raises(ValueError, match="with_reference=True"):
+    worker = LearnerWorker(str(tiny_model), learner_cfg(), "float32", 0, 1, "127.0.0.1", free_port(), 0, 10)
+    with pytest.raises(ValueError, match="built without teacher settings"):
         worker.train_step(STEP_BATCHES[0], distill_loss, TEMPERATURE)
 
 
@@ -265,8 +266,8 @@ def wide_model(tmp_path_factory):
 
 
 def test_distillation_step_on_two_zero3_ranks(ray_session, wide_model):
-    cfg = learner_cfg(num_learners=2, zero_stage=3, micro_batch_size=1, teacher=TeacherConfig(kind="frozen"))
-    group = LearnerGroup(str(wide_model), cfg, "float32", seed=0, total_steps=2, with_teacher=True)
+    cfg = learner_cfg(num_learners=2, zero_stage=3, micro_batch_size=1)
+    group = LearnerGroup(str(wide_model), cfg, "float32", seed=0, total_steps=2, teacher=TeacherConfig(kind="frozen"))
     try:
         for batch in STEP_BATCHES:
             group.train_step(batch, distill_loss, TEMPERATURE)

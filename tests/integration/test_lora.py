@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rl.learner.batch import SequenceBatch
-from rl.config import LearnerConfig, LoraConfig, TeacherConfig
+from rl.algorithms.opsd import TeacherConfig
+from rl.config import LearnerConfig, LoraConfig
 from rl.learner.group import LearnerGroup, LearnerWorker, free_port
 from rl.demo.tiny import build_model
 from tests.batches import varied_batch
@@ -168,9 +169,8 @@ def per_sequence(index: int) -> list[torch.Tensor]:
 
 
 def test_only_adapters_train_and_the_frozen_teacher_is_the_base(tiny_model, reference):
-    cfg = learner_cfg(teacher=TeacherConfig(kind="frozen"))
-    worker = LearnerWorker(str(tiny_model), cfg, "float32", 0, 1, "127.0.0.1", free_port(), 0, 10,
-                           with_reference=True, with_teacher=True, lora=LORA)
+    worker = LearnerWorker(str(tiny_model), learner_cfg(), "float32", 0, 1, "127.0.0.1", free_port(), 0, 10,
+                           with_reference=True, teacher=TeacherConfig(kind="frozen"), lora=LORA)
     assert worker.reference is None  # the frozen model is the policy with adapters disabled: no copy
     initial = {k: v.detach().clone() for k, v in worker.engine.module.lm.named_parameters()}
     for batch in STEP_BATCHES:

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from rl.loop import checkpoint
 from rl.learner.batch import SequenceBatch
 from rl.loop.checkpoint import CheckpointError, TrainerState
-from rl.config import PROJECT_ROOT, ConfigError, LearnerConfig, LoraConfig, TeacherConfig, load_config
+from rl.algorithms.opsd import TeacherConfig
+from rl.config import PROJECT_ROOT, ConfigError, LearnerConfig, LoraConfig, load_config
 from rl.data import PromptStream
 from rl.demo.tiny import addition_task
 from rollouts.types import SamplingSpec
@@ -198,8 +199,8 @@ def test_learner_checkpoint_restores_optimizer_schedule_rng_and_ema_teacher(resu
     from rl.learner.group import LearnerGroup
 
     model, _ = resume_setup
-    cfg = LearnerConfig(zero_stage=3, micro_batch_size=2, lr=1e-2, warmup_steps=3,
-                        teacher=TeacherConfig(kind="ema", ema_decay=0.5))
+    cfg = LearnerConfig(zero_stage=3, micro_batch_size=2, lr=1e-2, warmup_steps=3)
+    teacher = TeacherConfig(kind="ema", ema_decay=0.5)
     lora = LoraConfig(enabled=True, rank=4, alpha=8)
 
     def after_step_2(group):
@@ -207,13 +208,13 @@ def test_learner_checkpoint_restores_optimizer_schedule_rng_and_ema_teacher(resu
         ema = _on_ranks(group, lambda w: w._ema_state())
         return metrics, group.full_state_dict(), ema, _on_ranks(group, lambda w: torch.rand(3))
 
-    group = LearnerGroup(str(model), cfg, "bfloat16", seed=0, total_steps=4, with_teacher=True, lora=lora)
+    group = LearnerGroup(str(model), cfg, "bfloat16", seed=0, total_steps=4, teacher=teacher, lora=lora)
     group.train_step(_batch(1), nll_loss)
     _on_ranks(group, lambda w: torch.rand(5))  # moves the rank's RNG away from where a fresh one starts
     group.save_checkpoint(str(tmp_path))
     metrics, weights, ema, rng = after_step_2(group)
     group.close()
-    group = LearnerGroup(str(model), cfg, "bfloat16", seed=0, total_steps=4, with_teacher=True, lora=lora)
+    group = LearnerGroup(str(model), cfg, "bfloat16", seed=0, total_steps=4, teacher=teacher, lora=lora)
     group.load_checkpoint(str(tmp_path))
     metrics2, weights2, ema2, rng2 = after_step_2(group)
     group.close()

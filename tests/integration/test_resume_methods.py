@@ -78,7 +78,7 @@ def test_opsd_resume_equals_one_run(opsd_setup, teacher, ray_session, tmp_path):
         f"model.path={model}", f"data.train={data}", "data.prompt_format=plain", "data.max_prompt_tokens=200",
         "rollout.max_tokens=6", "rollout.kv_cache_gb=0.25", "learner.lr=1e-2", "learner.warmup_steps=0",
         "learner.micro_batch_size=32", "reward.workers=0", "train.prompts_per_step=8",
-        f"learner.teacher.kind={teacher}", "learner.teacher.ema_decay=0.5",
+        f"opsd.teacher.kind={teacher}", "opsd.teacher.ema_decay=0.5",
     ]
     whole, resumed = _whole_and_resumed("opsd_smollm2", overrides, tmp_path)
     records = _assert_same_run(whole, resumed, model / "model.safetensors")

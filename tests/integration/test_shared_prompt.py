@@ -258,7 +258,7 @@ GRAD_SCALE = 1e4  # gradient elements far above Adam's eps, so the steps compare
 def test_learner_step_and_training_scores_match_across_layouts(tiny_model):
     cfg = RunConfig(grpo={"group_size": 3, "kl_coef": 0.1})
     algo = GRPO(cfg)
-    assert algo.policy_scores_from_training and not algo.needs_policy_scores  # the default: no extra forward
+    assert algo.requirements.policy_scores_from_training and not algo.requirements.policy_scores  # no extra forward
 
     def step(**learner):
         worker = LearnerWorker(
@@ -270,9 +270,9 @@ def test_learner_step_and_training_scores_match_across_layouts(tiny_model):
         batch.token_fields["ref_logprobs"], _ = worker.compute_logprobs(batch, TEMPERATURE, reference=True)
         # The old path: a no-grad forward before the step feeds the mismatch metrics.
         before = worker.compute_logprobs(batch, TEMPERATURE)[0]
-        old_metrics = algo.use_policy_scores(batch, before, None)
+        _, old_metrics = algo.use_policy_scores(batch, before, None)
         metrics, kept = worker.train_step(batch, algo.loss, TEMPERATURE, return_logprobs=True)
-        new_metrics = algo.use_policy_scores(batch, kept, None)
+        _, new_metrics = algo.use_policy_scores(batch, kept, None)
         return SimpleNamespace(metrics=metrics, old=old_metrics, new=new_metrics, state=worker.full_state_dict(),
                                kept=kept, before=before)
 

@@ -159,7 +159,7 @@ def test_opsd_qwen_recipe_in_bf16_with_lora_lowers_divergence(ray_session, tmp_p
         "checkpoint.every_steps=0", f"tracking.output_dir={tmp_path}", "tracking.run_name=run",
         "sync.backend=object_store",  # pushes observed where the object store receives them
     ])
-    assert (cfg.opsd.divergence, cfg.opsd.clip, cfg.opsd.aggregation, cfg.learner.teacher.kind, cfg.model.dtype,
+    assert (cfg.opsd.divergence, cfg.opsd.clip, cfg.opsd.aggregation, cfg.opsd.teacher.kind, cfg.model.dtype,
             cfg.model.lora.enabled) == ("forward_kl", 0.05, "paper", "frozen", "bfloat16", True)
     _, records = _run(cfg, tmp_path)
     div = [r["divergence"] for r in records]

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from rl.config import PROJECT_ROOT, RECIPES_DIR, ConfigError, load_config
+from rl.config import PROJECT_ROOT, RECIPES_DIR, ConfigError, RunConfig, load_config
 
 
 def test_every_recipe_validates():
@@ -95,7 +95,7 @@ def test_grpo_qwen_resolves_to_the_opsd_papers_grpo_baseline():
     cfg = load_config("grpo_qwen").model_dump(mode="json")  # what --print-config prints
     assert cfg["rollout"]["temperature"] == 1.2
     assert cfg["grpo"]["loss_agg"] == "seq_mean_token_mean"
-    assert cfg["grpo"]["normalize_std"] is True
+    assert cfg["grpo"]["advantage"] == "group_mean_std"
     assert (cfg["grpo"]["clip_low"], cfg["grpo"]["clip_high"]) == (0.2, 0.2)
     assert (cfg["train"]["prompts_per_step"], cfg["grpo"]["group_size"]) == (4, 8)
     assert cfg["grpo"]["updates_per_batch"] == 2
@@ -116,10 +116,56 @@ def test_sft_qwen_resolves_to_the_opsd_papers_sft_baseline():
 def test_opsd_qwen_uses_the_released_temperature_scaling_and_ema_decay_default():
     cfg = load_config("opsd_qwen")
     assert cfg.opsd.scale_logits_by_temperature is True and cfg.rollout.temperature == 1.1
-    assert cfg.learner.teacher.ema_decay == 0.999  # run_opsd_ema.sh --ema_decay 0.999
+    assert cfg.opsd.teacher.ema_decay == 0.999  # run_opsd_ema.sh --ema_decay 0.999
 
 
 def test_an_eval_length_the_diffusion_sampler_cannot_run_stops_the_launch():
     with pytest.raises(ConfigError, match="eval.max_tokens=20 does not fit the diffusion sampler"):
         load_config("igpo_tiny", ["eval.every_steps=5", "eval.max_tokens=20"])
     assert load_config("igpo_tiny", ["eval.every_steps=5"]).eval.max_tokens == 24
+
+
+# ---- the algorithm's section: a union keyed on `algorithm` ---------------------------------------
+
+
+def test_a_recipe_carries_only_its_algorithms_section():
+    cfg = load_config("igpo_tiny")
+    assert cfg.igpo.chunk_min == 2 and cfg.algorithm_section is cfg.igpo
+    for other in ("grpo", "opsd", "diffu_grpo"):
+        assert not hasattr(cfg, other)
+    assert "opsd:" not in cfg.to_yaml() and "grpo:" not in load_config("opsd_smollm2").to_yaml()
+
+
+def test_another_algorithms_section_is_an_error_naming_both():
+    with pytest.raises(ConfigError, match=r"Section `opsd` configures algorithm opsd, but this run's algorithm is grpo: "
+                                          r"its options go in section `grpo`"):
+        load_config("grpo_smollm2", ["opsd.clip=0.1"])
+    # Switching the algorithm of a recipe that carries another algorithm's section.
+    with pytest.raises(ConfigError, match=r"Section `igpo` configures algorithm igpo, but this run.s algorithm is diffu_grpo: its options go in section `diffu_grpo`"):
+        load_config("igpo_tiny", ["algorithm=diffu_grpo"])
+    with pytest.raises(ValueError, match="Section `grpo` configures algorithm grpo"):
+        RunConfig(algorithm="opsd", grpo={"group_size": 4})
+
+
+def test_an_unknown_option_of_the_algorithms_section_is_named():
+    with pytest.raises(ConfigError, match=r"Unknown config key `igpo.chunk_mid`. Did you mean `igpo.chunk_min`"):
+        load_config("igpo_tiny", ["igpo.chunk_mid=3"])
+    with pytest.raises(ConfigError, match=r"`diffu_grpo.prompt_mask_prob`: Input should be less than 1"):
+        load_config("diffu_grpo_tiny", ["diffu_grpo.prompt_mask_prob=1.5"])
+    # HintSettings' cross-field rule holds in the section that inherits it.
+    with pytest.raises(ConfigError, match=r"chunk_max \(3\) must be >= chunk_min \(4\)"):
+        load_config("igpo_tiny", ["igpo.chunk_min=4", "igpo.chunk_max=3"])
+    with pytest.raises(ConfigError, match="Unknown algorithm 'gpro'"):
+        load_config(None, ["algorithm=gpro"])
+
+
+def test_options_that_moved_into_the_algorithms_section_are_errors_where_they_were():
+    with pytest.raises(ConfigError, match=r"Unknown config key `learner.teacher`"):
+        load_config("opsd_smollm2", ["learner.teacher.kind=ema"])
+    assert load_config("opsd_smollm2", ["opsd.teacher.kind=ema"]).opsd.teacher.kind == "ema"
+    with pytest.raises(ConfigError, match=r"Unknown config key `learner.prompt_mask_prob`"):
+        load_config("diffu_grpo_tiny", ["learner.prompt_mask_prob=0.15"])
+    with pytest.raises(ConfigError, match=r"Unknown advantage estimator 'mean'; registered: group_mean, group_mean_std, rloo"):
+        load_config(None, ["grpo.advantage=mean"])
+    with pytest.raises(ConfigError, match=r"Unknown policy loss 'gpso'; registered: gspo, ppo_clip"):
+        load_config(None, ["grpo.policy_loss=gpso"])

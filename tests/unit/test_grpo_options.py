@@ -81,7 +81,7 @@ def test_loss_with_entropy_mask_and_importance_weights_matches_reference(is_leve
         lp = torch.log_softmax(logits.float(), -1).gather(-1, mb.completion_ids[..., None])[..., 0]
         ent = -(torch.softmax(logits.float(), -1) * torch.log_softmax(logits.float(), -1)).sum(-1)
     scores = ([lp[i, :n].tolist() for i, n in enumerate(lens)], [ent[i, :n].tolist() for i, n in enumerate(lens)])
-    metrics = algo.use_policy_scores(batch, *scores)
+    batch, metrics = algo.use_policy_scores(batch, *scores)
     # The filter keeps exactly ceil(0.5 * 10) = 5 highest-entropy tokens of the whole batch.
     flat = sorted(((ent[i, t].item(), i, t) for i, n in enumerate(lens) for t in range(n)), reverse=True)
     top = {(i, t) for _, i, t in flat[:5]}
@@ -173,14 +173,14 @@ def test_dynamic_sampling_never_trains_on_an_all_equal_group():
 
 
 def test_sequence_level_ratio_loss_matches_reference():
-    """ratio_level=sequence: one ratio per sequence, exp(mean token log-ratio), clipped as a whole."""
+    """policy_loss=gspo: one ratio per sequence, exp(mean token log-ratio), clipped as a whole."""
     torch.manual_seed(3)
-    cfg = RunConfig(grpo={"group_size": 2, "ratio_level": "sequence", "updates_per_batch": 2, "clip_low": 0.1, "clip_high": 0.1})
+    cfg = RunConfig(grpo={"group_size": 2, "policy_loss": "gspo", "updates_per_batch": 2, "clip_low": 0.1, "clip_high": 0.1})
     algo = GRPO(cfg)
     lens = [3, 2, 4, 1]
     batch, _ = _batch(algo, lens, [1.0, 0.0, 0.0, 1.0], [[-1.0] * n for n in lens])
     old = [(torch.randn(n) * 0.3 - 1.5).tolist() for n in lens]  # stale enough that some ratios clip
-    algo.use_policy_scores(batch, old, None)
+    batch, _ = algo.use_policy_scores(batch, old, None)
     vocab = 7
     logits = torch.randn(4, 4, vocab, dtype=torch.float64, requires_grad=True)
     mb = MicroBatch.from_sequences(batch)
@@ -200,3 +200,20 @@ def test_sequence_level_ratio_loss_matches_reference():
     assert 0 < clipped_seqs < 4  # both branches of the clip are exercised
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
     assert torch.allclose(logits.grad, ref_logits.grad, atol=1e-6)
+
+
+def test_the_loop_sums_repair_counts_over_the_sampling_rounds():
+    """Counts come back from repair_groups and are summed by the loop, round by round (no state kept
+    by the algorithm): diffu-GRPO counts every sampled group, kept or dropped."""
+    from rl.algorithms.diffu_grpo import DiffuGRPO
+
+    cfg = RunConfig(algorithm="diffu_grpo", model={"kind": "masked_diffusion"}, rollout={"engine": "diffusion"},
+                    diffu_grpo={"group_size": 2, "dynamic_sampling": True, "max_sampling_rounds": 3},
+                    train={"prompts_per_step": 3}, data={"prompt_format": "plain"})
+    algo = DiffuGRPO(cfg)
+    patterns = [["1", "0"], ["0", "0"], ["1", "1"], ["0", "0"], ["1", "1"], ["0", "1"], ["1", "0"]]
+    out = collect_rollouts(_Stream(), _FakePool(iter(patterns)), _TextScorer(), algo, algo.sampling_spec(), cfg, _Tok())
+    assert out.rounds == 3
+    assert out.rollouts.repair_counts["groups"] == 7 and out.rollouts.repair_counts["all_wrong_before"] == 2
+    _, metrics = algo.build_batch(out.rollouts)
+    assert metrics["igpo/all_wrong_fraction_before"] == pytest.approx(2 / 7)

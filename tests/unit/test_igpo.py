@@ -21,7 +21,7 @@ SOLUTION = "3+4=7 7+5=12"
 
 def igpo(*overrides):
     cfg = load_config(None, [
-        "algorithm=igpo", "model.kind=masked_diffusion", "rollout.engine=diffusion", f"grpo.group_size={G}",
+        "algorithm=igpo", "model.kind=masked_diffusion", "rollout.engine=diffusion", f"igpo.group_size={G}",
         "rollout.max_tokens=40", "igpo.free_tail=4", "igpo.chunk_min=2", "igpo.chunk_max=3", *overrides,
     ])
     algorithm = build_algorithm(cfg)
@@ -69,18 +69,22 @@ def test_only_all_wrong_groups_are_inpainted_and_replaced_up_to_lambda_g():
     mixed = [True] + [False] * (G - 1)
     sampled = sampled_round([[False] * G, mixed, [False] * G])
     before = [list(g) for g in sampled.completions]
-    generated = algorithm.repair_groups(sampled, loop.generate, loop.score)
+    repair = algorithm.repair_groups(sampled, loop.generate, loop.score)
+    generated, repaired = repair.generated, repair.sampled
+    assert sampled.completions == before  # the hook returns a new round; the one it was given is intact
 
     (prompts, spec, hints), = loop.calls  # one batched call for all triggered groups
     assert len(prompts) == 2 * G and spec.n == 1 and len(hints) == 2 * G
     assert len(generated) == 2 * G
-    assert sampled.completions[1] == before[1]  # a group with a correct response is left alone
+    assert repaired.completions[1] == before[1]  # a group with a correct response is left alone
     correct_by_group = [[loop.right(c) for c in generated[k * G:(k + 1) * G]] for k in range(2)]
     for group, inpainted_ok in zip((0, 2), correct_by_group):
-        replaced = [c for c in sampled.completions[group] if c not in before[group]]
+        replaced = [c for c in repaired.completions[group] if c not in before[group]]
         assert len(replaced) == min(3, sum(inpainted_ok))
         assert all(loop.right(c) for c in replaced)  # only correct inpainted samples get in
-        assert sampled.rewards[group] == [3.0 if c in replaced else 0.0 for c in sampled.completions[group]]
+        assert repaired.rewards[group] == [3.0 if c in replaced else 0.0 for c in repaired.completions[group]]
+        assert repaired.correct[group] == [c in replaced for c in repaired.completions[group]]
+    assert repair.counts["replaced"] == sum(min(3, sum(ok)) for ok in correct_by_group)
     # Both outcomes occurred, so "only correct ones get in" and the lambda cap were both exercised.
     flat = [ok for group in correct_by_group for ok in group]
     assert 3 < sum(flat) < len(flat)
@@ -89,9 +93,10 @@ def test_only_all_wrong_groups_are_inpainted_and_replaced_up_to_lambda_g():
 def test_advantages_are_recomputed_on_the_mixed_group_and_metrics_count():
     algorithm = igpo()
     loop = FakeLoop()
-    sampled = sampled_round([[False] * G, [False] * G, [True, False] * (G // 2)])
-    algorithm.repair_groups(sampled, loop.generate, loop.score)
-    rollouts = Rollouts(sampled.rows, sampled.prompt_ids, sampled.completions, sampled.rewards)
+    repair = algorithm.repair_groups(sampled_round([[False] * G, [False] * G, [True, False] * (G // 2)]), loop.generate,
+                                     loop.score)
+    sampled = repair.sampled
+    rollouts = Rollouts(sampled.rows, sampled.prompt_ids, sampled.completions, sampled.rewards, repair.counts)
     batch, metrics = algorithm.build_batch(rollouts)
     for g, rewards in enumerate(sampled.rewards):
         mean = sum(rewards) / G
@@ -105,17 +110,20 @@ def test_advantages_are_recomputed_on_the_mixed_group_and_metrics_count():
     assert metrics["igpo/hint_tokens"] == sum(
         sum(c.hint_mask) for group in sampled.completions for c in group if c.hint_mask is not None
     )
-    # The counters start again for the next step.
+    # Nothing is carried between hooks: the counts come with the rollouts, so the same rollouts give
+    # the same metrics again.
     _, again = algorithm.build_batch(rollouts)
-    assert again["igpo/replaced"] == 0
+    assert again == metrics
 
 
-def test_diffu_grpo_never_inpaints():
-    cfg_algorithm = igpo("algorithm=diffu_grpo")
+def test_diffu_grpo_never_inpaints_but_counts_all_wrong_groups():
+    cfg = load_config(None, ["algorithm=diffu_grpo", "model.kind=masked_diffusion", "rollout.engine=diffusion",
+                             f"diffu_grpo.group_size={G}"])
     loop = FakeLoop()
-    sampled = sampled_round([[False] * G])
-    assert cfg_algorithm.repair_groups(sampled, loop.generate, loop.score) == []
-    assert loop.calls == []
+    sampled = sampled_round([[False] * G, [True] * G])
+    repair = build_algorithm(cfg).repair_groups(sampled, loop.generate, loop.score)
+    assert repair.sampled is sampled and repair.generated == [] and loop.calls == []
+    assert (repair.counts["groups"], repair.counts["all_wrong_before"], repair.counts["all_wrong_after"]) == (2, 1, 1)
 
 
 def test_hint_filter_keeps_top_entropy_hints_and_every_sampled_token():
@@ -129,7 +137,7 @@ def test_hint_filter_keeps_top_entropy_hints_and_every_sampled_token():
     rng = random.Random(0)
     entropies = [[rng.random() for _ in c.token_ids] for c in completions]
     logprobs = [[-1.0] * len(c.token_ids) for c in completions]
-    algorithm.use_policy_scores(batch, logprobs, entropies)
+    batch, _ = algorithm.use_policy_scores(batch, logprobs, entropies)
     for mask, hint, entropy in zip(batch.token_fields["loss_mask"], hint_masks, entropies):
         hint = hint or [False] * len(entropy)
         hint_positions = [j for j, h in enumerate(hint) if h]
