@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from rl.config import load_config
-from rl.tiny import addition_task
+from rl.tiny import addition_rows
 
 pytestmark = pytest.mark.slow
 
@@ -21,8 +21,10 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module")
-def warmed(tmp_path_factory):
-    return addition_task(tmp_path_factory.mktemp("guard"), warmup_steps=60, n_rows=200)
+def warmed(warmed_addition_model, tmp_path_factory):
+    data = tmp_path_factory.mktemp("guard") / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in addition_rows(200, seed=5)))
+    return warmed_addition_model, data
 
 
 def _config(model, data, out, steps, backend):

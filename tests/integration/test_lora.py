@@ -20,7 +20,6 @@ from transformers import AutoModelForCausalLM
 from rl.learner.batch import SequenceBatch
 from rl.config import LearnerConfig, LoraConfig, TeacherConfig
 from rl.learner.group import LearnerGroup, LearnerWorker, free_port
-from rl.tiny import build_model
 from tests.batches import varied_batch
 
 pytestmark = pytest.mark.slow
@@ -131,11 +130,6 @@ def assert_rows_close(actual, expected, atol: float = 1e-5) -> None:
     assert [len(r) for r in actual] == [len(r) for r in expected]
     for a, e in zip(actual, expected):
         torch.testing.assert_close(torch.as_tensor(a), e, atol=atol, rtol=0)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_model(tmp_path_factory.mktemp("tiny") / "model", arch="qwen3", tied=True)
 
 
 @pytest.fixture(scope="module")

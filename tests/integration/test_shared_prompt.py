@@ -21,7 +21,6 @@ from rl.algorithms.opsd import OPSD
 from rl.learner.batch import MicroBatch, SequenceBatch, packed_tokens, plan_micro_batches
 from rl.config import LearnerConfig, LoraConfig, RunConfig
 from rl.learner.group import LearnerGroup, LearnerWorker, _call_loss, _Policy, _token_scores, _with_lora, free_port
-from rl.tiny import build_model
 
 TEMPERATURE = 0.9
 # (prompt length, completion lengths) per group; the last group has one completion (nothing to
@@ -67,11 +66,6 @@ def layout(batch: SequenceBatch, share_prompt: bool, max_tokens, micro_batch_siz
     build = partial(MicroBatch.packed, share_prompt=share_prompt) if packed else MicroBatch.from_sequences
     parts = [batch.select(idx) for idx in plan if idx]
     return [build(part.teacher_view() if view else part) for part in parts]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_model(tmp_path_factory.mktemp("tiny") / "model", arch="qwen3", tied=True)
 
 
 def load64(model_dir, seed: int | None = None) -> torch.nn.Module:
