@@ -30,7 +30,7 @@ GRPO_OPTIONS = ["grpo.kl_coef=0.05", "grpo.updates_per_batch=2", "grpo.entropy_t
 def _overrides(method: str, models: Path, out: Path, steps: int) -> tuple[str | None, list[str]]:
     run = [f"train.steps={steps}", f"tracking.output_dir={out}", "tracking.run_name=run"]
     if method in ("grpo", "grpo_options"):
-        from rl.tiny import addition_task
+        from rl.demo.tiny import addition_task
 
         root = models / "addition"
         if not (root / "done").exists():
@@ -44,7 +44,7 @@ def _overrides(method: str, models: Path, out: Path, steps: int) -> tuple[str | 
             "learner.micro_batch_size=256", "learner.lr=1e-3", *extra, *run,
         ]
     if method == "opsd":
-        from rl.tiny import addition_rows, build_model
+        from rl.demo.tiny import addition_rows, build_model
 
         model, data = models / "opsd_model", models / "opsd_train.jsonl"
         if not (models / "opsd_done").exists():

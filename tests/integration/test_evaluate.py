@@ -82,13 +82,6 @@ def test_eval_due():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from rl.demo.tiny import build_model
-
-    return str(build_model(tmp_path_factory.mktemp("eval_model") / "model"))
-
-
-@pytest.fixture(scope="module")
 def tokenizer(tiny_model):
     from transformers import AutoTokenizer
 

@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM
 
 from rl.config import LearnerConfig
 from rl.learner.group import LearnerWorker, free_port
-from rl.demo.tiny import build_model
 from tests.batches import varied_batch
 
 pytestmark = pytest.mark.slow
@@ -50,8 +49,8 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in b)
 
 
-def test_clipping_engages_and_changes_the_step(tmp_path):
-    model_dir = build_model(tmp_path / "model", arch="qwen3", tied=True)
+def test_clipping_engages_and_changes_the_step(tiny_model):
+    model_dir = tiny_model
     clipped, norms = plain_adamw_steps(model_dir, MAX_GRAD_NORM)
     unclipped, _ = plain_adamw_steps(model_dir, float("inf"))
     assert all(n > 3 * MAX_GRAD_NORM for n in norms), norms  # the clip engages on both steps

@@ -16,7 +16,7 @@ import pytest
 import ray
 
 from rl.config import load_config
-from rl.demo.tiny import addition_task
+from rl.demo.tiny import addition_rows
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +24,10 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module")
-def warmed(tmp_path_factory):
-    return addition_task(tmp_path_factory.mktemp("guard"), warmup_steps=60, n_rows=200)
+def warmed(warmed_addition_model, tmp_path_factory):
+    data = tmp_path_factory.mktemp("guard") / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in addition_rows(200, seed=5)))
+    return warmed_addition_model, data
 
 
 def _config(model, data, out, steps, backend, *extra):

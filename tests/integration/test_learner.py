@@ -16,7 +16,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rl.learner.batch import SequenceBatch
 from rl.config import LearnerConfig
 from rl.learner.group import LearnerGroup, LearnerWorker, free_port
-from rl.demo.tiny import build_model
 from tests.batches import varied_batch
 
 pytestmark = pytest.mark.slow
@@ -94,11 +93,6 @@ def reference_step(model, opt, batch: SequenceBatch, step: int) -> tuple[float, 
         group["lr"] = LR * min(1.0, (step + 1) / WARMUP)
     opt.step()
     return loss.item(), grad_norm.item()
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_model(tmp_path_factory.mktemp("tiny") / "model", arch="qwen3", tied=True)
 
 
 @pytest.fixture(scope="module")

@@ -165,11 +165,6 @@ def assert_state_close(actual: dict, expected: dict, initial: dict) -> None:
     assert max((actual[k] - initial[k]).abs().max().item() for k in actual) > 100 * ATOL
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_model(tmp_path_factory.mktemp("tiny") / "model", arch="qwen3", tied=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Alignment and teacher kinds (one ZeRO-2 rank in this process)
 

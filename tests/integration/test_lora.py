@@ -21,7 +21,6 @@ from rl.learner.batch import SequenceBatch
 from rl.algorithms.opsd import TeacherConfig
 from rl.config import LearnerConfig, LoraConfig
 from rl.learner.group import LearnerGroup, LearnerWorker, free_port
-from rl.demo.tiny import build_model
 from tests.batches import varied_batch
 
 pytestmark = pytest.mark.slow
@@ -132,11 +131,6 @@ def assert_rows_close(actual, expected, atol: float = 1e-5) -> None:
     assert [len(r) for r in actual] == [len(r) for r in expected]
     for a, e in zip(actual, expected):
         torch.testing.assert_close(torch.as_tensor(a), e, atol=atol, rtol=0)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_model(tmp_path_factory.mktemp("tiny") / "model", arch="qwen3", tied=True)
 
 
 @pytest.fixture(scope="module")

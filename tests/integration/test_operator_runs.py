@@ -18,7 +18,7 @@ import ray
 from rl.loop import checkpoint
 from rl.config import PROJECT_ROOT, load_config
 from rl.loop.guards import RunStopped
-from rl.demo.tiny import addition_task
+from rl.demo.tiny import addition_rows
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +28,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def task(tmp_path_factory):
+def task(warmed_addition_model, tmp_path_factory):
     # Warmed up to be right on some prompts: rewards vary within groups, so updates have a gradient.
-    return addition_task(tmp_path_factory.mktemp("operator"), warmup_steps=60, n_rows=500)
+    data = tmp_path_factory.mktemp("operator") / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in addition_rows(500, seed=5)))
+    return warmed_addition_model, data
 
 
 def _overrides(task, out, name, steps, extra=()):

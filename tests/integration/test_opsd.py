@@ -10,13 +10,8 @@ import torch
 from rl.algorithms import Rollouts, build_algorithm
 from rl.config import PROJECT_ROOT, load_config
 from rl.data import build_prompt, build_teacher_prompt
-from rl.demo.tiny import addition_rows, build_model
+from rl.demo.tiny import addition_rows
 from rollouts.types import Completion
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_model(tmp_path_factory.mktemp("opsd") / "model", arch="qwen3", tied=True)
 
 
 def _rows(n):

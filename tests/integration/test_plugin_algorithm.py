@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from rl.config import load_config
-from rl.tiny import addition_task
+from rl.demo.tiny import addition_task
 
 pytestmark = pytest.mark.slow
 

@@ -25,7 +25,7 @@ from rl.loop.checkpoint import CheckpointError, TrainerState
 from rl.algorithms.opsd import TeacherConfig
 from rl.config import PROJECT_ROOT, ConfigError, LearnerConfig, LoraConfig, load_config
 from rl.data import PromptStream
-from rl.demo.tiny import addition_task
+from rl.demo.tiny import addition_rows
 from rollouts.types import SamplingSpec
 
 pytestmark = pytest.mark.slow
@@ -33,12 +33,12 @@ pytestmark = pytest.mark.slow
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 @pytest.fixture(scope="module")
-def resume_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
+def resume_setup(warmed_addition_model, tmp_path_factory):
     # 60 warm-up steps leave the model right on a few `a+b=` prompts in ten: rewards vary within
     # groups, so every step has a gradient.
-    model, data = addition_task(root, warmup_steps=60, n_rows=500)
-    return model, data
+    data = tmp_path_factory.mktemp("resume") / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in addition_rows(500, seed=5)))
+    return warmed_addition_model, data
 
 
 def _overrides(model, data, out, name, steps, extra=()):

@@ -9,12 +9,14 @@ counts per step, so a resumed run must inpaint and replace exactly as the unbrok
 """
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from rl.config import load_config
-from rl.demo.tiny import addition_rows, build_model, diffusion_task
+from rl.demo.tiny import addition_rows
+from rl.models import resolve_model_path
 
 pytestmark = pytest.mark.slow
 
@@ -62,10 +64,8 @@ def _assert_same_run(whole, resumed, initial_weights):
 
 
 @pytest.fixture(scope="module")
-def opsd_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("opsd_resume")
-    model = build_model(root / "model", arch="qwen3", tied=True)
-    data = root / "train.jsonl"
+def opsd_setup(tiny_model, tmp_path_factory):
+    model, data = tiny_model, tmp_path_factory.mktemp("opsd_resume") / "train.jsonl"
     rows = [{**r, "problem": r["question"], "solution": f"{r['question']}{r['answer']}"} for r in addition_rows(100, seed=3)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return model, data
@@ -86,11 +86,11 @@ def test_opsd_resume_equals_one_run(opsd_setup, teacher, ray_session, tmp_path):
 
 
 def test_igpo_resume_equals_one_run(ray_session, tmp_path):
-    # A tiny diffusion LM warmed up briefly (300 steps): right now and then, so that groups are
-    # mixed (a gradient) or all wrong (inpainting), without the 2000-step model of the recipe.
-    model, data = diffusion_task(tmp_path / "task", warmup_steps=300, n_rows=200)
-    overrides = [f"model.path={model}", f"data.train={data}", "train.prompts_per_step=8", "learner.lr=1e-3",
-                 "eval.every_steps=0", "eval.at_start=false"]
+    # The recipe's own model (built once into the model cache, as tests/integration/
+    # test_igpo_end_to_end.py uses it): right on about 30% of samples, so that groups of 8 are
+    # mixed (a gradient) or all wrong (inpainting).
+    model = Path(resolve_model_path(load_config("igpo_tiny").model.path))
+    overrides = ["train.prompts_per_step=8", "learner.lr=1e-3", "eval.every_steps=0", "eval.at_start=false"]
     whole, resumed = _whole_and_resumed("igpo_tiny", overrides, tmp_path)
     records = _assert_same_run(whole, resumed, model / "model.safetensors")
     # Inpainting happened (else the IGPO part of the state is not exercised): groups were repaired.

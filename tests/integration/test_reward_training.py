@@ -11,7 +11,7 @@ import pytest
 from rewards.math import math_verify_reward
 from rewards.scoring import RewardError, RewardScorer
 from rl.config import PROJECT_ROOT, load_config
-from rl.demo.tiny import addition_rows, build_model
+from rl.demo.tiny import addition_rows
 
 pytestmark = pytest.mark.slow
 
@@ -21,9 +21,8 @@ GROUP = 4
 
 
 @pytest.fixture(scope="module")
-def flagged_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reward_training")
-    model = build_model(root / "model", arch="qwen3", tied=True)
+def flagged_setup(tiny_model, tmp_path_factory):
+    root, model = tmp_path_factory.mktemp("reward_training"), tiny_model
     rows = [{**r, "flag": i in FLAGGED} for i, r in enumerate(addition_rows(64, seed=5))]
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

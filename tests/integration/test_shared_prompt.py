@@ -24,7 +24,6 @@ from rl.learner.group import LearnerGroup, LearnerWorker, free_port
 from rl.learner.lora import _with_lora
 from rl.learner.model import _Policy
 from rl.learner.step import _call_loss, _token_scores
-from rl.demo.tiny import build_model
 
 TEMPERATURE = 0.9
 # (prompt length, completion lengths) per group; the last group has one completion (nothing to
@@ -70,11 +69,6 @@ def layout(batch: SequenceBatch, share_prompt: bool, max_tokens, micro_batch_siz
     build = partial(MicroBatch.packed, share_prompt=share_prompt) if packed else MicroBatch.from_sequences
     parts = [batch.select(idx) for idx in plan if idx]
     return [build(part.teacher_view() if view else part) for part in parts]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_model(tmp_path_factory.mktemp("tiny") / "model", arch="qwen3", tied=True)
 
 
 def load64(model_dir, seed: int | None = None) -> torch.nn.Module:

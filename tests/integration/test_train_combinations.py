@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rl.config import load_config
-from rl.demo.tiny import addition_rows, addition_task, build_model
+from rl.demo.tiny import addition_rows
 
 pytestmark = pytest.mark.slow
 
@@ -25,9 +25,11 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module")
-def warmed(tmp_path_factory):
+def warmed(warmed_addition_model, tmp_path_factory):
     # Partly right on `a+b=`: rewards vary within groups, so every step has a gradient.
-    return addition_task(tmp_path_factory.mktemp("combos"), warmup_steps=60, n_rows=200)
+    data = tmp_path_factory.mktemp("combos") / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in addition_rows(200, seed=5)))
+    return warmed_addition_model, data
 
 
 def _grpo(model, data, out, steps, extra=()):
@@ -143,12 +145,11 @@ def test_lora_with_two_updates_per_batch(warmed, ray_session, tmp_path, observed
             assert torch.equal(final[name], value), name  # embeddings and norms never train
 
 
-def test_opsd_qwen_recipe_in_bf16_with_lora_lowers_divergence(ray_session, tmp_path, observed):
+def test_opsd_qwen_recipe_in_bf16_with_lora_lowers_divergence(tiny_model, ray_session, tmp_path, observed):
     """opsd_qwen as it stands (forward KL clipped at 0.05 per entry, paper aggregation, frozen
     teacher, LoRA, bf16, T 1.1 / top-p 0.95 / top-k 20) with the model, data and sizes of a tiny
     run: the bf16 run of the recipes, and OPSD with the clip on, end to end."""
-    model = build_model(tmp_path / "model", arch="qwen3", tied=True)
-    data = tmp_path / "train.jsonl"
+    model, data = tiny_model, tmp_path / "train.jsonl"
     rows = [{**r, "problem": r["question"], "solution": f"{r['question']}{r['answer']}"} for r in addition_rows(300, seed=3)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config("opsd_qwen", [

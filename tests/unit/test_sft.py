@@ -15,13 +15,6 @@ ROWS = [{"problem": f"{a}+{b}=", "solution": f"{a}+{b} is {a + b}.", "answer": s
         for a in range(1, 7) for b in range(1, 5)]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from rl.demo.tiny import build_model
-
-    return str(build_model(tmp_path_factory.mktemp("sft_model") / "model"))
-
-
 @pytest.fixture
 def data_file(tmp_path):
     path = tmp_path / "train.jsonl"
