@@ -682,7 +682,7 @@ def _import_plugins(plugins: list[str]) -> None:
                 importlib.import_module(plugin)
         except Exception as e:  # an error of the user's plug-in: name it, then what went wrong
             raise ValueError(
-                f"could not import plug-in {plugin!r}: {type(e).__name__}: {e}. A plug-in is a module "
+                f"`plugins`: could not import plug-in {plugin!r}: {type(e).__name__}: {e}. A plug-in is a module "
                 "name (rl.demo.tiny) or a path to a .py file"
             ) from None
 
