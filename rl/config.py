@@ -733,6 +733,12 @@ class RunConfig(Section):
         if isinstance(plugins, list):  # first: a plug-in may register the algorithm named below
             _import_plugins([str(p) for p in plugins])
         ref = data.get("algorithm", cls.model_fields["algorithm"].default)
+        if isinstance(ref, str) and ref.rsplit(":", 1)[0].endswith(".py"):
+            # Saved absolute, so that a resume from another working directory finds the file.
+            from rewards.registry import portable_ref
+
+            ref = portable_ref(ref)
+            data = {**data, "algorithm": ref}
         section, config_cls = algorithm_section(ref)
         for key in data:
             if key not in cls.model_fields and key != section:

@@ -10,8 +10,8 @@ is how rl.evaluate reads a local set, so `eval/gsm8k/...` means HELD-OUT ADDITIO
 training rows are drawn from the other pairs, and those training pairs (once each) are a second
 evaluation set under the `math500` slot (`eval/math500/...` = IN-DISTRIBUTION ADDITION).
 
-GRPO: group 8, lr 1e-3 (tests/test_grpo_end_to_end.py's settings). OPSD: the opsd_smollm2 recipe
-with tests/test_opsd.py's tiny-model settings; one rollout per prompt; the frozen initial model,
+GRPO: group 8, lr 1e-3 (tests/integration/test_grpo_end_to_end.py's settings). OPSD: the opsd_smollm2 recipe
+with tests/integration/test_opsd.py's tiny-model settings; one rollout per prompt; the frozen initial model,
 shown the reference solution "a+b=c", is the teacher. Each run is `python -m rl.launch` in its own
 process; then `python -m rl.compare` writes the plots and the tokens-to-target table.
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 HELDOUT_PAIRS = 50
 PROMPTS_PER_STEP = 64
-GRPO_STEPS, GRPO_GROUP = 30, 8  # 512 rollouts a step, as in tests/test_grpo_end_to_end.py
+GRPO_STEPS, GRPO_GROUP = 30, 8  # 512 rollouts a step, as in tests/integration/test_grpo_end_to_end.py
 OPSD_STEPS = 120  # 64 rollouts a step: measured 28-30k rollout tokens, ~0.78x GRPO (collapsed students hit max_tokens)
 EVAL_EVERY_GRPO, EVAL_EVERY_OPSD = 3, 12  # 11 points per curve
 # (label, learner.lr, seeds): the tests' OPSD lr and one 10x lower

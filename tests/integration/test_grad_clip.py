@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 LR = 1e-3
 MAX_GRAD_NORM = 1e2
-# Loss scales far above Adam's eps (see tests/test_learner.py), 10x apart between the two steps.
+# Loss scales far above Adam's eps (see tests/integration/test_learner.py), 10x apart between the two steps.
 BATCHES = [varied_batch(1, 1e4), varied_batch(2, 1e5)]
 
 

@@ -1,4 +1,4 @@
-"""Exact resume for OPSD (frozen and EMA teacher) and IGPO, as tests/test_resume.py shows it for
+"""Exact resume for OPSD (frozen and EMA teacher) and IGPO, as tests/integration/test_resume.py shows it for
 GRPO: 2 steps in one go, and the same run resumed from step 1's checkpoint, give the same
 records and weights.
 
@@ -32,7 +32,7 @@ def _untimed(record):
 def _whole_and_resumed(recipe, overrides, out):
     """Runs `whole` (2 steps, a checkpoint after each), then resumes a copy of it from step 1's
     checkpoint (what a crash during step 2 leaves, with step 2's record dropped on resume) to
-    step 2 in a fresh trainer: the same as the 1 step + resume + 1 step of tests/test_resume.py,
+    step 2 in a fresh trainer: the same as the 1 step + resume + 1 step of tests/integration/test_resume.py,
     one start-up cheaper. Returns both run directories."""
     from rl.loop.trainer import train
 

@@ -39,7 +39,7 @@ def _grpo(model, data, out, steps, extra=()):
         "train.prompts_per_step=8", "learner.micro_batch_size=32", "learner.lr=1e-2", "learner.warmup_steps=0",
         "reward.workers=0", f"tracking.output_dir={out}", "tracking.run_name=run",
         # Pushes are observed where the object store receives them; the collective backend's
-        # bit-exact delivery is tested in tests/test_weight_sync.py.
+        # bit-exact delivery is tested in tests/integration/test_weight_sync.py.
         "sync.backend=object_store", *extra,
     ])
 
