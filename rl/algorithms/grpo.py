@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 
 from rl.algorithms import advantages, losses, policy_losses
 from rl.algorithms.base import Algorithm, Requirements, Rollouts, register_algorithm
-from rl.algorithms.entropy import chunked_entropy, top_entropy_mask
+from rl.algorithms.entropy import top_entropy_mask
 from rl.algorithms.losses import Aggregation, KLKind
 from rl.config import Section
 from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch
@@ -146,7 +146,10 @@ class PolicyGradientLoss:
     def __call__(self, out: PolicyOutputs, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
         fields = mb.token_fields
         mask = mb.completion_mask * fields["loss_mask"] if "loss_mask" in fields else mb.completion_mask
-        logp = losses.chunked_token_logprobs(out.hidden, out.lm_head_weight, mb.completion_ids, out.temperature, self.chunk_size)
+        # Padding skipped; the entropy metric comes from the same logits (no lm_head product of its own).
+        logp, entropy = losses.chunked_token_logprobs_and_entropy(
+            out.hidden, out.lm_head_weight, mb.completion_ids, mb.completion_mask, out.temperature, self.chunk_size
+        )
         out.keep_logprobs(logp)
         # With one update per batch the data is on-policy: old = current (detached), ratio == 1.
         old = fields.get("old_logprobs", logp.detach())
@@ -163,8 +166,6 @@ class PolicyGradientLoss:
             per_token = per_token + self.kl_coef * kl
             metrics["kl_sum"] = float((kl.detach() * mask).sum())
         loss = losses.aggregate(per_token, mask, self.loss_agg, mb.loss_normalizer)
-        weight = None if out.lm_head_weight is None else out.lm_head_weight.detach()
-        entropy = chunked_entropy(out.hidden.detach(), weight, mask, out.temperature, self.chunk_size)
         metrics["entropy_sum"] = float((entropy * mask).sum())
         metrics["clip_fraction_sum"] = float((clipped * mask).sum())
         metrics["tokens"] = float(mask.sum())

@@ -77,27 +77,90 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 
-def chunked_token_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor | None, tokens: torch.Tensor, temperature: float = 1.0, chunk_size: int = 512
-) -> torch.Tensor:
-    """log_softmax(hidden @ W^T / T)[token] per position, [B, T, H] -> [B, T], with gradients.
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """log_softmax(rows @ W^T / T)[token] over [N, H] rows, one chunk of rows at a time, and each
+    row's entropy from the same logits (no gradient).
 
-    Each chunk of positions is checkpointed: its [chunk, V] logits exist once in the forward and
-    once more in the backward, never as a whole [B, T, V] tensor. `weight=None`: `hidden` already
-    holds logits (masked-diffusion models).
+    Saves only its inputs. The backward recomputes each chunk's logits and applies the analytic
+    gradient, d logp_t / d logits = (onehot(t) - p) / T: the logits are built twice per step (as a
+    checkpointed autograd forward would), never as one [N, V] tensor, and the entropy costs no
+    lm_head product of its own. `weight=None`: the rows are logits already.
     """
-    from torch.utils.checkpoint import checkpoint
 
-    def chunk(h: torch.Tensor, w: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
-        logits = h if w is None else torch.nn.functional.linear(h, w)
-        return token_logprobs(logits.float() / temperature, t)
+    @staticmethod
+    def forward(ctx, rows, weight, tokens, temperature, chunk_size):
+        from rl.algorithms.divergences import chunk_logits, log_softmax_
 
-    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
-    parts = [
-        checkpoint(chunk, flat_h[i : i + chunk_size], weight, flat_t[i : i + chunk_size], use_reentrant=False)
-        for i in range(0, flat_h.shape[0], chunk_size)
-    ]
-    return torch.cat(parts).view(tokens.shape)
+        ctx.save_for_backward(rows, weight, tokens)
+        ctx.options = (temperature, chunk_size)
+        dtype = torch.promote_types(rows.dtype, torch.float32)
+        logp, entropy = rows.new_empty(rows.shape[0], dtype=dtype), rows.new_empty(rows.shape[0], dtype=dtype)
+        for start in range(0, rows.shape[0], chunk_size):
+            part = slice(start, start + chunk_size)
+            log_p, p = log_softmax_(chunk_logits(rows[part], weight, temperature))
+            logp[part] = log_p.gather(-1, tokens[part, None]).squeeze(-1)
+            entropy[part] = -p.mul_(log_p).sum(dim=-1)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        from rl.algorithms.divergences import chunk_logits, log_softmax_
+
+        rows, weight, tokens = ctx.saved_tensors
+        temperature, chunk_size = ctx.options
+        want_rows, want_weight = ctx.needs_input_grad[:2]
+        grad_rows = torch.zeros_like(rows) if want_rows else None
+        # float32 accumulator: summing a bf16 [V, H] gradient over many chunks would lose precision.
+        grad_weight = None
+        if want_weight:
+            grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        for start in range(0, rows.shape[0], chunk_size):
+            part = slice(start, start + chunk_size)
+            _, p = log_softmax_(chunk_logits(rows[part], weight, temperature))
+            g = grad_logp[part].to(p.dtype).unsqueeze(-1)
+            grad_logits = p.mul_(-g).scatter_add_(-1, tokens[part, None], g).div_(temperature).to(rows.dtype)
+            if want_rows:
+                grad_rows[part] = grad_logits if weight is None else grad_logits @ weight
+            if want_weight:
+                grad_weight += grad_logits.T @ rows[part]
+        if want_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_rows, grad_weight, None, None, None
+
+
+def chunked_token_logprobs_and_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor | None,
+    tokens: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log_softmax(hidden @ W^T / T)[token], entropy of that distribution) per position,
+    [B, T, H] -> two [B, T]; gradients reach the log-probs' `hidden` and `weight`, not the entropy.
+
+    Logits exist for `chunk_size` positions at a time. Positions where `mask` is 0 (padding) are
+    skipped and give 0 in both. `weight=None`: `hidden` already holds logits (masked-diffusion models).
+    """
+    leading = tokens.shape
+    rows, flat = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
+    valid = None if mask is None else mask.reshape(-1).nonzero().squeeze(-1)
+    if valid is not None:
+        rows, flat = rows[valid], flat[valid]
+    logp, entropy = _ChunkedTokenLogprobs.apply(rows, weight, flat, temperature, chunk_size)
+    if valid is None:
+        return logp.view(leading), entropy.view(leading)
+    return tuple(x.new_zeros(leading.numel()).index_copy(0, valid, x).view(leading) for x in (logp, entropy))
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor | None, tokens: torch.Tensor, temperature: float = 1.0,
+    chunk_size: int = 512, mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log_softmax(hidden @ W^T / T)[token] per position, [B, T, H] -> [B, T], with gradients
+    (`chunked_token_logprobs_and_entropy` without the entropy)."""
+    return chunked_token_logprobs_and_entropy(hidden, weight, tokens, mask, temperature, chunk_size)[0]
 
 
 def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

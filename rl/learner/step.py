@@ -6,8 +6,7 @@ from functools import partial
 
 import torch
 
-from rl.algorithms.entropy import chunked_entropy
-from rl.algorithms.losses import chunked_token_logprobs
+from rl.algorithms.losses import chunked_token_logprobs_and_entropy
 from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch
 from rl.learner.frozen import FrozenModels
 from rl.learner.micro_batches import MicroBatcher
@@ -37,8 +36,8 @@ def _rows(values: torch.Tensor, mb: MicroBatch) -> list[list[float]]:
 
 def _token_scores(mb: MicroBatch, temperature: float, with_entropy: bool, hidden, weight):
     # Chunked over positions: never a [B, T, V] tensor, however long the completions.
-    token_logp = chunked_token_logprobs(hidden, weight, mb.completion_ids, temperature)
-    return token_logp, (chunked_entropy(hidden, weight, None, temperature) if with_entropy else None)
+    token_logp, entropy = chunked_token_logprobs_and_entropy(hidden, weight, mb.completion_ids, mb.completion_mask, temperature)
+    return token_logp, (entropy if with_entropy else None)
 
 
 class StepRunner:

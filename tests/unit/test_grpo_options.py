@@ -23,7 +23,7 @@ def test_chunked_token_logprobs_equal_naive_in_value_and_gradient(chunk):
     (got * torch.arange(10.0).view(2, 5)).sum().backward()
     g_hidden, g_weight = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
-    naive = torch.log_softmax((hidden @ weight.T).float() / 0.7, -1).gather(-1, tokens[..., None])[..., 0]
+    naive = torch.log_softmax((hidden @ weight.T) / 0.7, -1).gather(-1, tokens[..., None])[..., 0]
     (naive * torch.arange(10.0).view(2, 5)).sum().backward()
     assert torch.allclose(got, naive, atol=1e-6)
     assert torch.allclose(g_hidden, hidden.grad, atol=1e-5) and torch.allclose(g_weight, weight.grad, atol=1e-5)
