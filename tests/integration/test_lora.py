@@ -194,7 +194,8 @@ def test_only_adapters_train_and_the_frozen_teacher_is_the_base(tiny_model, refe
 def trained_group(request, ray_session, tiny_model, tmp_path_factory):
     num_learners, stage = request.param
     cfg = learner_cfg(num_learners=num_learners, zero_stage=stage, micro_batch_size=1)
-    group = LearnerGroup(str(tiny_model), cfg, "float32", seed=0, total_steps=2, with_reference=True, lora=LORA)
+    group = LearnerGroup(str(tiny_model), cfg, "float32", seed=0, total_steps=2, with_reference=True,
+                         teacher=TeacherConfig(kind="frozen"), lora=LORA)
     for batch in STEP_BATCHES:
         group.train_step(batch, token_mean_pg_loss, TEMPERATURE)
     out = tmp_path_factory.mktemp("saved") / "hf"
