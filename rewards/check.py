@@ -1,6 +1,6 @@
 """Check a reward on real data before training with it.
 
-    python -m rewards.check REF [REF ...] --data gsm8k --split test --local-dir ../shared/data
+    python -m rewards.check refs=REF[,REF...] data=gsm8k split=test local_dir=../shared/data
 
 Scores each row's reference solution against the row's own gold answer (a correctness reward
 should give its maximum) and against another row with a different gold answer (it should give
@@ -9,7 +9,6 @@ distributions, the throughput and every timeout or error. Exit code 1 if any cal
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import re
 import sys
@@ -100,23 +99,64 @@ def _report_set(label: str, entry: dict, expected: float | None, show: int) -> N
         print(f"  failures: {result.counts}")
 
 
+USAGE = """usage: python -m rewards.check refs=REF[,REF...] [key=value ...]
+
+  refs             reward names, module:function or file.py:function (summed)
+  data             gsm8k, math500, a hub id or a .jsonl path (default gsm8k)
+  split            default test
+  local_dir        folder with <name>/<split>.jsonl, e.g. ../shared/data
+  question_key     the question column, when it is not found by name
+  limit            only the first N rows
+  workers          worker processes (0: inline; default 2)
+  timeout_s        per call (default 10)
+  answer_fallback  none, last_number (default) or math_verify
+  max_tokens       rollout.max_tokens, for length rewards (default 256)
+  tokenizer        count completion_tokens with this tokenizer (else words)
+  expect           REF,WRONG: the expected totals for references and wrong answers (e.g. 1,0); list those that differ
+  show             examples printed per problem kind (default 5)"""
+DEFAULTS = dict(data="gsm8k", split="test", local_dir=None, question_key=None, limit=None, workers="2",
+                timeout_s="10", answer_fallback="last_number", max_tokens="256", tokenizer=None, expect=None, show="5")
+
+
+def _arguments(argv: list[str] | None):
+    """The command line in the tools' one style (rl/cli.py): key=value options."""
+    from types import SimpleNamespace
+
+    from rl.cli import UsageError, parse_command_line, require, tool_arguments
+
+    argv = tool_arguments(argv, USAGE)
+    if argv is None:
+        return None
+    line = parse_command_line(argv, USAGE, ["refs", *DEFAULTS])
+    opts = {**DEFAULTS, **line.options}
+    try:
+        args = SimpleNamespace(
+            refs=require(line, "refs", USAGE).split(","), data=opts["data"], split=opts["split"],
+            local_dir=opts["local_dir"], question_key=opts["question_key"],
+            limit=None if opts["limit"] is None else int(opts["limit"]), workers=int(opts["workers"]),
+            timeout_s=float(opts["timeout_s"]), answer_fallback=opts["answer_fallback"],
+            max_tokens=int(opts["max_tokens"]), tokenizer=opts["tokenizer"], show=int(opts["show"]),
+            expect=None if opts["expect"] is None else [float(x) for x in opts["expect"].split(",")],
+        )
+    except ValueError as e:
+        raise UsageError(f"A number option has a value that is not a number: {e}.\n{USAGE}") from None
+    if args.answer_fallback not in ("none", "last_number", "math_verify"):
+        raise UsageError(f"answer_fallback={args.answer_fallback}: choose none, last_number or math_verify.\n{USAGE}")
+    if args.expect is not None and len(args.expect) != 2:
+        raise UsageError(f"expect={opts['expect']}: give two numbers, REF,WRONG.\n{USAGE}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rewards.check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("refs", nargs="+", help="reward names, module:function or file.py:function (summed)")
-    parser.add_argument("--data", default="gsm8k", help="gsm8k, math500, a hub id or a .jsonl path")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--local-dir", default=None, help="folder with <name>/<split>.jsonl, e.g. ../shared/data")
-    parser.add_argument("--question-key", default=None)
-    parser.add_argument("--limit", type=int, default=None, help="only the first N rows")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes (0: inline)")
-    parser.add_argument("--timeout-s", type=float, default=10.0)
-    parser.add_argument("--answer-fallback", default="last_number", choices=["none", "last_number", "math_verify"])
-    parser.add_argument("--max-tokens", type=int, default=256, help="rollout.max_tokens, for length rewards")
-    parser.add_argument("--tokenizer", default=None, help="count completion_tokens with this tokenizer (else words)")
-    parser.add_argument("--expect", nargs=2, type=float, default=None, metavar=("REF", "WRONG"),
-                        help="expected total for references and wrong answers (e.g. 1 0); list those that differ")
-    parser.add_argument("--show", type=int, default=5, help="examples printed per problem kind")
-    args = parser.parse_args(argv)
+    from rl.cli import UsageError
+
+    try:
+        args = _arguments(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args is None:
+        return 0
 
     from rl.data import DataError, read_source
 

@@ -206,8 +206,7 @@ def _check(*args):
 
 
 def test_check_command_on_math500():
-    proc = _check("math_verify", "--data", "math500", "--local-dir", "../shared/data", "--limit", "40",
-                  "--expect", "1", "0", "--workers", "1")
+    proc = _check("refs=math_verify", "data=math500", "local_dir=../shared/data", "limit=40", "expect=1,0", "workers=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "reference: 40 completions" in proc.stdout and "math_verify: 1: 40" in proc.stdout
     wrong = proc.stdout.split("\nwrong:")[1]
@@ -218,7 +217,16 @@ def test_check_command_reports_failures(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"s \\boxed{{{i}}}", "solution": f"s \\boxed{{{i}}}",
                                         "flag": i == 2}) + "\n" for i in range(5)))
-    proc = _check(f"{FIXTURE}:raise_on_flag", "--data", str(data), "--workers", "0")
+    proc = _check(f"refs={FIXTURE}:raise_on_flag", f"data={data}", "workers=0")
     assert proc.returncode == 1
     assert "error in tests/fixtures/custom_reward.py:raise_on_flag on #2" in proc.stdout
     assert "'reward_errors_scored_zero': 1" in proc.stdout
+
+
+def test_check_command_names_bad_arguments():
+    old_style = _check("math_verify", "--data", "gsm8k")
+    assert old_style.returncode == 2 and "Argument `math_verify` is not of the form key=value" in old_style.stderr
+    no_refs = _check("data=gsm8k")
+    assert no_refs.returncode == 2 and "Missing `refs=...`" in no_refs.stderr
+    bad_expect = _check("refs=math_verify", "expect=1")
+    assert bad_expect.returncode == 2 and "give two numbers" in bad_expect.stderr
