@@ -1,5 +1,5 @@
 """The one argument style of the command-line tools (rl.launch, rl.evaluate, rl.sft, rl.compare,
-rl.plot): every option is `key=value`, the same form as a config override (`train.steps=5`), and
+rl.plot, rewards.check): every option is `key=value`, the same form as a config override (`train.steps=5`), and
 the few switches that take no value are `--name` (`--dry-run`). A list is comma-separated
 (`benchmarks=gsm8k,math500`, `runs=A,B`). -h / --help prints the tool's usage."""
 from __future__ import annotations
