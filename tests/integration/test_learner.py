@@ -183,10 +183,12 @@ def trained_group(request, ray_session, tiny_model):
     num_learners, stage = request.param
     cfg = learner_cfg(num_learners=num_learners, zero_stage=stage, micro_batch_size=1)
     group = LearnerGroup(str(tiny_model), cfg, "float32", seed=0, total_steps=2, with_reference=True)
-    initial_logprobs = group.compute_logprobs(STEP_BATCHES[0], TEMPERATURE, with_entropy=True)
-    metrics = [group.train_step(b, token_mean_pg_loss, TEMPERATURE) for b in STEP_BATCHES]
-    yield SimpleNamespace(group=group, initial_logprobs=initial_logprobs, metrics=metrics)
-    group.close()
+    try:  # closed also when a step fails: its actors would hold the session's CPUs from the next group
+        initial_logprobs = group.compute_logprobs(STEP_BATCHES[0], TEMPERATURE, with_entropy=True)
+        metrics = [group.train_step(b, token_mean_pg_loss, TEMPERATURE) for b in STEP_BATCHES]
+        yield SimpleNamespace(group=group, initial_logprobs=initial_logprobs, metrics=metrics)
+    finally:
+        group.close()
 
 
 def test_group_step_matches_reference(trained_group, reference):

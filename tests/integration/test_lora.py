@@ -196,12 +196,14 @@ def trained_group(request, ray_session, tiny_model, tmp_path_factory):
     cfg = learner_cfg(num_learners=num_learners, zero_stage=stage, micro_batch_size=1)
     group = LearnerGroup(str(tiny_model), cfg, "float32", seed=0, total_steps=2, with_reference=True,
                          teacher=TeacherConfig(kind="frozen"), lora=LORA)
-    for batch in STEP_BATCHES:
-        group.train_step(batch, token_mean_pg_loss, TEMPERATURE)
-    out = tmp_path_factory.mktemp("saved") / "hf"
-    group.save_hf(str(out), adapter=True)
-    yield SimpleNamespace(group=group, out=out, state=group.full_state_dict())
-    group.close()
+    try:  # closed also when a step fails: its actors would hold the session's CPUs from the next group
+        for batch in STEP_BATCHES:
+            group.train_step(batch, token_mean_pg_loss, TEMPERATURE)
+        out = tmp_path_factory.mktemp("saved") / "hf"
+        group.save_hf(str(out), adapter=True)
+        yield SimpleNamespace(group=group, out=out, state=group.full_state_dict())
+    finally:
+        group.close()
 
 
 def test_merged_weights_are_base_plus_scaled_adapter_product(trained_group, reference):
