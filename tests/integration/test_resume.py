@@ -205,7 +205,7 @@ def test_learner_checkpoint_restores_optimizer_schedule_rng_and_ema_teacher(resu
 
     def after_step_2(group):
         metrics = group.train_step(_batch(2), nll_loss)
-        ema = _on_ranks(group, lambda w: w._ema_state())
+        ema = _on_ranks(group, lambda w: w.frozen.ema_state())
         return metrics, group.full_state_dict(), ema, _on_ranks(group, lambda w: torch.rand(3))
 
     group = LearnerGroup(str(model), cfg, "bfloat16", seed=0, total_steps=4, teacher=teacher, lora=lora)
