@@ -305,7 +305,10 @@ class RewardConfig(Section):
 
 class LearnerConfig(Section):
     num_learners: int = Field(1, ge=1, description="Data-parallel DeepSpeed ranks (Ray actors).")
-    zero_stage: Literal[2, 3] = Field(2, description="ZeRO stage: 2 shards optimizer state and gradients, 3 also parameters.")
+    zero_stage: Literal[2, 3] = Field(
+        2, description="ZeRO stage: 2 shards optimizer state and gradients, 3 also parameters. A single "
+        "learner runs stage 2 as stage 1 (nothing to shard; it skips stage 2's per-micro-batch gradient copies).",
+    )
     micro_batch_size: int = Field(
         4, ge=1, description="Sequences per forward pass when max_tokens_per_micro_batch is None; gradient "
         "accumulation covers the rest."

@@ -81,25 +81,34 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     """log_softmax(rows @ W^T / T)[token] over [N, H] rows, one chunk of rows at a time, and each
     row's entropy from the same logits (no gradient).
 
-    Saves only its inputs. The backward recomputes each chunk's logits and applies the analytic
-    gradient, d logp_t / d logits = (onehot(t) - p) / T: the logits are built twice per step (as a
-    checkpointed autograd forward would), never as one [N, V] tensor, and the entropy costs no
-    lm_head product of its own. `weight=None`: the rows are logits already.
+    The backward applies the analytic gradient, d logp_t / d logits = (onehot(t) - p) / T. It needs
+    each chunk's probabilities p: kept from the forward when all of them fit in `keep_bytes`
+    (a learner micro-batch of a small-vocabulary model: one lm_head product and softmax fewer per
+    step), else recomputed chunk by chunk, as a checkpointed autograd forward would, so that the
+    logits never exist as one [N, V] tensor. The entropy costs no lm_head product of its own.
+    `weight=None`: the rows are logits already.
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, tokens, temperature, chunk_size):
+    def forward(ctx, rows, weight, tokens, temperature, chunk_size, keep_bytes):
         from rl.algorithms.divergences import chunk_logits, log_softmax_
 
         ctx.save_for_backward(rows, weight, tokens)
         ctx.options = (temperature, chunk_size)
         dtype = torch.promote_types(rows.dtype, torch.float32)
+        vocab = rows.shape[-1] if weight is None else weight.shape[0]
+        keep = rows.shape[0] * vocab * dtype.itemsize <= keep_bytes
+        ctx.kept = [] if keep else None
         logp, entropy = rows.new_empty(rows.shape[0], dtype=dtype), rows.new_empty(rows.shape[0], dtype=dtype)
         for start in range(0, rows.shape[0], chunk_size):
             part = slice(start, start + chunk_size)
             log_p, p = log_softmax_(chunk_logits(rows[part], weight, temperature))
             logp[part] = log_p.gather(-1, tokens[part, None]).squeeze(-1)
-            entropy[part] = -p.mul_(log_p).sum(dim=-1)
+            if keep:
+                ctx.kept.append(p)
+                entropy[part] = -(p * log_p).sum(dim=-1)
+            else:
+                entropy[part] = -p.mul_(log_p).sum(dim=-1)
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
@@ -109,15 +118,16 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
         rows, weight, tokens = ctx.saved_tensors
         temperature, chunk_size = ctx.options
+        kept, ctx.kept = ctx.kept, None
         want_rows, want_weight = ctx.needs_input_grad[:2]
         grad_rows = torch.zeros_like(rows) if want_rows else None
         # float32 accumulator: summing a bf16 [V, H] gradient over many chunks would lose precision.
         grad_weight = None
         if want_weight:
             grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
-        for start in range(0, rows.shape[0], chunk_size):
+        for k, start in enumerate(range(0, rows.shape[0], chunk_size)):
             part = slice(start, start + chunk_size)
-            _, p = log_softmax_(chunk_logits(rows[part], weight, temperature))
+            p = kept[k] if kept is not None else log_softmax_(chunk_logits(rows[part], weight, temperature))[1]
             g = grad_logp[part].to(p.dtype).unsqueeze(-1)
             grad_logits = p.mul_(-g).scatter_add_(-1, tokens[part, None], g).div_(temperature).to(rows.dtype)
             if want_rows:
@@ -126,7 +136,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 grad_weight += grad_logits.T @ rows[part]
         if want_weight:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_rows, grad_weight, None, None, None
+        return grad_rows, grad_weight, None, None, None, None
 
 
 def chunked_token_logprobs_and_entropy(
@@ -136,19 +146,22 @@ def chunked_token_logprobs_and_entropy(
     mask: torch.Tensor | None = None,
     temperature: float = 1.0,
     chunk_size: int = 512,
+    keep_bytes: int = 256 * 2**20,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log_softmax(hidden @ W^T / T)[token], entropy of that distribution) per position,
     [B, T, H] -> two [B, T]; gradients reach the log-probs' `hidden` and `weight`, not the entropy.
 
     Logits exist for `chunk_size` positions at a time. Positions where `mask` is 0 (padding) are
     skipped and give 0 in both. `weight=None`: `hidden` already holds logits (masked-diffusion models).
+    The probabilities are kept for the backward when they take at most `keep_bytes` (256 MiB: a few
+    thousand positions of a 50k vocabulary), else recomputed there.
     """
     leading = tokens.shape
     rows, flat = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
     valid = None if mask is None else mask.reshape(-1).nonzero().squeeze(-1)
     if valid is not None:
         rows, flat = rows[valid], flat[valid]
-    logp, entropy = _ChunkedTokenLogprobs.apply(rows, weight, flat, temperature, chunk_size)
+    logp, entropy = _ChunkedTokenLogprobs.apply(rows, weight, flat, temperature, chunk_size, keep_bytes)
     if valid is None:
         return logp.view(leading), entropy.view(leading)
     return tuple(x.new_zeros(leading.numel()).index_copy(0, valid, x).view(leading) for x in (logp, entropy))

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rl.learner.attention import AttentionPieces
+
 
 @dataclass
 class SequenceBatch:
@@ -71,6 +73,7 @@ class MicroBatch:
     attention_mask is a bool [R, 1, L, L] (True: the query may attend the key), `position_ids`
     [R, L], and `predict_index` [B, T] the flat index (row * L + position) of the input position
     predicting each completion token. The completion-aligned tensors stay [B, T], in sequence order.
+    `attention_pieces` is the same mask as spans (rl.learner.attention), for piece attention.
     """
 
     input_ids: torch.Tensor
@@ -83,6 +86,7 @@ class MicroBatch:
     loss_normalizer: float
     position_ids: torch.Tensor | None = None
     predict_index: torch.Tensor | None = None
+    attention_pieces: AttentionPieces | None = None
 
     @property
     def is_packed(self) -> bool:
@@ -143,11 +147,14 @@ class MicroBatch:
         unit_of = -1 - torch.arange(len(rows) * width).view(len(rows), width)
         segment = torch.zeros((len(rows), width), dtype=torch.long)
         predict = torch.zeros_like(plain.completion_ids)
+        pieces = []  # (prefix start, prefix length, own start, own length), flat
         for r, members in enumerate(rows):
             at = 0
             for k in members:
                 first = units[k][0]
                 p = batch.prompt_lens[first]
+                prompt_start = r * width + at
+                pieces.append((0, 0, prompt_start, p))
                 ids[r, at : at + p] = torch.tensor(batch.input_ids[first][:p])
                 positions[r, at : at + p] = torch.arange(p)
                 unit_of[r, at : at + p] = k
@@ -163,6 +170,7 @@ class MicroBatch:
                     # Token 0 is predicted by the prompt's last position, token t by token t-1's.
                     predict[i, 0] = last_prompt
                     predict[i, 1:c] = r * width + torch.arange(at, at + c - 1)
+                    pieces.append((prompt_start, p, r * width + at, c))
                     at += c
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         same_unit = unit_of[:, :, None] == unit_of[:, None, :]
@@ -172,6 +180,7 @@ class MicroBatch:
             input_ids=ids, attention_mask=mask, prompt_lens=plain.prompt_lens, completion_ids=plain.completion_ids,
             completion_mask=plain.completion_mask, token_fields=plain.token_fields, seq_fields=plain.seq_fields,
             loss_normalizer=plain.loss_normalizer, position_ids=positions, predict_index=predict,
+            attention_pieces=AttentionPieces.build(pieces),
         )
 
     def completion_aligned(self, per_position: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ def _to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
         seq_fields=move(mb.seq_fields),
         position_ids=None if mb.position_ids is None else mb.position_ids.to(device),
         predict_index=None if mb.predict_index is None else mb.predict_index.to(device),
+        attention_pieces=None if mb.attention_pieces is None else mb.attention_pieces.to(device),
     )
 
 

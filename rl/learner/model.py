@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from rl.config import LearnerConfig, LoraConfig
+from rl.learner.attention import use_piece_attention
 from rl.learner.batch import MicroBatch
 from rl.learner.lora import _with_lora
 
@@ -79,6 +80,7 @@ class _Policy(torch.nn.Module):
         super().__init__()
         self.lm = lm  # the HF causal LM, or the peft model around it
         self.head = _Head()
+        self.piece_attention = use_piece_attention(_causal_lm(lm))
         deepspeed.zero.register_external_parameter(self.head, self.output_weight)
 
     @property
@@ -87,7 +89,11 @@ class _Policy(torch.nn.Module):
 
     def forward(self, *, mb: MicroBatch, fn=None):
         body = _causal_lm(self.lm).get_decoder()
-        if mb.is_packed:
+        if mb.is_packed and self.piece_attention:
+            # The 4D mask only stands in for HF's own mask building; piece attention uses the spans.
+            out = body(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                       use_cache=False, attention_pieces=mb.attention_pieces)
+        elif mb.is_packed:
             # A 4D mask reaches the attention as it is (HF skips its own mask building); additive
             # rather than bool, which SDPA and eager attention both take.
             dtype = self.output_weight.dtype

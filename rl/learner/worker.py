@@ -39,7 +39,10 @@ def _deepspeed_config(cfg: LearnerConfig, dtype: str, world_size: int) -> dict:
         "gradient_accumulation_steps": 1,
         "train_batch_size": cfg.micro_batch_size * world_size,
         "gradient_clipping": cfg.max_grad_norm,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        # One rank has nothing to shard, and stage 2 then only costs: it copies every gradient into
+        # its reduction buckets after each micro-batch (about 1 s a step on the default task, 6% of
+        # the learner), where stage 1 accumulates in place. Same optimizer, same update.
+        "zero_optimization": {"stage": 1 if world_size == 1 and cfg.zero_stage == 2 else cfg.zero_stage},
         # check_grad_overflow: a non-finite gradient skips the step in bf16 too, as in fp32.
         "bf16": {"enabled": dtype == "bfloat16", "check_grad_overflow": True},
         "steps_per_print": 2**31 - 1,

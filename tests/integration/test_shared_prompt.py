@@ -227,18 +227,29 @@ def test_lora_model_equals_the_plain_layout(tiny_model):
 
 
 def test_plain_reference_differs_from_a_wrong_mask(tiny_model):
-    """The comparison can fail: a completion that may see its siblings scores differently."""
+    """The comparison can fail: a completion that sees its siblings, or its own future, scores
+    differently, through the 4D mask (eager/flash models) and through piece attention alike."""
     policy = _Policy(load64(tiny_model))
+    assert policy.piece_attention  # an SDPA model runs the packed layout as pieces
     batch = grouped_batch(0)
-    mb = MicroBatch.packed(batch, share_prompt=True)
     plain = MicroBatch.from_sequences(batch)
     fn = partial(_token_scores, plain, TEMPERATURE, False)
-    with torch.no_grad():
-        want = policy(mb=plain, fn=fn)[0] * plain.completion_mask
-        got = policy(mb=mb, fn=fn)[0] * plain.completion_mask
-        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
-        mb.attention_mask = torch.ones_like(mb.attention_mask).tril()
-        assert (policy(mb=mb, fn=fn)[0] * plain.completion_mask - want).abs().max() > 1e-3
+
+    def scores(mb, pieces: bool):
+        policy.piece_attention = pieces
+        with torch.no_grad():
+            return policy(mb=mb, fn=fn)[0] * plain.completion_mask
+
+    want = scores(plain, True)
+    for pieces in (True, False):
+        torch.testing.assert_close(scores(MicroBatch.packed(batch, share_prompt=True), pieces), want, atol=1e-10, rtol=0)
+    mb = MicroBatch.packed(batch, share_prompt=True)
+    mb.attention_mask = torch.ones_like(mb.attention_mask).tril()
+    assert (scores(mb, False) - want).abs().max() > 1e-3
+    mb = MicroBatch.packed(batch, share_prompt=True)
+    completions = mb.attention_pieces.groups[1]
+    completions.mask |= torch.ones_like(completions.mask)  # every key of the piece, the future too
+    assert (scores(mb, True) - want).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,8 +24,10 @@ def _reference(hidden, weight, tokens, temperature):
     return logp, entropy
 
 
+# keep_bytes: 0 recomputes the probabilities in the backward, the default keeps them (tiny here).
+@pytest.mark.parametrize("keep_bytes", [0, 256 * 2**20])
 @pytest.mark.parametrize("frozen_weight", [False, True])
-def test_values_and_gradients_match_full_logits(frozen_weight):
+def test_values_and_gradients_match_full_logits(frozen_weight, keep_bytes):
     hidden, weight, tokens, mask = _inputs()
     upstream = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     grads = []
@@ -33,7 +35,8 @@ def test_values_and_gradients_match_full_logits(frozen_weight):
         h = hidden.clone().requires_grad_()
         w = weight.clone().requires_grad_(not frozen_weight)
         if fused:
-            logp, entropy = chunked_token_logprobs_and_entropy(h, w, tokens, mask, temperature=0.7, chunk_size=4)
+            logp, entropy = chunked_token_logprobs_and_entropy(h, w, tokens, mask, temperature=0.7, chunk_size=4,
+                                                                   keep_bytes=keep_bytes)
         else:
             logp, entropy = _reference(h, w, tokens, 0.7)
             logp, entropy = logp * mask, entropy * mask  # the fused function gives 0 at padding
