@@ -411,8 +411,9 @@ class TrainConfig(Section):
         "batch is at most 1 <= k weight versions old; its age is logged as batch_age), as the "
         "one-step off-policy pipelines of verl/OpenRLHF/AReaL. Pair it with "
         "grpo.importance_sampling=token so that the loss corrects for the engines' older policy. "
-        "Needs ray.placement=split, reward.workers >= 1 (rewards are scored off the main thread) and "
-        "no checkpoints (in-flight rollouts are not yet restored on resume).",
+        "Needs ray.placement=split and reward.workers >= 1 (rewards are scored off the main thread). "
+        "Checkpoints keep the batch in flight, so resume= continues exactly; extending a finished run "
+        "(more train.steps) starts its first new step on-policy.",
     )
     stop_on_collapse: bool = Field(
         True,
@@ -779,8 +780,6 @@ class RunConfig(Section):
             problems.append("ray.placement=split (colocated engines sleep while the learner trains)")
         if self.reward.workers == 0:
             problems.append("reward.workers >= 1 (math-verify's timeouts only work on the main thread)")
-        if self.checkpoint.every_steps:
-            problems.append("checkpoint.every_steps=0 (resume does not restore in-flight rollouts yet)")
         if problems:
             raise ValueError(f"train.max_staleness={self.train.max_staleness} needs " + ", ".join(problems))
         return self

@@ -132,7 +132,9 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             grad_logits = p.mul_(-g).scatter_add_(-1, tokens[part, None], g).div_(temperature).to(rows.dtype)
             if want_rows:
                 grad_rows[part] = grad_logits if weight is None else grad_logits @ weight
-            if want_weight:
+            if want_weight and grad_weight.dtype == rows.dtype:
+                grad_weight.addmm_(grad_logits.T, rows[part])  # in place: no [V, H] temporary per chunk
+            elif want_weight:
                 grad_weight += grad_logits.T @ rows[part]
         if want_weight:
             grad_weight = grad_weight.to(weight.dtype)

@@ -110,9 +110,11 @@ class LearnerWorker:
         teacher_kind = teacher.kind if teacher is not None else None
         ema = copy.deepcopy(model) if teacher_kind == "ema" else None
         policy = wrap(model, diffusion, pad_id)
+        # fused: one pass over the parameters and states instead of one per arithmetic op (0.08 s
+        # against 0.3 s for SmolLM2-135M on 2 CPU cores; CUDA has the same kernel).
         optimizer = torch.optim.AdamW(
             [p for p in policy.parameters() if p.requires_grad], lr=learner_cfg.lr,
-            betas=tuple(learner_cfg.betas), weight_decay=learner_cfg.weight_decay,
+            betas=tuple(learner_cfg.betas), weight_decay=learner_cfg.weight_decay, fused=True,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, partial(warmup_factor, warmup_steps=learner_cfg.warmup_steps)

@@ -9,10 +9,14 @@ One directory per saved step:
         rng.pt              the driver's python / numpy / torch RNG states
         trainer_state.json  step, data stream position, cumulative rollout tokens, config hash
         config.yaml         the config it was written under
+        rollouts_ahead.pkl  with train.max_staleness >= 1 only: the next step's rollouts, generated
+                            during this step with the weights before its update, and that version
 
 The rollout engines need nothing saved: on resume they get the learner's weights, and their
 sampler is reseeded before every step with `step_seed(run seed, step)`, so step s samples the
-same whether or not the run stopped before it.
+same whether or not the run stopped before it. An overlapped run's next batch was sampled with
+weights the checkpoint no longer holds, so that batch itself is saved: a resumed run trains on
+it, one version old, as the uninterrupted run did.
 
 Atomic: a checkpoint is written as `step_000010.tmp-<pid>`, flushed to disk, then renamed. Only
 `step_<digits>` directories count, so a run killed while saving (or while deleting an old
@@ -23,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -35,6 +40,7 @@ from rl.config import ConfigError, RunConfig, load_config, parse_overrides
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+AHEAD_FILE = "rollouts_ahead.pkl"
 _COMPLETE = re.compile(r"step_\d+")
 
 # What a resume may change: none of these alters what a step computes. Everything else is part of
@@ -235,8 +241,10 @@ def save_due(cfg: RunConfig, step: int) -> bool:
     return every > 0 and (step % every == 0 or step == cfg.train.steps)
 
 
-def save(run_dir: Path, cfg: RunConfig, learners, state: TrainerState) -> Path:
-    """Write the checkpoint of `state.step` atomically, then drop all but the newest keep_last."""
+def save(run_dir: Path, cfg: RunConfig, learners, state: TrainerState, ahead: tuple | None = None) -> Path:
+    """Write the checkpoint of `state.step` atomically, then drop all but the newest keep_last.
+    `ahead`: an overlapped run's next-step rollouts as the loop holds them (its result, the
+    weight version they were sampled with), restored by `resume`."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step_{state.step:06d}"
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
@@ -244,6 +252,8 @@ def save(run_dir: Path, cfg: RunConfig, learners, state: TrainerState) -> Path:
     learners.save_checkpoint(str(tmp / "learner"))
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "config.yaml").write_text(cfg.to_yaml())
+    if ahead is not None:
+        (tmp / AHEAD_FILE).write_bytes(pickle.dumps(ahead))
     (tmp / STATE_FILE).write_text(json.dumps({**asdict(state), "config_hash": config_hash(cfg)}, indent=1))
     _fsync_tree(tmp)
     os.rename(tmp, final)
@@ -269,10 +279,11 @@ def _drop_steps_after(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(kept))
 
 
-def resume(run_dir: Path, cfg: RunConfig, learners, pool, stream) -> TrainerState:
+def resume(run_dir: Path, cfg: RunConfig, learners, pool, stream) -> tuple[TrainerState, tuple | None]:
     """Bring a freshly built run (learners, engines, prompt stream, driver RNG) to the state of the
-    newest complete checkpoint in run_dir; returns its counters. Records of the steps after it
-    (a killed run's partial progress) are dropped from metrics.jsonl and reward_failures.jsonl."""
+    newest complete checkpoint in run_dir; returns its counters and the rollouts it saved ahead
+    (None when it has none). Records of the steps after it (a killed run's partial progress) are
+    dropped from metrics.jsonl and reward_failures.jsonl."""
     remove_incomplete(run_dir)
     checkpoint = newest(run_dir)
     if checkpoint is None:
@@ -285,5 +296,6 @@ def resume(run_dir: Path, cfg: RunConfig, learners, pool, stream) -> TrainerStat
     set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=False))
     for name in ("metrics.jsonl", "reward_failures.jsonl"):
         _drop_steps_after(Path(run_dir) / name, state.step)
+    ahead = checkpoint / AHEAD_FILE
     print(f"[checkpoint] resumed from {checkpoint} (step {state.step})", flush=True)
-    return state
+    return state, (pickle.loads(ahead.read_bytes()) if ahead.exists() else None)

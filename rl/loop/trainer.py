@@ -6,7 +6,7 @@ import logging
 import os
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -252,7 +252,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
     )
     weight_sync = build_weight_sync(cfg.sync, pool, learners, plan)
     sync_check = SyncCheck(cfg, pool, learners)
-    done = checkpoint.resume(run_dir, cfg, learners, pool, stream) if resume else checkpoint.TrainerState()
+    done, saved_ahead = checkpoint.resume(run_dir, cfg, learners, pool, stream) if resume else (checkpoint.TrainerState(), None)
     console = console or Console(cfg.train.steps, done.step + 1)
     tracker = Tracker(run_dir, cfg.train.steps, cfg.model_dump(mode="json"), cfg.tracking.wandb, cfg.tracking.tensorboard,
                       console=console)
@@ -289,6 +289,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
     # version last pushed, and a batch's age is the learner's version minus the one it was sampled with.
     ahead = ThreadPoolExecutor(1, thread_name_prefix="rollouts-ahead") if cfg.train.max_staleness else None
     in_flight = None  # (future, version sampled with)
+    if saved_ahead is not None:  # resumed: the next step's rollouts as the checkpoint kept them
+        in_flight = (_finished(saved_ahead[0]), saved_ahead[1])
     version = done.step
     saved_step = done.step if resume else -1
     next_start = stream.position  # where the next step's prompts begin (what a checkpoint records)
@@ -297,7 +299,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
             tracker.log(0, {**evaluator.run(pool, run_dir / "eval" / "step_000000"), "cumulative_rollout_tokens": 0})
         for step in range(done.step + 1, cfg.train.steps + 1):
             if stop is not None and stop.requested:
-                _stop_on_signal(stop, step - 1, saved_step, run_dir, cfg, learners, next_start, rollout_tokens)
+                _stop_on_signal(stop, step - 1, saved_step, run_dir, cfg, learners, next_start, rollout_tokens,
+                                _ahead(in_flight))
             console.stage("generation")
             t_wait = time.time()
             if in_flight is None:
@@ -391,7 +394,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
                     break
             tracker.log(step, metrics)
             if checkpoint.save_due(cfg, step):
-                checkpoint.save(run_dir, cfg, learners, checkpoint.TrainerState(step, next_start, rollout_tokens))
+                checkpoint.save(run_dir, cfg, learners, checkpoint.TrainerState(step, next_start, rollout_tokens),
+                                _ahead(in_flight))
                 saved_step = step
             guard.check(step, metrics, has_signal(batch.token_fields))
         if cfg.train.save_final:
@@ -412,11 +416,23 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
     return metrics
 
 
+def _finished(result) -> Future:
+    future = Future()
+    future.set_result(result)
+    return future
+
+
+def _ahead(in_flight) -> tuple | None:
+    """What a checkpoint keeps of the rollouts in flight: (their result, version sampled with). At a
+    step's end they are finished: the engines were waited for before the weight push."""
+    return None if in_flight is None else (in_flight[0].result(), in_flight[1])
+
+
 def _stop_on_signal(stop: GracefulStop, step: int, saved_step: int, run_dir: Path, cfg: RunConfig, learners, position: int,
-                    rollout_tokens: int) -> None:
+                    rollout_tokens: int, ahead: tuple | None) -> None:
     """The safe point after `step` once Ctrl-C / SIGTERM came: save (unless told not to), then stop."""
     if step >= 1 and cfg.checkpoint.on_interrupt and saved_step != step:
-        checkpoint.save(run_dir, cfg, learners, checkpoint.TrainerState(step, position, rollout_tokens))
+        checkpoint.save(run_dir, cfg, learners, checkpoint.TrainerState(step, position, rollout_tokens), ahead)
     raise RunStopped(f"Stopped after step {step} of {cfg.train.steps} on request. {checkpoint_note(run_dir)}",
                      exit_code=stop.exit_code)
 

@@ -278,7 +278,7 @@ def test_resume_restores_counters_and_rng_and_drops_later_records(tmp_path):
     learners, stream = FakeLearners(), SimpleNamespace(position=0)
     pool = SimpleNamespace(update_weights=lambda sd: setattr(pool, "weights", sd))
 
-    assert checkpoint.resume(tmp_path, cfg, learners, pool, stream) == TrainerState(2, 16, 200)
+    assert checkpoint.resume(tmp_path, cfg, learners, pool, stream) == (TrainerState(2, 16, 200), None)
     assert stream.position == 16 and random.random() == expected
     assert learners.loaded.endswith("step_000002/learner") and torch.equal(pool.weights["w"], torch.ones(2))
     assert [r["step"] for r in _records(tmp_path)] == [0, 1, 2]
