@@ -364,7 +364,8 @@ class SyncConfig(Section):
         0.05,
         gt=0,
         description="Stop the run if the mean |engine - learner| logprob gap on the checked tokens exceeds "
-        "this (nats). fp32 engines agree to ~1e-6; a stale or mis-loaded weight (e.g. vLLM-CPU's "
+        "this (nats): each engine's mean when re-scoring after a push, each prompt group's (one "
+        "engine's) in the next step's rollouts. fp32 engines agree to ~1e-6; a stale or mis-loaded weight (e.g. vLLM-CPU's "
         "tied-embedding repack) shows as 0.8-2 nats.",
     )
 

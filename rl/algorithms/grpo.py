@@ -16,7 +16,7 @@ from rl.algorithms.base import Algorithm, Requirements, Rollouts, register_algor
 from rl.algorithms.entropy import top_entropy_mask
 from rl.algorithms.losses import Aggregation, KLKind
 from rl.config import Section
-from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch
+from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch, prompt_units
 from rollouts.types import SamplingSpec
 
 
@@ -256,6 +256,11 @@ class GRPO(Algorithm):
         gap = (learner_lp - rollout_lp).abs() * mask
         metrics["mismatch/logprob_gap_mean"] = float(gap.sum() / mask.sum())
         metrics["mismatch/logprob_gap_max"] = float(gap.max())
+        # The pool hands each engine whole prompts, so a prompt's group comes from one engine: the
+        # worst group's mean shows one stale engine among many, which the batch mean dilutes.
+        metrics["mismatch/logprob_gap_group_max"] = max(
+            float(gap[unit].sum() / mask[unit].sum().clamp(min=1.0)) for unit in prompt_units(batch, share_prompt=True)
+        )
         weights = losses.truncated_is_weights(learner_lp, rollout_lp, mask, "token", self.cfg.importance_cap)
         metrics["mismatch/is_weight_mean"] = float(weights.sum() / mask.sum())
         return (with_token_fields(batch, **fields) if fields else batch), metrics

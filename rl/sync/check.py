@@ -17,6 +17,7 @@ from rollouts.types import ScoringRequest
 
 ROLLOUT_GAP = "mismatch/logprob_gap_mean"  # the algorithm's mean |learner - rollout| log-prob gap
 ROLLOUT_GAP_MAX = "mismatch/logprob_gap_max"
+ROLLOUT_GAP_GROUP = "mismatch/logprob_gap_group_max"  # the worst prompt group's mean (one engine's)
 CAUSES = (
     "The engine is not running the learner's weights: a failed or partial reload, a dtype "
     "mismatch, or vLLM-CPU's stale tied-embedding repack. Training on would optimise a "
@@ -86,10 +87,13 @@ class SyncCheck:
         if not (self.comparable and batch_age == 0 and ROLLOUT_GAP in algo_metrics):
             return {}
         gap, worst = algo_metrics[ROLLOUT_GAP], algo_metrics.get(ROLLOUT_GAP_MAX, algo_metrics[ROLLOUT_GAP])
-        if gap > self.threshold:
+        # Each prompt group is one engine's: its worst group's mean is not diluted by the others.
+        group = algo_metrics.get(ROLLOUT_GAP_GROUP, gap)
+        if max(gap, group) > self.threshold:
             raise WeightSyncError(
                 f"The rollouts of step {step}, sampled with the weights last pushed to the engines, disagree "
-                f"with the learner's log-probs of the same tokens by {gap:.3g} nats per token on average (max "
-                f"{worst:.3g}; limit sync.max_logprob_gap={self.threshold}). " + CAUSES
+                f"with the learner's log-probs of the same tokens by {max(gap, group):.3g} nats per token on "
+                f"average over the worst prompt group (all tokens: {gap:.3g}, max {worst:.3g}; limit "
+                f"sync.max_logprob_gap={self.threshold}). " + CAUSES
             )
         return {"logprob_gap": gap, "logprob_gap_max": worst}

@@ -7,7 +7,7 @@ import torch
 from rl.algorithms import losses
 from rl.algorithms import Rollouts
 from rl.algorithms.grpo import GRPO
-from rl.learner.batch import MicroBatch, PolicyOutputs
+from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch
 from rl.config import RunConfig
 from rl.loop.trainer import collect_rollouts
 from rollouts.types import Completion
@@ -43,6 +43,17 @@ def test_truncated_is_weights_reference():
             want_seq = min(math.exp(log_seq), 2.0) if t < n else 0.0
             assert tok[i, t].item() == pytest.approx(want_tok, rel=1e-6)
             assert seq[i, t].item() == pytest.approx(want_seq, rel=1e-6)
+
+
+def test_worst_prompt_group_gap_against_a_plain_mean():
+    """The gap of each prompt's group (one engine's rollouts) is its tokens' mean; the worst is reported."""
+    algo = GRPO(RunConfig(grpo={"group_size": 2}))
+    batch = SequenceBatch(input_ids=[[1, 2, 5, 6], [1, 2, 7], [3, 4, 8, 9], [3, 4, 9]], prompt_lens=[2, 2, 2, 2],
+                          token_fields={"rollout_logprobs": [[-1.0, -1.0], [-1.0], [-2.0, -2.0], [-2.0]]})
+    learner = [[-1.0, -1.1], [-1.0], [-1.0, -3.0], [-2.5]]  # group 1 is off by 1, 1 and 0.5
+    _, metrics = algo.use_policy_scores(batch, learner, None)
+    assert metrics["mismatch/logprob_gap_group_max"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert metrics["mismatch/logprob_gap_mean"] == pytest.approx((0.1 + 1 + 1 + 0.5) / 6)
 
 
 def _batch(algo, lens, advantages, rollout_lp, truncated=None):

@@ -57,6 +57,16 @@ def test_a_rollout_gap_over_the_limit_stops_the_run():
         check(2, BATCH, gap(0.5), 0, evaluating=False)
 
 
+def test_one_stale_engine_among_many_is_not_diluted():
+    """Sixteen engines, one stale by 0.5 nats: the batch mean (0.03) passes the limit, the worst
+    prompt group (one engine's) does not."""
+    check, _ = sync_check("sync.max_logprob_gap=0.05")
+    metrics = {**gap(0.5 / 16), "mismatch/logprob_gap_group_max": 0.5}
+    with pytest.raises(WeightSyncError, match=r"by 0.5 nats per token on average over the worst prompt group \(all tokens: 0.0312"):
+        check(2, BATCH, metrics, 0, evaluating=False)
+    assert check(2, BATCH, {**gap(1e-5), "mismatch/logprob_gap_group_max": 3e-5}, 0, evaluating=False)["logprob_gap"] == 1e-5
+
+
 # A cut distribution's gap, or one of a batch sampled before the last push (overlap), does not
 # measure the engines' weights; with track_mismatch off there is none.
 @pytest.mark.parametrize("override,batch_age", [("rollout.top_p=0.9", 0), ("rollout.top_k=20", 0),
