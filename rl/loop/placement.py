@@ -64,6 +64,8 @@ class ResourcePlan:
     engines: list[Slot]
     learners: list[Slot]
     strategy: str = "PACK"
+    # Engines and learners work at the same time (train.max_staleness >= 1): they share the cores.
+    overlap: bool = False
     # Filled by apply():
     placement_group: object = None
     info: list[BundleInfo] = field(default_factory=list)
@@ -82,6 +84,7 @@ class ResourcePlan:
         mode: str,
         on_gpu: bool,
         strategy: str = "PACK",
+        overlap: bool = False,
     ) -> "ResourcePlan":
         if mode not in (SPLIT, COLOCATE):
             raise ValueError(f"placement must be '{SPLIT}' or '{COLOCATE}', got {mode!r}")
@@ -115,7 +118,7 @@ class ResourcePlan:
             first_alone = num_engines * per_group
         for r in range(first_alone, num_learners):
             learners.append(Slot("learner", r, bundle(learner_cpus, 1 if on_gpu else 0), 1.0 if on_gpu else 0.0, learner_cpus))
-        return cls(mode, on_gpu, bundles, engines, learners, strategy)
+        return cls(mode, on_gpu, bundles, engines, learners, strategy, overlap)
 
     @classmethod
     def from_config(cls, cfg, on_gpu: bool) -> "ResourcePlan":
@@ -128,6 +131,7 @@ class ResourcePlan:
             mode=cfg.ray.placement,
             on_gpu=on_gpu,
             strategy=cfg.ray.strategy,
+            overlap=cfg.train.max_staleness > 0,
         )
 
     # ------------------------------------------------------------------ checking and applying
@@ -209,10 +213,12 @@ class ResourcePlan:
         )
 
     def threads(self, slot: Slot) -> int:
-        """All the cores of the slot's node, shared with the same role's actors on that node
-        (roles take turns; actors of one role work at the same time)."""
+        """The cores of the slot's node, shared with the actors on that node that work at the same
+        time: those of its own role when roles take turns, every engine and learner with overlap
+        (more threads than cores would make both roles spin against each other)."""
         node = self.info[slot.bundle].node_id
-        same = [s for s in (self.engines if slot.role == "engine" else self.learners) if self.info[s.bundle].node_id == node]
+        peers = self.engines + self.learners if self.overlap else (self.engines if slot.role == "engine" else self.learners)
+        same = [s for s in peers if self.info[s.bundle].node_id == node]
         return max(1, self.info[slot.bundle].cores // len(same))
 
     def gpu_ids(self, slot: Slot) -> list[int]:

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from rl.config import PROJECT_ROOT
-from rl.loop.placement import PlacementError, ResourcePlan
+from rl.loop.placement import BundleInfo, PlacementError, ResourcePlan
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +45,16 @@ def test_plan_that_does_not_fit_is_refused():
     with pytest.raises(PlacementError, match=r"learner.num_learners >= 4, got 2"):
         plan(mode="colocate", gpus_per_engine=2)
     plan(num_engines=1, gpus_per_engine=2, num_learners=1).check_fits([{"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 2}])
+
+
+def test_threads_split_the_cores_when_roles_overlap():
+    """One 8-core node, one engine and two learner ranks. Taking turns, the engine gets all 8 and
+    the learners 4 each; overlapping (train.max_staleness >= 1), the three share the 8 cores."""
+    for overlap, engine, learner in [(False, 8, 4), (True, 2, 2)]:
+        p = plan(on_gpu=False, num_engines=1, num_learners=2, overlap=overlap)
+        p.info = [BundleInfo("node-a", "10.0.0.1", [], 8, 0) for _ in p.bundles]
+        assert p.threads(p.engines[0]) == engine
+        assert [p.threads(s) for s in p.learners] == [learner, learner]
 
 
 # ---------------------------------------------------------------------------------------------
