@@ -325,7 +325,8 @@ class LearnerConfig(Section):
     share_prompt: bool = Field(
         True,
         description="Shared-prompt group forward: the completions of a group that share a prompt are "
-        "packed after ONE copy of it, each attending to the prompt and itself only (4D mask, positions "
+        "packed after ONE copy of it, each attending to the prompt and itself only (piece attention on "
+        "SDPA models, rl.learner.attention; a 4D mask otherwise; positions "
         "continuing from the prompt), so the prompt's forward and backward run once per group instead "
         "of G times. Log-probs, losses and gradients equal the unshared forward (tested); on the "
         "default task it removes about half the learner's tokens. Masked-diffusion models always run "
