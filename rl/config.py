@@ -354,6 +354,13 @@ class SyncConfig(Section):
         256.0, gt=0, description="collective backend: bytes per broadcast (MiB). Large enough to amortise "
         "each broadcast's latency, small enough that neither side holds much beyond the model.",
     )
+    shared_memory: bool = Field(
+        True, description="collective backend, when the bytes cross host memory anyway (CPU, or engines "
+        "colocated with learners) and every engine is on learner rank 0's node: learner rank 0 writes the "
+        "weights once into a shared-memory file and the engines reload from views of it, instead of a gloo "
+        "broadcast over local sockets (on the default CPU recipe: about half the push). It holds one copy of "
+        "the engines' weights in that node's memory for the run. false: always broadcast.",
+    )
     check_sequences: int = Field(
         2, ge=0, description="Sequences of the step re-scored by every engine and the learner after a weight "
         "push that the next step's rollouts do not check (0 disables every check). Where they do (on-policy "

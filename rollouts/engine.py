@@ -60,6 +60,11 @@ class RolloutEngine(ABC):
     def receive_weights(self) -> None:
         """Load the weights learner rank 0 broadcasts to the group now (rl.sync.weight_sync.send_stream)."""
 
+    @abstractmethod
+    def load_shared_weights(self, path: str, manifest: list, size: int) -> None:
+        """Load the weights learner rank 0 wrote into the shared-memory file at `path` on this node
+        (rl.sync.weight_sync.write_shared, whose manifest and length these are)."""
+
 
 class TorchModelEngine(RolloutEngine):
     """An engine around a plain torch model in this process (`self.model`, `self.max_model_len`):
@@ -86,6 +91,11 @@ class TorchModelEngine(RolloutEngine):
         from rl.sync.weight_sync import receive_stream
 
         self.update_weights(dict(receive_stream(self._weight_group, self._weight_device)))
+
+    def load_shared_weights(self, path: str, manifest: list, size: int) -> None:
+        from rl.sync.weight_sync import read_shared
+
+        self.update_weights(dict(read_shared(path, manifest, size)))
 
     def close(self) -> None:
         del self.model

@@ -83,6 +83,10 @@ class RolloutPool:
         actor = ray.remote(**options)(_EngineHost)
         return actor.remote(self.kind, self._model_path, self._seed + index, self._engine_kwargs)
 
+    @property
+    def num_engines(self) -> int:
+        return len(self._actors)
+
     def unresponsive(self, timeout_s: float = 60.0) -> list[int]:
         """Indices of the engines that are dead or do not answer a ping within timeout_s."""
         import ray

@@ -1,5 +1,5 @@
 """vLLM rollout engine: in-process and eager on CPU (weights pushed as tensors), with its own
-worker processes and CUDA graphs on GPU (weights pushed through a file or the collective group)."""
+worker processes and CUDA graphs on GPU (weights pushed through a file, shared memory or the collective group)."""
 from __future__ import annotations
 
 import os
@@ -59,6 +59,13 @@ def _receive_weights(worker) -> None:
 
     # The in-place reload consumes the stream bucket by bucket as it arrives.
     worker.reload_weights(weights_iterator=receive_stream(worker.weight_group, worker.weight_device))
+
+
+def _load_shared_weights(worker, path: str, manifest: list, size: int) -> None:
+    from rl.sync.weight_sync import read_shared
+
+    # Every worker (tensor-parallel rank) maps the file; vLLM's loaders keep each one's shard.
+    worker.reload_weights(weights_iterator=read_shared(path, manifest, size))
 
 
 class VLLMEngine(RolloutEngine):
@@ -189,8 +196,14 @@ class VLLMEngine(RolloutEngine):
         self.llm.collective_rpc(_join_weight_group, args=(host, port, first_rank, world, nccl))
 
     def receive_weights(self) -> None:
+        self._reload_in_workers(_receive_weights)
+
+    def load_shared_weights(self, path: str, manifest: list, size: int) -> None:
+        self._reload_in_workers(_load_shared_weights, path, manifest, size)
+
+    def _reload_in_workers(self, reload, *args) -> None:
         try:
-            self.llm.collective_rpc(_receive_weights)
+            self.llm.collective_rpc(reload, args=args)
             self._after_reload()
         except Exception as e:
             raise RuntimeError(f"vLLM weight reload failed; this engine's weights are now undefined: {e}") from e

@@ -3,19 +3,20 @@
     PYTHONPATH=. python scripts/bench_sync.py --mode run [--steps 3] [--recipe grpo_smollm2] [key=value ...]
     PYTHONPATH=. python scripts/bench_sync.py --mode push [--repeats 5] [--step-s 43.5] [--recipe grpo_smollm2]
 
---mode run: the recipe for --steps steps in split placement, three times (each a real `rl.launch`
-in its own process, with a fresh Ray cluster): sync.backend=object_store and collective at
-train.max_staleness=0, then collective at max_staleness=1. Per step: the step's wall time, the push's
+--mode run: the recipe for --steps steps in split placement, four times (each a real `rl.launch`
+in its own process, with a fresh Ray cluster): sync.backend=object_store, collective as a gloo
+broadcast (sync.shared_memory=false) and collective through shared memory (the default on one node)
+at train.max_staleness=0, then the default at max_staleness=1. Per step: the step's wall time, the push's
 seconds, the whole sync phase (push + any after-push check) and their share of the step. Step 1
 (start-up, warm-up) is reported but left out of the medians. The last step re-scores sequences after
 its push (no next step's rollouts check it, rl.sync.check), the others do not: both are shown.
 Writes bench_results/sync.json and sync.png.
 
 --mode push: the recipe's model in its placed learner and engine, without generating or training:
-both backends push the same weights, alternately, --repeats times each (side by side, so that
+the object store, the gloo broadcast and shared memory push the same weights, in turn, --repeats times each (side by side, so that
 the load of a shared machine hits both alike), each push followed by the after-push re-scoring
 check on two sequences of the recipe's length, and vLLM's in-place reload alone (the floor).
-Shares are of --step-s (the recipe's step on an idle 2-core machine: 43.5 s, bench_results/vs_trl.json).
+Shares are of --step-s (the recipe's step on an idle 2-core machine: 32 s, bench_results/vs_trl.json).
 Writes bench_results/sync_push.json and sync_push.png.
 
 The target (issues 12, 13): the sync phase at most 2% of the step.
@@ -33,18 +34,22 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# (name, backend, train.max_staleness)
-RUNS = (("object_store", "object_store", 0), ("collective", "collective", 0), ("collective_overlap", "collective", 1))
+# (name, the run's overrides)
+RUNS = (
+    ("object_store", ["sync.backend=object_store", "train.max_staleness=0"]),
+    ("collective_broadcast", ["sync.backend=collective", "sync.shared_memory=false", "train.max_staleness=0"]),
+    ("collective", ["sync.backend=collective", "train.max_staleness=0"]),
+    ("collective_overlap", ["sync.backend=collective", "train.max_staleness=1"]),
+)
 
 
-def run(name: str, backend: str, staleness: int, args: argparse.Namespace, out: Path) -> list[dict]:
+def run(name: str, settings: list[str], args: argparse.Namespace, out: Path) -> list[dict]:
     overrides = [
-        f"train.steps={args.steps}", f"sync.backend={backend}", f"train.max_staleness={staleness}",
+        f"train.steps={args.steps}", *settings,
         "ray.placement=split", "train.save_final=false", "eval.every_steps=0", "eval.at_start=false",
         f"tracking.output_dir={out}", f"tracking.run_name={name}", *args.overrides,
     ]
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: {args.recipe}, {args.steps} steps, backend {backend}, "
-          f"max_staleness {staleness} ...", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {args.recipe}, {args.steps} steps, {' '.join(settings)} ...", flush=True)
     proc = subprocess.run([sys.executable, "-m", "rl.launch", f"recipe={args.recipe}", *overrides], cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"{name} run failed (exit {proc.returncode})")
@@ -116,7 +121,7 @@ def push_only(args: argparse.Namespace) -> None:
     from rl.models import resolve_model_path
     from rl.loop.trainer import init_ray, place
     from rl.sync.check import check_weight_sync
-    from rl.sync.weight_sync import CollectiveSync, ObjectStoreSync
+    from rl.sync.weight_sync import CollectiveSync, ObjectStoreSync, SharedMemorySync
     from rollouts.pool import RolloutPool
 
     cfg = load_config(args.recipe, args.overrides)
@@ -132,7 +137,11 @@ def push_only(args: argparse.Namespace) -> None:
         input_ids=[[rng.randrange(100, 10000) for _ in range(prompt + completion)] for _ in range(cfg.sync.check_sequences)],
         prompt_lens=[prompt] * cfg.sync.check_sequences,
     )
-    backends = {"object_store": ObjectStoreSync(pool, learners), "collective": CollectiveSync(pool, learners, cfg.sync.bucket_mb)}
+    backends = {
+        "object_store": ObjectStoreSync(pool, learners),
+        "broadcast": CollectiveSync(pool, learners, cfg.sync.bucket_mb),
+        "shared_memory": SharedMemorySync(pool, learners),
+    }
     # The floor both pay: vLLM's own in-place reload of weights already in the engine's process.
     import ray
 
@@ -176,7 +185,7 @@ def push_only(args: argparse.Namespace) -> None:
     out = ROOT / "bench_results"
     out.mkdir(exist_ok=True)
     meta = dict(mode="push", recipe=args.recipe, repeats=args.repeats, step_s=args.step_s, overrides=args.overrides,
-                machine="2-core CPU shared with three other engineers' test runs", load_average=os.getloadavg())
+                cpus=os.cpu_count(), load_average=os.getloadavg())
     (out / "sync_push.json").write_text(json.dumps(dict(meta=meta, summary=summary, rows=rows), indent=1))
 
     import matplotlib
@@ -200,7 +209,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=["run", "push"], default="run")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--step-s", type=float, default=43.5)
+    parser.add_argument("--step-s", type=float, default=32.0)
     parser.add_argument("--recipe", default="grpo_smollm2")
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = parser.parse_args()
@@ -210,31 +219,33 @@ def main() -> None:
         return
     rows, started = [], time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        for name, backend, staleness in RUNS:
-            rows += summarize(name, run(name, backend, staleness, args, Path(tmp)), args.steps)
-    print(f"{'run':<19} {'step':>4} {'age':>3} {'step s':>7} {'push s':>7} {'push %':>7} {'sync s':>7} {'sync %':>7} "
+        for name, settings in RUNS:
+            rows += summarize(name, run(name, settings, args, Path(tmp)), args.steps)
+    print(f"{'run':<20} {'step':>4} {'age':>3} {'step s':>7} {'push s':>7} {'push %':>7} {'sync s':>7} {'sync %':>7} "
           f"{'MB':>5} {'gap':>8}")
     for r in rows:
         note = "  (last step: push re-scored)" if r["rescored"] else ("  (warm-up)" if r["step"] == 1 else "")
-        print(f"{r['run']:<19} {r['step']:>4} {r['batch_age']:>3} {r['step_s']:>7.1f} {r['push_s']:>7.2f} "
+        print(f"{r['run']:<20} {r['step']:>4} {r['batch_age']:>3} {r['step_s']:>7.1f} {r['push_s']:>7.2f} "
               f"{100 * r['push_share']:>6.2f}% {r['sync_s']:>7.2f} {100 * r['sync_share']:>6.2f}% {r['sync_mb']:>5.0f} "
               f"{r['logprob_gap'] or 0:>8.1e}{note}")
     summary = medians(rows)
     print("\nmedians over steps >= 2:")
     for name, m in summary.items():
-        print(f"  {name:<19} step {m['step_s']:6.1f} s   sync mid-run {m['sync_s_mid_run']:5.2f} s "
+        print(f"  {name:<20} step {m['step_s']:6.1f} s   sync mid-run {m['sync_s_mid_run']:5.2f} s "
               f"({100 * m['sync_share_mid_run']:.2f}% of the step)   sync, all steps {100 * m['sync_share_all']:.2f}%")
     ratios = dict(
         collective_over_object_store_sync=summary["collective"]["sync_s_mid_run"] / summary["object_store"]["sync_s_mid_run"],
+        shared_memory_over_broadcast_sync=summary["collective"]["sync_s_mid_run"] / summary["collective_broadcast"]["sync_s_mid_run"],
         overlap_speedup=summary["collective"]["step_s"] / summary["collective_overlap"]["step_s"],
     )
     print(f"  collective / object_store sync seconds: {ratios['collective_over_object_store_sync']:.2f}; "
+          f"shared memory / broadcast: {ratios['shared_memory_over_broadcast_sync']:.2f}; "
           f"step time max_staleness 0 / 1: {ratios['overlap_speedup']:.2f}x")
     out = ROOT / "bench_results"
     out.mkdir(exist_ok=True)
     meta = dict(recipe=args.recipe, steps=args.steps, overrides=args.overrides, cpus=os.cpu_count(),
                 load_average=os.getloadavg(), wall_s=time.time() - started,
-                machine="2-core CPU shared with three other engineers' test runs: timings are noisy, compare within this run")
+                note="a shared machine: timings are noisy, compare within this run")
     (out / "sync.json").write_text(json.dumps(dict(meta=meta, summary=summary, ratios=ratios, rows=rows), indent=1))
     plot(rows, summary, out / "sync.png")
     print(f"wrote {out / 'sync.json'} and {out / 'sync.png'}")

@@ -253,6 +253,11 @@ class ResourcePlan:
         info = self.info[self.learners[0].bundle]
         return info.node_ip, info.free_port
 
+    def engines_on_learner0_node(self) -> bool:
+        """Whether every engine runs on learner rank 0's node, so that they can share its host memory."""
+        node = self.info[self.learners[0].bundle].node_id
+        return all(self.info[s.bundle].node_id == node for s in self.engines)
+
     def table(self) -> str:
         """One line per engine and learner rank: node, GPU indices, threads."""
         kind = "GPU" if self.on_gpu else "CPU"

@@ -24,7 +24,7 @@ from rl.models import resolve_model_path, vocab_size
 from rl.learner.prompt_masks import prompt_mask_schedule
 from rl.loop.tracking import Console, Tracker, keep_actor_logs
 from rl.sync.check import SyncCheck
-from rl.sync.weight_sync import ObjectStoreSync, build_weight_sync
+from rl.sync.weight_sync import build_weight_sync
 from rewards.scoring import RewardScorer, log_failures
 
 CORRECTNESS_PARTS = ("math_verify", "correct")
@@ -251,6 +251,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
         placement=plan,
     )
     weight_sync = build_weight_sync(cfg.sync, pool, learners, plan)
+    synced_restarts = 0  # engine restarts when weight_sync was built
     sync_check = SyncCheck(cfg, pool, learners)
     done, saved_ahead = checkpoint.resume(run_dir, cfg, learners, pool, stream) if resume else (checkpoint.TrainerState(), None)
     console = console or Console(cfg.train.steps, done.step + 1)
@@ -275,11 +276,11 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
         return recovery.run(step, "generation", generate)
 
     def push_and_check(step: int, batch: SequenceBatch, algo_metrics: dict, batch_age: int) -> tuple[dict, dict]:
-        nonlocal weight_sync
-        if recovery.restarts and not isinstance(weight_sync, ObjectStoreSync):
-            # A replaced engine is not a member of the collective group, which cannot take one mid-run.
-            console.line("an engine was replaced: weights go through the object store from now on")
-            weight_sync = ObjectStoreSync(pool, learners)
+        nonlocal weight_sync, synced_restarts
+        if recovery.restarts != synced_restarts:
+            # A replaced engine is not a member of the collective group: every member joins a new one.
+            weight_sync.close()
+            weight_sync, synced_restarts = build_weight_sync(cfg.sync, pool, learners, plan), recovery.restarts
         pushed = weight_sync.push()
         evaluating = evaluator is not None and eval_due(cfg.eval, step, cfg.train.steps)
         return pushed, sync_check(step, batch, algo_metrics, batch_age, evaluating)

@@ -10,6 +10,10 @@
   reload as they arrive. Nothing passes through the driver, and neither side holds more than a
   bucket beyond the model. With LoRA only the adapted layers change, so only their merged
   weights W + (alpha/r) B A are sent; everything else is still the base model the engines loaded.
+  When the bytes would cross host memory anyway (gloo: CPU, or engines colocated with learners on
+  their GPUs) and every engine is on learner rank 0's node, they take a shorter way (`SharedMemorySync`):
+  rank 0 writes them once into an anonymous shared-memory file and each engine reloads from views
+  of it: one copy on each side, no socket, no group to join (so a replaced engine simply reads too).
 
 The learner and the engines do not know which backend is in use: the trainer calls `push()`.
 A bucket travels as three broadcasts: a header [data bytes, metadata bytes], the metadata (JSON:
@@ -18,6 +22,7 @@ name, dtype, shape, offset of each tensor) and the data; a header of zeros ends 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from abc import ABC, abstractmethod
@@ -123,7 +128,50 @@ def receive_stream(group, device: torch.device):
 
 
 # ---------------------------------------------------------------------------------------------
+# Through shared memory (one node)
+
+
+def write_shared(fd: int, named_tensors) -> tuple[list, int]:
+    """Write (name, tensor) pairs into the file `fd`, each at a 16-byte-aligned offset; returns the
+    manifest [name, dtype, shape, offset, bytes] and the file's length. The file is rewritten in
+    place, so a reader's old mapping never points past its end."""
+    manifest, offset = [], 0
+    for name, tensor in named_tensors:
+        data = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
+        written = 0
+        while written < len(data):  # pwrite may write less than asked (2 GiB at most per call)
+            written += os.pwrite(fd, data[written:], offset + written)
+        manifest.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), offset, len(data)])
+        offset += -(-len(data) // ALIGN) * ALIGN
+    os.ftruncate(fd, offset)
+    return manifest, offset
+
+
+def read_shared(path: str, manifest: list, size: int):
+    """The (name, tensor) pairs of `write_shared`'s manifest, as views of the mapped file."""
+    data = torch.from_file(path, shared=True, size=size, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+    for name, dtype, shape, offset, nbytes in manifest:
+        yield name, data[offset : offset + nbytes].view(getattr(torch, dtype)).view(shape)
+
+
+# ---------------------------------------------------------------------------------------------
 # The learner side (run in every learner rank's actor through LearnerGroup.submit)
+
+
+def _learner_write_shared(worker) -> dict:
+    """Every rank walks the weights (ZeRO-3 gathers are collective); rank 0 writes them into its
+    shared-memory file and returns where the engines find it ({} elsewhere)."""
+    weights = iter_engine_weights(worker)
+    if worker.rank != 0:
+        for _ in weights:
+            pass
+        return {}
+    if getattr(worker, "weights_fd", None) is None:
+        # An anonymous file (memfd): its memory goes back to the system when this process ends,
+        # however it ends. Processes on this node open it by its /proc path.
+        worker.weights_fd = os.memfd_create("rl-engine-weights")
+    manifest, size = write_shared(worker.weights_fd, weights)
+    return {"path": f"/proc/{os.getpid()}/fd/{worker.weights_fd}", "manifest": manifest, "size": size}
 
 
 def _learner_join(worker, host: str, port: int, world: int, nccl: bool) -> None:
@@ -236,11 +284,30 @@ class CollectiveSync(WeightSync):
         return {**sent, "sync_stream_s": time.perf_counter() - t0}
 
 
-BACKENDS = {"object_store": ObjectStoreSync, "collective": CollectiveSync}
+class SharedMemorySync(WeightSync):
+    """Learner rank 0 writes the weights into a shared-memory file on its node; every engine (all on
+    that node) reloads from views of it (see the module doc). The file holds one copy of what the
+    engines load, for the run's length, in learner rank 0's host memory."""
+
+    def __init__(self, pool, learners):
+        self.pool, self.learners = pool, learners
+
+    def push(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        shared = self.learners.wait(self.learners.submit(_learner_write_shared), "write weights to shared memory")[0]
+        t1 = time.perf_counter()
+        where = (shared["path"], shared["manifest"], shared["size"])
+        self.pool.wait("load_shared_weights", self.pool.submit("load_shared_weights", [where] * self.pool.num_engines))
+        return {"sync_write_s": t1 - t0, "sync_load_s": time.perf_counter() - t1, "sync_bytes": float(shared["size"])}
 
 
 def build_weight_sync(sync_cfg, pool, learners, plan) -> WeightSync:
-    """The configured backend; with `plan` (rl.loop.placement) deciding NCCL (GPUs, split) or gloo."""
-    if sync_cfg.backend == "collective":
-        return CollectiveSync(pool, learners, sync_cfg.bucket_mb, nccl=plan.on_gpu and plan.mode == "split")
-    return ObjectStoreSync(pool, learners)
+    """The configured backend. `plan` (rl.loop.placement) decides how the collective one moves bytes:
+    NCCL between disjoint GPUs (split), else host memory: a shared-memory file when every engine is on
+    learner rank 0's node (and sync.shared_memory), else gloo."""
+    if sync_cfg.backend == "object_store":
+        return ObjectStoreSync(pool, learners)
+    nccl = plan.on_gpu and plan.mode == "split"
+    if not nccl and sync_cfg.shared_memory and plan.engines_on_learner0_node():
+        return SharedMemorySync(pool, learners)
+    return CollectiveSync(pool, learners, sync_cfg.bucket_mb, nccl=nccl)

@@ -120,7 +120,8 @@ def test_engine_killed_mid_run_is_replaced_and_the_run_finishes(task, ray_sessio
         return real_collect(stream, pool, *args)
 
     monkeypatch.setattr(rl.loop.trainer, "collect_rollouts", collect)
-    cfg = load_config(None, _overrides(task, tmp_path, "kill", 3))
+    # The broadcast group, which the replacement must join (shared memory needs no group).
+    cfg = load_config(None, _overrides(task, tmp_path, "kill", 3, ["sync.shared_memory=false"]))
     run_dir = tmp_path / "kill"
     run_dir.mkdir()
     rl.loop.trainer.train(cfg, run_dir)
@@ -132,6 +133,8 @@ def test_engine_killed_mid_run_is_replaced_and_the_run_finishes(task, ray_sessio
     assert calls[1][0] == calls[2][0]  # and the retry took the same prompts
     assert calls[2][1] != calls[1][1]  # from a new engine process
     assert records[1]["logprob_gap"] < 1e-3  # that runs the learner's current weights
+    # and gets them through a new broadcast group, not the object store
+    assert all("time/sync_stream_s" in r and "time/sync_gather_s" not in r for r in records)
     assert (run_dir / "final" / "model.safetensors").exists()
 
 

@@ -1,5 +1,6 @@
-"""The collective weight sync (gloo here): what the engines hold after a push is the learner's
-weights, bit for bit, and the after-push log-prob check still catches an engine left stale.
+"""The collective weight sync (a gloo broadcast, or a shared-memory file on one node): what the
+engines hold after a push is the learner's weights, bit for bit, and the after-push log-prob check
+still catches an engine left stale.
 
 The HF engine keeps a plain transformers model, so its weights can be read back and compared
 exactly with the learner's `full_state_dict` (the object-store path's dict). vLLM's weights are
@@ -18,7 +19,7 @@ from rl.config import LearnerConfig, LoraConfig
 from rl.learner.group import LearnerGroup
 from rl.demo.tiny import build_model
 from rl.sync.check import WeightSyncError, check_weight_sync
-from rl.sync.weight_sync import CollectiveSync, ObjectStoreSync
+from rl.sync.weight_sync import CollectiveSync, ObjectStoreSync, SharedMemorySync
 from rollouts import RolloutPool
 from tests.batches import varied_batch
 
@@ -82,6 +83,34 @@ def test_collective_push_is_bit_exact(ray_session, models, model, stage, lora):
         sync.push()
         want = learners.full_state_dict()
         assert all(not differing(got, want) for got in engine_state(pool))
+        # The same through shared memory, twice: the file is rewritten in place.
+        shared = SharedMemorySync(pool, learners)
+        for _ in range(2):
+            learners.train_step(BATCH, pg_loss)
+            want = learners.full_state_dict()
+            assert all(differing(got, want) for got in engine_state(pool))
+            metrics = shared.push()
+            assert all(not differing(got, want) for got in engine_state(pool))
+        if lora:
+            assert metrics["sync_bytes"] < 0.9 * sum(t.numel() * t.element_size() for t in want.values())
+    finally:
+        pool.close()
+        learners.close()
+
+
+def test_a_replaced_engine_joins_a_new_group(ray_session, models):
+    """An engine restarted mid-run was no member of the group: a new group, formed by every engine
+    (the survivor too) and learner rank 0, carries the next push to both."""
+    path = models["untied"]
+    learners = LearnerGroup(path, LearnerConfig(lr=1e-2, micro_batch_size=8), "float32", seed=0, total_steps=2)
+    pool = RolloutPool("hf", path, num_engines=2, max_model_len=64, timeout_s=300)
+    try:
+        CollectiveSync(pool, learners).push()
+        pool.restart(1)
+        learners.train_step(BATCH, pg_loss)
+        want = learners.full_state_dict()
+        CollectiveSync(pool, learners, bucket_mb=0.05).push()
+        assert all(not differing(got, want) for got in engine_state(pool))
     finally:
         pool.close()
         learners.close()
@@ -111,8 +140,8 @@ def test_check_catches_an_engine_that_dropped_the_push(ray_session, models):
 
 
 def test_vllm_collective_push_then_check(ray_session, models):
-    """vLLM-CPU, tied model: the streamed in-place reload plus the output-layer repack give the
-    learner's log-probs; without the repack the check stops the run."""
+    """vLLM-CPU, tied model: the streamed (or shared-memory) in-place reload plus the output-layer
+    repack give the learner's log-probs; without the repack the check stops the run."""
     path = models["tied"]
     learners = LearnerGroup(path, LearnerConfig(lr=3e-2, micro_batch_size=8), "float32", seed=0, total_steps=3)
     pool = RolloutPool("vllm", path, num_engines=1, max_model_len=64, kv_cache_gb=0.25, timeout_s=300)
@@ -124,6 +153,10 @@ def test_vllm_collective_push_then_check(ray_session, models):
         assert check_weight_sync(pool, learners, BATCH, 5, 1e-3)["logprob_gap"] < 1e-4
         # The object-store fallback lands in the same place.
         ObjectStoreSync(pool, learners).push()
+        assert check_weight_sync(pool, learners, BATCH, 5, 1e-3)["logprob_gap"] < 1e-4
+        # So does shared memory, after another step.
+        learners.train_step(BATCH, pg_loss)
+        SharedMemorySync(pool, learners).push()
         assert check_weight_sync(pool, learners, BATCH, 5, 1e-3)["logprob_gap"] < 1e-4
         pool.apply(lambda e: setattr(e, "_needs_repack", False))  # set for a tied model on CPU: no repack now
         learners.train_step(BATCH, pg_loss)
