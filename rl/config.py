@@ -368,6 +368,13 @@ class SyncConfig(Section):
         "those rollouts' log-probs and the learner's scores of the same tokens is the check, at no cost: "
         "a stale engine then stops the run one step later (rl.sync.check).",
     )
+    check_tokens: int = Field(
+        128, ge=0, description="Re-scoring after a push (causal LMs): each checked sequence is cut to this many "
+        "tokens around its prompt's end (the last prompt tokens, at most half, then the first completion "
+        "tokens). Engine and learner score the same tokens either way and a stale weight shows on every one "
+        "(0.8-2 nats), so a window is as sure as the whole sequence and costs a fixed, small forward "
+        "(whole sequences took 3 s of a 32 s step on the default CPU recipe). 0: whole sequences.",
+    )
     max_logprob_gap: float = Field(
         0.05,
         gt=0,

@@ -15,7 +15,7 @@ Writes bench_results/sync.json and sync.png.
 --mode push: the recipe's model in its placed learner and engine, without generating or training:
 the object store, the gloo broadcast and shared memory push the same weights, in turn, --repeats times each (side by side, so that
 the load of a shared machine hits both alike), each push followed by the after-push re-scoring
-check on two sequences of the recipe's length, and vLLM's in-place reload alone (the floor).
+check on two sequences of the recipe's length (windowed as sync.check_tokens says), and vLLM's in-place reload alone (the floor).
 Shares are of --step-s (the recipe's step on an idle 2-core machine: 32 s, bench_results/vs_trl.json).
 Writes bench_results/sync_push.json and sync_push.png.
 
@@ -164,7 +164,8 @@ def push_only(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             metrics = sync.push()
             t1 = time.perf_counter()
-            gap = check_weight_sync(pool, learners, check_batch, cfg.sync.check_sequences, cfg.sync.max_logprob_gap)
+            gap = check_weight_sync(pool, learners, check_batch, cfg.sync.check_sequences, cfg.sync.max_logprob_gap,
+                                    cfg.sync.check_tokens)
             t2 = time.perf_counter()
             print(f"round {i} {name:<13} push {t1 - t0:6.2f} s  check {t2 - t1:5.2f} s  gap {gap['logprob_gap']:.2g}", flush=True)
             if i:

@@ -94,3 +94,28 @@ def test_rescoring_names_the_engine_that_disagrees():
 def test_check_sequences_zero_turns_every_check_off():
     check, learners = sync_check("sync.check_sequences=0", shift=1.0)
     assert check(3, BATCH, gap(0.5), 0, evaluating=False) == {} and learners.calls == 0
+
+
+def test_the_rescored_window_is_the_prompts_end_and_the_completions_start():
+    from rl.sync.check import check_window
+
+    batch = SequenceBatch(input_ids=[list(range(10)), list(range(20, 25)), [7, 8, 9]], prompt_lens=[6, 3, 1])
+    window = check_window(batch, 2, max_tokens=4)  # two sequences, at most 2 prompt tokens each
+    assert window.input_ids == [[4, 5, 6, 7], [21, 22, 23, 24]] and window.prompt_lens == [2, 2]
+    short = check_window(batch.select([2]), 1, max_tokens=4)  # a 1-token prompt keeps it and 3 more
+    assert short.input_ids == [[7, 8, 9]] and short.prompt_lens == [1]
+    whole = check_window(batch, 3, max_tokens=0)
+    assert whole.input_ids == batch.input_ids and whole.prompt_lens == batch.prompt_lens
+
+
+def test_causal_models_rescore_a_window_diffusion_models_whole_sequences():
+    long = SequenceBatch(input_ids=[list(range(300))], prompt_lens=[200])
+    check, learners = sync_check("train.max_staleness=1", "sync.check_tokens=16")
+    seen = []
+    learners.compute_logprobs = lambda batch, temperature=1.0: (seen.append(batch) or [[-1.0] * 8], None)
+    check.pool.score_each_engine = lambda requests: [[[-1.0] * 8]] * 2
+    check(1, long, {}, 1, evaluating=False)
+    assert seen[-1].input_ids == [list(range(192, 208))] and seen[-1].prompt_lens == [8]
+    diffusion = SyncCheck(load_config("igpo_tiny", ["sync.check_tokens=16"]), check.pool, learners)
+    diffusion(1, long, {}, 0, evaluating=False)
+    assert seen[-1].input_ids == long.input_ids
