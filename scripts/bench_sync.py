@@ -13,10 +13,11 @@ its push (no next step's rollouts check it, rl.sync.check), the others do not: b
 Writes bench_results/sync.json and sync.png.
 
 --mode push: the recipe's model in its placed learner and engine, without generating or training:
-the object store, the gloo broadcast and shared memory push the same weights, in turn, --repeats times each (side by side, so that
-the load of a shared machine hits both alike), each push followed by the after-push re-scoring
-check on two sequences of the recipe's length (windowed as sync.check_tokens says), and vLLM's in-place reload alone (the floor).
-Shares are of --step-s (the recipe's step on an idle 2-core machine: 32 s, bench_results/vs_trl.json).
+the object store, the gloo broadcast and shared memory push the same weights, in turn, --repeats
+times each (side by side, so that the load of a shared machine hits all alike), each push followed
+by the after-push re-scoring check on two sequences of the recipe's length (windowed as
+sync.check_tokens says), and vLLM's in-place reload alone (the floor). Shares are of --step-s (the
+recipe's step on an idle 2-core machine: 32 s, bench_results/vs_trl.json).
 Writes bench_results/sync_push.json and sync_push.png.
 
 The target (issues 12, 13): the sync phase at most 2% of the step.

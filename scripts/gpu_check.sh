@@ -6,8 +6,9 @@
 # 1. The resource plan on the real GPUs: colocate (1 GPU is enough) and, with >= 2 GPUs, split;
 #    every actor sees exactly the GPUs the printed plan names.
 # 2. Learner ranks on CUDA (NCCL), bf16, ZeRO-2 and ZeRO-3: a step trains and stays finite.
-# 3. The collective weight sync into an HF engine, bit for bit: through host memory (gloo) when
-#    colocated, GPU to GPU (NCCL) when split (>= 2 GPUs).
+# 3. The collective weight sync into an HF engine, bit for bit: through host memory (gloo, and the
+#    shared-memory file colocated runs use on one node) when colocated, GPU to GPU (NCCL) when split
+#    (>= 2 GPUs).
 # Prints one PASS/FAIL line per check and exits non-zero on any failure.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,7 +24,7 @@ from rl.config import LearnerConfig
 from rl.learner.group import LearnerGroup
 from rl.loop.placement import ResourcePlan
 from rl.demo.tiny import build_model
-from rl.sync.weight_sync import CollectiveSync
+from rl.sync.weight_sync import CollectiveSync, SharedMemorySync
 from rollouts.pool import RolloutPool
 from tests.batches import varied_batch
 
@@ -58,18 +59,21 @@ def run(mode, stage, dtype):
     print(plan.table(), flush=True)
     pool = RolloutPool("hf", model, placement=plan, max_model_len=64, dtype=dtype)
     learners = LearnerGroup(model, LearnerConfig(num_learners=learners_n, zero_stage=stage, micro_batch_size=2, lr=1e-3),
-                            dtype, seed=0, total_steps=1, placement=plan)
+                            dtype, seed=0, total_steps=2, placement=plan)
     try:
         seen = pool.apply(lambda e: (os.environ.get("CUDA_VISIBLE_DEVICES"), str(e.device)))[0]
         assert seen[0] == ",".join(map(str, plan.gpu_ids(plan.engines[0]))) and seen[1].startswith("cuda"), seen
-        sync = CollectiveSync(pool, learners, bucket_mb=1, nccl=mode == "split")
-        metrics = learners.train_step(varied_batch(0, 1.0), loss)
-        assert torch.isfinite(torch.tensor(metrics["loss"])), metrics
-        sync.push()
-        want = learners.full_state_dict()
-        got = pool.apply(lambda e: {k: v.detach().cpu() for k, v in e.model.state_dict().items()})[0]
-        bad = [k for k in want if not torch.equal(got[k], want[k])]
-        assert not bad, f"engine differs from the learner in {bad[:3]}"
+        syncs = [CollectiveSync(pool, learners, bucket_mb=1, nccl=mode == "split")]
+        if mode == "colocate":
+            syncs.append(SharedMemorySync(pool, learners))
+        for sync in syncs:
+            metrics = learners.train_step(varied_batch(0, 1.0), loss)
+            assert torch.isfinite(torch.tensor(metrics["loss"])), metrics
+            sync.push()
+            want = learners.full_state_dict()
+            got = pool.apply(lambda e: {k: v.detach().cpu() for k, v in e.model.state_dict().items()})[0]
+            bad = [k for k in want if not torch.equal(got[k], want[k])]
+            assert not bad, f"{type(sync).__name__}: engine differs from the learner in {bad[:3]}"
     finally:
         pool.close()
         learners.close()
