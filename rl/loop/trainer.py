@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import os
 import random
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -61,8 +62,6 @@ def init_ray(cfg: RunConfig) -> None:
 
 def place(cfg: RunConfig):
     """The run's resource plan, checked against the cluster and reserved; printed."""
-    import sys
-
     import ray
 
     from rl.loop.placement import ResourcePlan
@@ -251,6 +250,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
         placement=plan,
     )
     weight_sync = build_weight_sync(cfg.sync, pool, learners, plan)
+    print(f"weight sync: {weight_sync}", file=sys.stderr, flush=True)
     synced_restarts = 0  # engine restarts when weight_sync was built
     sync_check = SyncCheck(cfg, pool, learners)
     done, saved_ahead = checkpoint.resume(run_dir, cfg, learners, pool, stream) if resume else (checkpoint.TrainerState(), None)

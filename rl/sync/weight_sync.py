@@ -244,6 +244,9 @@ class ObjectStoreSync(WeightSync):
     def __init__(self, pool, learners):
         self.pool, self.learners = pool, learners
 
+    def __str__(self) -> str:
+        return "object store (learner rank 0 -> driver -> every engine)"
+
     def push(self) -> dict[str, float]:
         t0 = time.perf_counter()
         state = self.learners.full_state_dict()
@@ -264,7 +267,7 @@ class CollectiveSync(WeightSync):
     """
 
     def __init__(self, pool, learners, bucket_mb: float = 256.0, nccl: bool = False):
-        self.pool, self.learners = pool, learners
+        self.pool, self.learners, self.nccl = pool, learners, nccl
         self.bucket_bytes = int(bucket_mb * 2**20)
         ranks = pool.wait("weight_ranks", pool.submit("weight_ranks"))
         firsts = [1 + sum(ranks[:i]) for i in range(len(ranks))]
@@ -275,6 +278,9 @@ class CollectiveSync(WeightSync):
         learner_refs = learners.submit(_learner_join, host, port, world, nccl)
         learners.wait(learner_refs, "join the weight group")
         pool.wait("join_weight_group", engine_refs)
+
+    def __str__(self) -> str:
+        return f"collective broadcast over {'NCCL' if self.nccl else 'gloo'} in {self.bucket_bytes / 2**20:g} MiB buckets"
 
     def push(self) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -291,6 +297,9 @@ class SharedMemorySync(WeightSync):
 
     def __init__(self, pool, learners):
         self.pool, self.learners = pool, learners
+
+    def __str__(self) -> str:
+        return "collective through a shared-memory file on learner rank 0's node"
 
     def push(self) -> dict[str, float]:
         t0 = time.perf_counter()

@@ -57,6 +57,33 @@ def test_threads_split_the_cores_when_roles_overlap():
         assert [p.threads(s) for s in p.learners] == [learner, learner]
 
 
+def test_weight_transport_follows_the_plan(monkeypatch):
+    """sync.backend=collective moves bytes GPU to GPU (NCCL) between split GPUs, through a shared-memory
+    file where they cross host memory on learner rank 0's node, and over gloo across nodes."""
+    import rl.sync.weight_sync as ws
+    from rl.config import SyncConfig
+
+    class Broadcast:
+        def __init__(self, pool, learners, bucket_mb, nccl):
+            self.nccl = nccl
+
+    monkeypatch.setattr(ws, "CollectiveSync", Broadcast)
+
+    def chosen(backend="collective", shared_memory=True, engine_node="node-a", **kw):
+        p = plan(num_engines=1, num_learners=1, **kw)
+        p.info = [BundleInfo("node-a", "10.0.0.1", [0], 8, 0) for _ in p.bundles]
+        p.info[p.engines[0].bundle] = BundleInfo(engine_node, "10.0.0.2", [1], 8, 0)
+        sync = ws.build_weight_sync(SyncConfig(backend=backend, shared_memory=shared_memory), None, None, p)
+        return type(sync).__name__ + ("(nccl)" if getattr(sync, "nccl", False) else "")
+
+    assert chosen(on_gpu=False) == "SharedMemorySync"
+    assert chosen(on_gpu=True, mode="colocate") == "SharedMemorySync"
+    assert chosen(on_gpu=True, mode="split") == "Broadcast(nccl)"
+    assert chosen(on_gpu=False, engine_node="node-b") == "Broadcast"
+    assert chosen(on_gpu=False, shared_memory=False) == "Broadcast"
+    assert chosen(on_gpu=False, backend="object_store") == "ObjectStoreSync"
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake-GPU clusters (subprocess)
 
