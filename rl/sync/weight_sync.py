@@ -149,7 +149,13 @@ def write_shared(fd: int, named_tensors) -> tuple[list, int]:
 
 def read_shared(path: str, manifest: list, size: int):
     """The (name, tensor) pairs of `write_shared`'s manifest, as views of the mapped file."""
-    data = torch.from_file(path, shared=True, size=size, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+    try:
+        data = torch.from_file(path, shared=True, size=size, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+    except (OSError, RuntimeError) as e:
+        raise RuntimeError(
+            f"Cannot map learner rank 0's shared-memory weights at {path} ({e}). Set sync.shared_memory=false "
+            "to broadcast them over gloo instead."
+        ) from e
     for name, dtype, shape, offset, nbytes in manifest:
         yield name, data[offset : offset + nbytes].view(getattr(torch, dtype)).view(shape)
 
