@@ -236,6 +236,9 @@ def iter_engine_weights(worker):
 
 
 class WeightSync(ABC):
+    def __init__(self, pool, learners):
+        self.pool, self.learners = pool, learners
+
     @abstractmethod
     def push(self) -> dict[str, float]:
         """Load the learner's current weights into every engine; returns metrics (seconds, bytes)."""
@@ -246,9 +249,6 @@ class WeightSync(ABC):
 
 class ObjectStoreSync(WeightSync):
     """Learner rank 0 -> driver -> object store -> every engine: the full state dict each step."""
-
-    def __init__(self, pool, learners):
-        self.pool, self.learners = pool, learners
 
     def __str__(self) -> str:
         return "object store (learner rank 0 -> driver -> every engine)"
@@ -273,7 +273,8 @@ class CollectiveSync(WeightSync):
     """
 
     def __init__(self, pool, learners, bucket_mb: float = 256.0, nccl: bool = False):
-        self.pool, self.learners, self.nccl = pool, learners, nccl
+        super().__init__(pool, learners)
+        self.nccl = nccl
         self.bucket_bytes = int(bucket_mb * 2**20)
         ranks = pool.wait("weight_ranks", pool.submit("weight_ranks"))
         firsts = [1 + sum(ranks[:i]) for i in range(len(ranks))]
@@ -300,9 +301,6 @@ class SharedMemorySync(WeightSync):
     """Learner rank 0 writes the weights into a shared-memory file on its node; every engine (all on
     that node) reloads from views of it (see the module doc). The file holds one copy of what the
     engines load, for the run's length, in learner rank 0's host memory."""
-
-    def __init__(self, pool, learners):
-        self.pool, self.learners = pool, learners
 
     def __str__(self) -> str:
         return "collective through a shared-memory file on learner rank 0's node"
