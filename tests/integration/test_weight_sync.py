@@ -109,6 +109,7 @@ def test_a_replaced_engine_joins_a_new_group(ray_session, models):
         pool.restart(1)
         learners.train_step(BATCH, pg_loss)
         want = learners.full_state_dict()
+        assert all(differing(got, want) for got in engine_state(pool))  # the new engine: the model's start
         CollectiveSync(pool, learners, bucket_mb=0.05).push()
         assert all(not differing(got, want) for got in engine_state(pool))
     finally:
