@@ -1,7 +1,7 @@
-"""Weight-sync cost per step for both backends, and overlap's step time, on the default recipe.
+"""Weight-sync cost per step for each transport (object store, gloo broadcast, shared memory), and overlap's step time, on the default recipe.
 
     PYTHONPATH=. python scripts/bench_sync.py --mode run [--steps 3] [--recipe grpo_smollm2] [key=value ...]
-    PYTHONPATH=. python scripts/bench_sync.py --mode push [--repeats 5] [--step-s 43.5] [--recipe grpo_smollm2]
+    PYTHONPATH=. python scripts/bench_sync.py --mode push [--repeats 5] [--step-s 32] [--recipe grpo_smollm2]
 
 --mode run: the recipe for --steps steps in split placement, four times (each a real `rl.launch`
 in its own process, with a fresh Ray cluster): sync.backend=object_store, collective as a gloo
