@@ -138,7 +138,7 @@ def answers_match(predicted: str, gold: str) -> bool:
     return bool(verify(list(gold_parsed), list(pred_parsed), **_timeouts()[1]))
 
 
-@register_reward("math_verify")
+@register_reward("math_verify", correctness=True)
 def math_verify_reward(completion: str, answer: str, *, answer_fallback: str = "last_number", **row) -> float:
     """1.0 if the completion's final answer equals the gold `answer`, else 0.0.
 
@@ -149,7 +149,7 @@ def math_verify_reward(completion: str, answer: str, *, answer_fallback: str = "
     return 1.0 if predicted is not None and answers_match(predicted, str(answer)) else 0.0
 
 
-@register_reward("first_boxed_correct")
+@register_reward("first_boxed_correct", correctness=True)
 def first_boxed_correct_reward(completion: str, answer: str, **row) -> float:
     """IGPO's released correctness: 1.0 if the FIRST \\boxed{} content equals the gold `answer`
     (math-verify equivalence), else 0.0; no box, no credit (facebookresearch/igpo reward_func.py

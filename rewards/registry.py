@@ -3,6 +3,11 @@
 A reward is a plain function `fn(completion: str, **row) -> float | dict`. The dataset row's
 columns arrive as keyword arguments (`answer` is the gold final answer, `solution` the reference
 solution when the set has one), so a reward takes what it needs and ignores the rest via **row.
+
+A reward that grades the answer is the run's correctness signal: registered with
+`correctness=True` (or marked `correctness: true` in the recipe), it decides accuracy, IGPO's
+all-wrong trigger and replacements, and dynamic sampling. It returns 1 for a right answer; a
+completion is correct when that reward's own value (before its weight) is at least 1, full marks.
 """
 from __future__ import annotations
 
@@ -29,10 +34,13 @@ def _same_definition(a: RewardFn, b: RewardFn) -> bool:
     )
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator: make `fn` selectable as `name` in a recipe's reward list."""
+def register_reward(name: str, correctness: bool = False) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: make `fn` selectable as `name` in a recipe's reward list. `correctness=True`
+    declares that it grades the answer (1 right, 0 wrong): a recipe listing it gets its
+    correctness signal from it unless the entry says `correctness: false`."""
 
     def wrap(fn: RewardFn) -> RewardFn:
+        fn.correctness = correctness
         old = _REGISTRY.get(name)
         if old is not None and old is not fn and not _same_definition(old, fn):
             raise ValueError(f"A reward named {name!r} is already registered ({old.__module__}.{old.__qualname__}).")
@@ -40,6 +48,11 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
         return fn
 
     return wrap
+
+
+def is_correctness_reward(fn: RewardFn) -> bool:
+    """Whether `fn` was registered as a correctness signal (register_reward(..., correctness=True))."""
+    return bool(getattr(fn, "correctness", False))
 
 
 def registered_rewards() -> list[str]:

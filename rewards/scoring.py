@@ -14,7 +14,7 @@ from typing import Literal, get_args
 
 from rewards.calls import Signature, call_reward
 from rewards.pool import Outcome, RewardPool, Task
-from rewards.registry import get_reward, portable_ref
+from rewards.registry import get_reward, is_correctness_reward, portable_ref
 
 # What a reward that raises or returns a non-number does (RewardScorer's `on_error`); rl.config's
 # reward.on_error takes its type from here.
@@ -47,6 +47,9 @@ class ScoreResult:
     totals: list[float]
     parts: dict[str, list[float]]
     failures: list[RewardFailure] = field(default_factory=list)
+    # Per completion, whether the correctness reward gave full marks; None when no reward in the set
+    # is the correctness signal (never guessed from the total: a format bonus is not an answer).
+    correct: list[bool] | None = None
 
     @property
     def counts(self) -> dict[str, int]:
@@ -73,6 +76,24 @@ def log_failures(path: Path, step: int, failures: list[RewardFailure]) -> None:
     )
 
 
+def correctness_index(specs) -> int | None:
+    """Which of the reward entries (objects with `name` and `correctness`: rl.config's RewardSpec) is
+    the correctness signal: the one marked `correctness: true`, else the one registered as such
+    (math_verify, first_boxed_correct), unless marked `correctness: false`. None if there is none;
+    two is an error, since a run has one notion of a right answer."""
+    marked = [
+        i for i, spec in enumerate(specs)
+        if (spec.correctness if spec.correctness is not None else is_correctness_reward(get_reward(spec.name)))
+    ]
+    if len(marked) > 1:
+        names = ", ".join(specs[i].name for i in marked)
+        raise RewardError(
+            f"Rewards {names} are each a correctness signal, and a run has one notion of a right answer: mark "
+            "all but one `correctness: false` in reward.functions."
+        )
+    return marked[0] if marked else None
+
+
 def _total(value) -> float:
     # A dict reward gives its total as "total" if present, else the sum of its parts.
     if not isinstance(value, dict):
@@ -90,7 +111,10 @@ class RewardScorer:
         timeout_s: float = 10.0,
         on_error: str = "raise",
         settings: dict | None = None,
+        correctness: int | None = None,
     ):
+        """`specs`: (reward name, weight) pairs; `correctness`: the index of the one that is the
+        correctness signal (see correctness_index), or None."""
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.names = [name for name, _ in specs]
@@ -100,6 +124,7 @@ class RewardScorer:
         self.fns = [get_reward(name) for name in self.names]
         self.signatures = [Signature.of(fn) for fn in self.fns]
         self.on_error, self.settings = on_error, dict(settings or {})
+        self.correctness = correctness
         self.pool = RewardPool([portable_ref(n) for n in self.names], workers, timeout_s) if workers > 0 else None
 
     @classmethod
@@ -109,7 +134,8 @@ class RewardScorer:
         if max_tokens is not None:
             settings["max_tokens"] = max_tokens
         return cls(
-            [(f.name, f.weight) for f in cfg.functions], cfg.workers, cfg.timeout_s, cfg.on_error, settings
+            [(f.name, f.weight) for f in cfg.functions], cfg.workers, cfg.timeout_s, cfg.on_error, settings,
+            correctness_index(cfg.functions),
         )
 
     def score(self, completions: list[str], rows: list[dict], info: list[dict] | None = None) -> ScoreResult:
@@ -134,19 +160,23 @@ class RewardScorer:
         parts: dict[str, list[float]] = {}
         owner: dict[str, str] = {}
         failures = []
+        # A correctness call that timed out (or failed with on_error=zero) counts as wrong.
+        correct = None if self.correctness is None else [False] * n
         for k, outcome in enumerate(outcomes):
             i, j = divmod(k, per)
             name = self.names[j]
             if outcome.status != "ok":
                 failures.append(RewardFailure(i, name, outcome.status, outcome.value, completions[i], rows[i]))
                 continue
+            if j == self.correctness:
+                correct[i] = _total(outcome.value) >= 1.0
             totals[i] += self.weights[j] * _total(outcome.value)
             for part, v in self._parts(j, outcome.value).items():
                 if owner.setdefault(part, name) != name:
                     raise RewardError(f"Rewards {owner[part]!r} and {name!r} both produce a part named {part!r}; rename one.")
                 parts.setdefault(part, [0.0] * n)[i] = v
         self._raise_first_error(failures)
-        return ScoreResult(totals, parts, failures)
+        return ScoreResult(totals, parts, failures, correct)
 
     def _parts(self, j: int, value) -> dict[str, float]:
         """A float under the reward's part name; a dict's parts, its "total" under the reward's name."""

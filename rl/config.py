@@ -6,6 +6,7 @@ default. Unknown keys and bad values stop the launch before any work (see `Confi
 from __future__ import annotations
 
 import difflib
+import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -16,7 +17,41 @@ from rewards.math import AnswerFallback
 from rewards.scoring import OnError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-RECIPES_DIR = PROJECT_ROOT / "recipes"
+# A checkout has pyproject.toml and recipes/ beside the packages; an installed package (pip install)
+# sits in site-packages, with the recipes under <prefix>/share/rl-reason/recipes (pyproject's data-files).
+IN_CHECKOUT = (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "recipes").is_dir()
+
+
+def _recipes_dir() -> Path:
+    """The checkout's recipes/, else the copy installed with the package (wherever pip's scheme put
+    it: a venv, the system, --user), else the checkout path, which error messages then name."""
+    if IN_CHECKOUT:
+        return PROJECT_ROOT / "recipes"
+    import site
+    import sysconfig
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution("rl-reason")
+        for file in dist.files or []:
+            if file.as_posix().endswith(".yaml") and "share/rl-reason/recipes/" in file.as_posix():
+                return Path(dist.locate_file(file)).resolve().parent
+    except PackageNotFoundError:
+        pass
+    for base in (sysconfig.get_path("data"), sys.prefix, site.USER_BASE):
+        candidate = Path(base or "") / "share" / "rl-reason" / "recipes"
+        if candidate.is_dir():
+            return candidate
+    return PROJECT_ROOT / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
+
+
+def relative_root() -> Path:
+    """What relative data paths (data.train, data.local_dir) are taken from: the checkout's root, as
+    the recipes assume (../shared/data), or, for an installed package, the current directory."""
+    return PROJECT_ROOT if IN_CHECKOUT else Path.cwd()
 
 
 class ConfigError(ValueError):
@@ -256,6 +291,14 @@ class RewardSpec(Section):
         "with @rewards.register_reward), `module.path:function` or `path/to/file.py:function`.",
     )
     weight: float = Field(1.0, description="Weight of this reward in the total (e.g. 0.1 for a format bonus).")
+    correctness: Optional[bool] = Field(
+        None,
+        description="Whether this reward is the run's correctness signal: it returns 1 for a right answer, "
+        "and a completion is correct when its value (before the weight) is at least 1. Accuracy, IGPO's "
+        "all-wrong trigger and replacements, and dynamic sampling read it, never the total (a format "
+        "bonus is not a right answer; IGPO's release decides from its correctness reward alone). None: "
+        "as registered (math_verify and first_boxed_correct are; see register_reward(correctness=True)).",
+    )
 
 
 class RewardConfig(Section):

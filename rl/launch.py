@@ -29,7 +29,10 @@ USAGE = """usage: python -m rl.launch recipe=NAME [key=value ...] [--print-confi
   --dry-run        resolve and validate everything (config, algorithm, rewards, data source,
                    model path) without loading models or downloading anything, then exit;
                    every local path named (data files, model folder, reward files) must
-                   exist; a missing data.local_dir is reported (the hub stands in for it)
+                   exist, and a local data file (or local copy) is read and every row checked
+                   as the run will (valid JSON, a question and a gold answer, not empty); a
+                   missing data.local_dir is reported (the hub stands in for it), and with
+                   HF_HUB_OFFLINE=1 set it is an error
   --verbose        show the engines' and learners' own logs on the console (tracking.verbose);
                    otherwise they go to RUN_DIR/logs
 
@@ -52,11 +55,25 @@ def _validate(cfg) -> list[str]:
     from rl.models import check_model_path
     from rewards import get_reward
 
+    from rewards.scoring import correctness_index
+
     build_algorithm(cfg)
     for spec in cfg.reward.functions:
         get_reward(spec.name)
     check_model_path(cfg.model.path)
-    return check_local_paths(cfg.data)
+    notes = check_local_paths(cfg.data)
+    if correctness_index(cfg.reward.functions) is None:
+        notes.append("no reward in reward.functions is the correctness signal, so `accuracy` is not logged: mark the "
+                     "reward that grades answers `correctness: true` to log it.")
+    return notes
+
+
+def _check_data(cfg) -> list[str]:
+    """The dry run's reading of a local training set (rl.data.check_local_data): what was checked."""
+    from rl.data import check_local_data
+
+    checked = check_local_data(cfg.data, cfg.seed)
+    return [checked] if checked else []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = checkpoint.resume_config(resume_dir, overrides) if resume_dir else load_config(recipe, overrides)
         notes = _validate(cfg)
+        if "--dry-run" in flags:  # validate everything: the local data is read as the run will read it
+            notes += _check_data(cfg)
     except user_errors as e:
         _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
     for note in notes:

@@ -103,14 +103,21 @@ class Algorithm:
     def __init__(self, cfg):
         self.cfg = cfg.algorithm_section
 
-    def keep_group(self, rewards: list[float]) -> bool:
-        """Whether a prompt's group goes into the batch (False: resample, as in dynamic sampling)."""
+    def needs_correctness(self) -> str | None:
+        """What of this algorithm reads the correctness signal (SampledRound.correct), as a phrase for
+        the error a reward set without one gets; None when nothing does."""
+        return None
+
+    def keep_group(self, rewards: list[float], correct: list[bool]) -> bool:
+        """Whether a prompt's group goes into the batch (False: resample, as in dynamic sampling);
+        `correct` is empty when the reward set has no correctness signal (needs_correctness None)."""
         return True
 
     def repair_groups(self, sampled: SampledRound, generate, score) -> Repair:
         """Called on every sampling round after scoring, before keep_group; may return a round with
         some completions replaced (IGPO's inpainting). `generate(prompts, spec, hints)` samples with
-        the loop's engines, `score(completions, rows)` gives (rewards, correct)."""
+        the loop's engines, `score(completions, rows)` gives (rewards, correct); `correct` comes from
+        the correctness reward (empty lists when the reward set has none)."""
         return Repair(sampled)
 
     def use_policy_scores(self, batch: SequenceBatch, logprobs, entropies) -> tuple[SequenceBatch, dict[str, float]]:
@@ -199,9 +206,29 @@ def algorithm_class(ref: str) -> type[Algorithm]:
 
 
 def build_algorithm(cfg) -> Algorithm:
+    """The run's algorithm, refused (RewardError) when it reads the correctness signal and the
+    reward set has none."""
     if cfg.algorithm == "sft":
         raise KeyError(
             "algorithm=sft is the supervised baseline, trained by TRL's SFTTrainer rather than this RL loop: "
             f"run it with `python -m rl.sft recipe={cfg.recipe}`."
         )
-    return algorithm_class(cfg.algorithm)(cfg)
+    algorithm = algorithm_class(cfg.algorithm)(cfg)
+    _check_correctness_signal(cfg, algorithm)
+    return algorithm
+
+
+def _check_correctness_signal(cfg, algorithm: Algorithm) -> None:
+    from rewards.scoring import RewardError, correctness_index
+
+    use = algorithm.needs_correctness()
+    if use is None or correctness_index(cfg.reward.functions) is not None:
+        return
+    names = ", ".join(f.name for f in cfg.reward.functions)
+    raise RewardError(
+        f"algorithm={cfg.algorithm} needs to know which completions are right, for {use}, but no reward in "
+        f"reward.functions ({names}) is the correctness signal. Add one that grades the answer (math_verify, or "
+        "first_boxed_correct as IGPO's release scores), or mark your own grading reward `correctness: true` in "
+        "reward.functions (or register it with @register_reward(name, correctness=True)). A total reward is "
+        "never taken for correctness: a format bonus is not a right answer."
+    )

@@ -55,6 +55,9 @@ class DiffuGRPO(GRPO):
         # temperature shapes the diffusion sampler's choices, not a per-token distribution.
         return 1.0
 
+    def needs_correctness(self) -> str | None:
+        return "the all-wrong group counts igpo/all_wrong_fraction_*"
+
     def repair_groups(self, sampled: SampledRound, generate, score) -> Repair:
         all_wrong = sum(is_all_wrong(correct) for correct in sampled.correct)
         counts = dict.fromkeys(REPAIR_COUNTS, 0)

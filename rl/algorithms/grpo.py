@@ -63,9 +63,11 @@ class GRPOConfig(Section):
     )
     dynamic_sampling: bool = Field(
         False,
-        description="DAPO's dynamic sampling: drop groups whose rewards are all equal (no signal) and "
-        "sample more prompts until prompts_per_step groups with signal are collected. The dropped "
-        "groups' tokens still count in cumulative_rollout_tokens.",
+        description="DAPO's dynamic sampling (arXiv 2503.14476, eq. 11: keep a group when 0 < its number "
+        "of right answers < G): drop groups whose answers are all right or all wrong by the "
+        "correctness reward (reward.functions' correctness signal, required) and sample more prompts "
+        "until prompts_per_step groups with signal are collected. The dropped groups' tokens still "
+        "count in cumulative_rollout_tokens.",
     )
     max_sampling_rounds: int = Field(
         4, ge=1, description="Cap on generation rounds per step for dynamic sampling; a short batch trains as it is."
@@ -208,9 +210,12 @@ class GRPO(Algorithm):
             n=self.cfg.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_tokens
         )
 
-    def keep_group(self, rewards: list[float]) -> bool:
-        # An all-equal group has zero advantage everywhere: no gradient, only cost.
-        return not self.cfg.dynamic_sampling or max(rewards) > min(rewards)
+    def needs_correctness(self) -> str | None:
+        return "grpo.dynamic_sampling (DAPO keeps a group when some but not all of its answers are right)" if self.cfg.dynamic_sampling else None
+
+    def keep_group(self, rewards: list[float], correct: list[bool]) -> bool:
+        # An all-right or all-wrong group carries no signal on the answer, only cost.
+        return not self.cfg.dynamic_sampling or 0 < sum(correct) < len(correct)
 
     def normalizer(self, kept_lens: list[int], sequences: int) -> float:
         """The step's loss denominator over the completion lengths that stay in the loss."""

@@ -64,6 +64,9 @@ class IGPO(DiffuGRPO):
     def attach_tokenizer(self, tokenizer) -> None:
         self.tokenizer = tokenizer
 
+    def needs_correctness(self) -> str | None:
+        return "IGPO's all-wrong trigger and its replacements (only correct inpainted samples may replace)"
+
     def repair_groups(self, sampled: SampledRound, generate, score) -> Repair:
         counts = super().repair_groups(sampled, generate, score).counts
         triggered = [i for i, correct in enumerate(sampled.correct) if is_all_wrong(correct)]

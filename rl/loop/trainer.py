@@ -26,9 +26,7 @@ from rl.learner.prompt_masks import prompt_mask_schedule
 from rl.loop.tracking import Console, Tracker, keep_actor_logs
 from rl.sync.check import SyncCheck
 from rl.sync.weight_sync import build_weight_sync
-from rewards.scoring import RewardScorer, log_failures
-
-CORRECTNESS_PARTS = ("math_verify", "correct")
+from rewards.scoring import RewardScorer, correctness_index, log_failures
 
 
 def init_ray(cfg: RunConfig) -> None:
@@ -97,6 +95,7 @@ class CollectedRollouts:
     rollouts: Rollouts
     generated: list[tuple] = field(default_factory=list)  # (completion, row) pairs
     totals: list[float] = field(default_factory=list)
+    correct: list[bool] = field(default_factory=list)  # empty when the reward set has no correctness signal
     parts: dict[str, list[float]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     failures: list = field(default_factory=list)
@@ -105,14 +104,6 @@ class CollectedRollouts:
     rounds: int = 0
     generation_s: float = 0.0
     reward_s: float = 0.0
-
-
-def correctness(scored) -> list[bool]:
-    """Per completion: right or wrong, from the first correctness reward part, else reward > 0."""
-    for name in CORRECTNESS_PARTS:
-        if name in scored.parts:
-            return [v > 0 for v in scored.parts[name]]
-    return [t > 0 for t in scored.totals]
 
 
 def _split(values: list, groups: list[list]) -> list[list]:
@@ -134,7 +125,7 @@ def collect_rollouts(stream, pool, scorer, algorithm, spec, cfg: RunConfig, toke
         info = [{"completion_tokens": len(c.token_ids), "truncated": c.truncated} for c in completions]
         scored = scorer.score([c.text for c in completions], rows, info)
         out.failures += scored.failures
-        return scored.totals, correctness(scored)
+        return scored.totals, scored.correct or []
 
     while len(out.rollouts.rows) < want and out.rounds < algorithm.requirements.sampling_rounds:
         out.rounds += 1
@@ -155,7 +146,8 @@ def collect_rollouts(stream, pool, scorer, algorithm, spec, cfg: RunConfig, toke
             out.parts.setdefault(k, []).extend(v)
         for k, v in scored.counts.items():
             out.counts[k] = out.counts.get(k, 0) + v
-        sampled = SampledRound(rows, prompts, groups, _split(scored.totals, groups), _split(correctness(scored), groups))
+        out.correct += scored.correct or []
+        sampled = SampledRound(rows, prompts, groups, _split(scored.totals, groups), _split(scored.correct or [], groups))
         t2 = time.time()
         repair = algorithm.repair_groups(sampled, pool.generate, score)
         out.generation_s += time.time() - t2
@@ -163,8 +155,8 @@ def collect_rollouts(stream, pool, scorer, algorithm, spec, cfg: RunConfig, toke
         for k, v in repair.counts.items():
             out.rollouts.repair_counts[k] = out.rollouts.repair_counts.get(k, 0) + v
         sampled = repair.sampled
-        for row, prompt, group, rewards in zip(rows, prompts, sampled.completions, sampled.rewards):
-            if algorithm.keep_group(rewards) and len(out.rollouts.rows) < want:
+        for row, prompt, group, rewards, correct in zip(rows, prompts, sampled.completions, sampled.rewards, sampled.correct):
+            if algorithm.keep_group(rewards, correct) and len(out.rollouts.rows) < want:
                 out.rollouts.rows.append(row)
                 out.rollouts.prompt_ids.append(prompt)
                 out.rollouts.completions.append(group)
@@ -203,6 +195,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
     check_prompts_fit(stream.rows, cfg.data, tokenizer)  # in seconds, before the cluster starts
     algorithm = build_algorithm(cfg)
     algorithm.attach_tokenizer(tokenizer)
+    has_correctness = correctness_index(cfg.reward.functions) is not None  # build_algorithm refused a set without one if needed
     needs = algorithm.requirements
     scorer = RewardScorer.from_config(cfg.reward, max_tokens=cfg.rollout.max_tokens)
     spec = algorithm.sampling_spec()
@@ -389,10 +382,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
             }
             if evaluator is not None and eval_due(cfg.eval, step, cfg.train.steps):
                 metrics.update(evaluator.run(pool, run_dir / "eval" / f"step_{step:06d}"))
-            for name in CORRECTNESS_PARTS:
-                if name in collected.parts:
-                    metrics["accuracy"] = _mean(collected.parts[name])
-                    break
+            if has_correctness:  # the share of this step's sampled completions the correctness reward passed
+                metrics["accuracy"] = _mean(collected.correct)
             tracker.log(step, metrics)
             if checkpoint.save_due(cfg, step):
                 checkpoint.save(run_dir, cfg, learners, checkpoint.TrainerState(step, next_start, rollout_tokens),
@@ -406,15 +397,24 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
         cause = str(e).splitlines()[0].rstrip(".")  # Ray's death notice goes on for lines
         raise RunStopped(f"{cause}. A learner rank cannot be replaced mid-run, so the run stops here. {checkpoint_note(run_dir)}") from None
     finally:
+        # Each cleanup step runs whatever the others did; its failure is a warning, never the error
+        # the run reports (a full disk fails the checkpoint first, then the log copy).
         if ahead is not None:
-            ahead.shutdown(wait=False, cancel_futures=True)
-        scorer.close()
-        tracker.close()
-        pool.close()
-        learners.close()
-        plan.release()
-        _after_run(run_dir, console)
+            _cleanup(console, "stop the rollouts in flight", lambda: ahead.shutdown(wait=False, cancel_futures=True))
+        _cleanup(console, "close the reward workers", scorer.close)
+        _cleanup(console, "close the trackers", tracker.close)
+        _cleanup(console, "stop the rollout engines", pool.close)
+        _cleanup(console, "stop the learner ranks", learners.close)
+        _cleanup(console, "release the placement group", plan.release)
+        _cleanup(console, "keep the logs and draw the curves", lambda: _after_run(run_dir, console))
     return metrics
+
+
+def _cleanup(console: Console, what: str, step) -> None:
+    try:
+        step()
+    except Exception as e:
+        console.line(f"warning (cleanup, after the run ended): could not {what}: {type(e).__name__}: {e}")
 
 
 def _finished(result) -> Future:
@@ -442,7 +442,11 @@ def _after_run(run_dir: Path, console: Console) -> None:
     """Whatever happened: the actors' logs into <run>/logs, the curves into <run>/curves.png."""
     from rl.plot import draw
 
-    keep_actor_logs(run_dir)
+    try:
+        keep_actor_logs(run_dir)
+    except Exception as e:  # a full disk, most often: a warning, the plot may still fit
+        console.line(f"warning (cleanup, after the run ended): could not copy the actors' logs into {run_dir / 'logs'}: "
+                     f"{type(e).__name__}: {e}")
     if (run_dir / "metrics.jsonl").exists():
         try:
             draw(run_dir)

@@ -143,7 +143,7 @@ class _TextScorer:
         from rewards.scoring import ScoreResult
 
         totals = [float(t) for t in texts]
-        return ScoreResult(totals=totals, parts={"math_verify": totals}, failures=[])
+        return ScoreResult(totals=totals, parts={"math_verify": totals}, failures=[], correct=[t >= 1 for t in totals])
 
 
 class _Stream:
