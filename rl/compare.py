@@ -17,6 +17,11 @@ time spent evaluating (`eval/time_s`). Written to `out` (default: the current di
 comparison.md, comparison.json, accuracy_vs_tokens.png, accuracy_vs_step.png,
 accuracy_vs_wall_time.png.
 
+Beside the whole curves, a second table reports checkpoints per benchmark: each run's FINAL
+evaluation and its BEST evaluation with the step it came from (pass@1, i.e. avg@k), means over
+seeds. The OPSD paper reports the best checkpoint per benchmark; that figure picks a checkpoint on
+the test set itself, so it is labelled as such and never replaces the whole-curve comparison.
+
 Runs must have been evaluated under one protocol (the `eval` section's prompt format, template,
 thinking switch, max_tokens, temperature, top-p/top-k, k, answer fallback and subset, as recorded in
 each run's config.yaml): curves evaluated differently are not comparable, so mixed protocols stop
@@ -113,6 +118,38 @@ def eval_points(lines: list[dict], metric: str) -> dict[str, list[float]]:
             }
     points = [by_step[s] for s in sorted(by_step)]
     return {key: [p[key] for p in points] for key in (*AXES, "value")}
+
+
+def checkpoint_scores(lines: list[dict]) -> dict[str, dict]:
+    """Per benchmark with pass@1 values in a run's metrics lines: the final evaluation's value and
+    step, and the best value and its step (the earliest step on a tie)."""
+    out: dict[str, dict] = {}
+    for line in lines:
+        for key, value in line.items():
+            if key.startswith("eval/") and key.endswith("/pass@1") and "step" in line:
+                bench = key.split("/")[1]
+                s = out.setdefault(bench, {"final": value, "final_step": line["step"], "best": value, "best_step": line["step"]})
+                s["final"], s["final_step"] = value, line["step"]
+                if value > s["best"]:
+                    s["best"], s["best_step"] = value, line["step"]
+    return out
+
+
+def checkpoint_table(runs: list[Run]) -> dict[str, dict[str, dict]]:
+    """method -> benchmark -> final and best-checkpoint pass@1 (means over the method's seeds), with
+    each seed's best step. Only benchmarks every run of the method evaluated."""
+    table: dict[str, dict[str, dict]] = {}
+    for label, rs in group_runs(runs).items():
+        scores = [checkpoint_scores(read_metrics(r.path)) for r in rs]
+        for bench in sorted(set.intersection(*(set(s) for s in scores))):
+            per = [s[bench] for s in scores]
+            table.setdefault(label, {})[bench] = {
+                "final": float(np.mean([p["final"] for p in per])),
+                "best_checkpoint": float(np.mean([p["best"] for p in per])),
+                "best_steps": [p["best_step"] for p in per],
+                "final_steps": [p["final_step"] for p in per],
+            }
+    return table
 
 
 def load_run(run_dir: str | Path, metric: str, label: str | None = None) -> Run:
@@ -234,7 +271,7 @@ def compare(runs: list[Run], metric: str, target: float | None = None, allow_mix
     return {"metric": metric, "target": target, "target_rule": target_rule, "best_method": best_method,
             "warning": warning, "protocol": runs[0].protocol if not differences else None,
             "protocol_warning": ("MIXED EVALUATION PROTOCOLS: " + "; ".join(differences)) if differences else None,
-            "methods": methods}
+            "methods": methods, "checkpoints": checkpoint_table(runs)}
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -262,7 +299,29 @@ def markdown(result: dict) -> str:
             f"{_fmt(m['tokens_to_target'], ',.0f')} | {_fmt(m['token_ratio'], '.2f')} | "
             f"{_fmt(m['step_to_target'], '.1f')} | {_fmt(m['wall_time_to_target'], '.0f')} | {per_run} |"
         )
+    lines += checkpoint_markdown(result.get("checkpoints") or {})
     return "\n".join(lines) + "\n"
+
+
+def checkpoint_markdown(checkpoints: dict) -> list[str]:
+    if not checkpoints:
+        return []
+    lines = [
+        "",
+        "## Final and best checkpoint per benchmark (pass@1)",
+        "",
+        "Best checkpoint: the highest evaluation of each run on each benchmark, the step it came from, as the "
+        "OPSD paper reports; it picks a checkpoint on the test set itself, so it is optimistic. The whole-curve "
+        "comparison above is the one to trust.",
+        "",
+        "| method | benchmark | final | final step | best checkpoint | best step per seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, benches in checkpoints.items():
+        for bench, c in benches.items():
+            lines.append(f"| {label} | {bench} | {c['final']:.4f} | {', '.join(map(str, c['final_steps']))} | "
+                         f"{c['best_checkpoint']:.4f} | {', '.join(map(str, c['best_steps']))} |")
+    return lines
 
 
 def plot(result: dict, out_dir: Path) -> list[Path]:

@@ -355,7 +355,20 @@ def evaluate_model(args: dict[str, str]) -> dict[str, float]:
     finally:
         engine.close()
     print(f"records and summary.json in {out}", file=sys.stderr)
+    run_dir = Path(args.get("model", "")) if (Path(args.get("model", "")) / "metrics.jsonl").exists() else None
+    if run_dir is not None:
+        report_checkpoints(run_dir)
     return metrics
+
+
+def report_checkpoints(run_dir: Path) -> None:
+    """A run evaluated during training: its final and best evaluation per benchmark, with the step
+    of the best (the OPSD paper reports the best checkpoint per benchmark; the label says so)."""
+    from rl.compare import checkpoint_scores, read_metrics
+
+    for bench, s in checkpoint_scores(read_metrics(run_dir)).items():
+        print(f"{bench} during training: final (step {s['final_step']}) pass@1 {s['final']:.4f}; best checkpoint "
+              f"(step {s['best_step']}, picked on this test set) {s['best']:.4f}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

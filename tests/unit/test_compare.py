@@ -169,3 +169,30 @@ def test_bad_command_lines_are_named(pair, tmp_path, capsys):
     assert "target=high is not a number" in capsys.readouterr().err
     assert main([f"runs={pair[0]}", "taget=0.4"]) == 2
     assert "Unknown option `taget`. Options: runs, metric, target, labels, out." in capsys.readouterr().err
+
+
+def test_final_and_best_checkpoint_per_benchmark(tmp_path):
+    """The OPSD paper's best-checkpoint figure, beside the final one, labelled, with its step."""
+    a = write_run(tmp_path, "opsd-s0", "opsd", 0, [(0, 0, 10, 0.1), (1, 100, 20, 0.5), (2, 200, 30, 0.3)])
+    b = write_run(tmp_path, "opsd-s1", "opsd", 1, [(0, 0, 10, 0.1), (1, 100, 20, 0.2), (2, 200, 30, 0.4)])
+    # A second benchmark, logged by one seed only, is left out of the method's row.
+    with (a / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 2, "wall_time": 31, "cumulative_rollout_tokens": 200, "eval/aime24/pass@1": 0.2}) + "\n")
+    out = tmp_path / "cmp"
+    assert main([f"runs={a},{b}", f"out={out}", f"metric={METRIC}"]) == 0
+    row = json.loads((out / "comparison.json").read_text())["checkpoints"]["opsd"]
+    assert list(row) == ["gsm8k"]
+    assert row["gsm8k"]["final"] == pytest.approx((0.3 + 0.4) / 2)
+    assert row["gsm8k"]["best_checkpoint"] == pytest.approx((0.5 + 0.4) / 2)
+    assert row["gsm8k"]["best_steps"] == [1, 2] and row["gsm8k"]["final_steps"] == [2, 2]
+    report = (out / "comparison.md").read_text()
+    assert "best checkpoint" in report.lower() and "optimistic" in report
+
+
+def test_evaluate_reports_a_runs_final_and_best_checkpoint(tmp_path, capsys):
+    from rl.evaluate import report_checkpoints
+
+    run = write_run(tmp_path, "grpo-s0", "grpo", 0, [(0, 0, 10, 0.1), (5, 100, 20, 0.45), (10, 200, 30, 0.3)])
+    report_checkpoints(run)
+    line = capsys.readouterr().err
+    assert "final (step 10) pass@1 0.3000" in line and "best checkpoint (step 5" in line and "0.4500" in line
