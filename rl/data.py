@@ -8,12 +8,13 @@ context). Other columns pass through untouched, so custom rewards can read them.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from collections.abc import Callable
 from pathlib import Path
 
-from rl.config import PROJECT_ROOT, DataConfig
+from rl.config import DataConfig, relative_root
 from rewards.math import gsm8k_gold, last_boxed
 
 # Short names -> (hub id, hub config). Local copies live at <local_dir>/<name>/<split>.jsonl.
@@ -49,7 +50,7 @@ class MissingAnswerError(DataError):
 
 def _resolve(path: str) -> Path:
     p = Path(path)
-    return p if p.is_absolute() else (PROJECT_ROOT / p)
+    return p if p.is_absolute() else (relative_root() / p)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -116,7 +117,7 @@ def read_source(source: str, split: str, local_dir: str | None) -> list[dict]:
     if source.endswith(".jsonl"):
         path = _resolve(source)
         if not path.exists():
-            raise DataError(f"Data file {path} does not exist. Check `data.train` (paths are relative to {PROJECT_ROOT}).")
+            raise DataError(f"Data file {path} does not exist. Check `data.train` (paths are relative to {relative_root()}).")
         return _read_jsonl(path)
     hub_name, hub_config = HUB_NAMES.get(source, (source, None))
     if local_dir is not None and source in HUB_NAMES:
@@ -167,15 +168,52 @@ def filter_rows(raw: list[dict], cfg: DataConfig) -> list[dict]:
     return rows
 
 
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE) forbids the hub, as huggingface_hub reads it."""
+    return any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def local_train_file(cfg: DataConfig) -> Path | None:
+    """The local file the training rows will be read from: data.train's .jsonl, or the local copy
+    <data.local_dir>/<name>/<split>.jsonl when it exists; None for the hub or a registered source."""
+    if source_loader(cfg.train) is not None:
+        return None
+    if cfg.train.endswith(".jsonl"):
+        return _resolve(cfg.train)
+    if cfg.local_dir is not None and cfg.train in HUB_NAMES:
+        path = _resolve(cfg.local_dir) / cfg.train / f"{cfg.split}.jsonl"
+        return path if path.is_file() else None
+    return None
+
+
+def check_local_data(cfg: DataConfig, seed: int) -> str | None:
+    """The dry run's data check: read a local training set as the run will (every line parsed, every
+    row given its question and gold answer, the filters applied); a DataError names the first
+    problem, and a set that yields no row is one. Returns what was checked; None when the rows come
+    from the hub or a registered source, which a dry run does not read."""
+    path = local_train_file(cfg)
+    if path is None:
+        return None
+    rows = load_rows(cfg, seed)
+    if not rows:
+        raise DataError(
+            f"The training set {path} yields no rows: the file has no data lines, or data.type_filter / "
+            "data.dedupe_by / data.max_rows / data.skip_rows_without_answer left none. Point data.train "
+            "(or data.local_dir) at a file with one JSON object a line, or loosen those options."
+        )
+    return f"data: {len(rows)} training rows read from {path} and checked"
+
+
 def check_local_paths(cfg: DataConfig) -> list[str]:
-    """Without reading anything: raise DataError for a data file that does not exist; return notes
-    (a missing local copy that the hub will replace) for the dry run to print."""
+    """Without reading anything: raise DataError for a data file that does not exist, or for a
+    missing local copy while HF_HUB_OFFLINE forbids the hub; return notes (a missing local copy that
+    the hub will replace) for the dry run to print."""
     if source_loader(cfg.train) is not None:  # raises for a prefix nobody registered
         return []
     if cfg.train.endswith(".jsonl"):
         path = _resolve(cfg.train)
         if not path.is_file():
-            raise DataError(f"Data file {path} does not exist. Check `data.train` (paths are relative to {PROJECT_ROOT}).")
+            raise DataError(f"Data file {path} does not exist. Check `data.train` (paths are relative to {relative_root()}).")
         return []
     if cfg.local_dir is None or cfg.train not in HUB_NAMES:
         return []
@@ -186,6 +224,13 @@ def check_local_paths(cfg: DataConfig) -> list[str]:
         note = f"{root / cfg.train / f'{cfg.split}.jsonl'} does not exist"
     else:
         return []
+    if hub_offline():
+        raise DataError(
+            f"{note}, and HF_HUB_OFFLINE is set, so {cfg.train} cannot be loaded from the hub "
+            f"({HUB_NAMES[cfg.train][0]}) instead. Set data.local_dir to a folder holding "
+            f"{cfg.train}/{cfg.split}.jsonl (paths are relative to {relative_root()}), or unset HF_HUB_OFFLINE "
+            "to download it."
+        )
     return [f"{note}: {cfg.train} will be loaded from the hub ({HUB_NAMES[cfg.train][0]}); fix data.local_dir if that is not meant."]
 
 

@@ -68,12 +68,11 @@ def _validate(cfg) -> list[str]:
     return notes
 
 
-def _check_data(cfg) -> list[str]:
+def _check_data(cfg) -> str | None:
     """The dry run's reading of a local training set (rl.data.check_local_data): what was checked."""
     from rl.data import check_local_data
 
-    checked = check_local_data(cfg.data, cfg.seed)
-    return [checked] if checked else []
+    return check_local_data(cfg.data, cfg.seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = checkpoint.resume_config(resume_dir, overrides) if resume_dir else load_config(recipe, overrides)
         notes = _validate(cfg)
-        if "--dry-run" in flags:  # validate everything: the local data is read as the run will read it
-            notes += _check_data(cfg)
+        # --dry-run validates everything: a local training set is read as the run will read it.
+        data_checked = _check_data(cfg) if "--dry-run" in flags else None
     except user_errors as e:
         _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
     for note in notes:
@@ -115,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     if "--print-config" in flags:
         print(cfg.to_yaml())
     if "--dry-run" in flags:
-        print(f"config OK: recipe {cfg.recipe}, algorithm {cfg.algorithm}, model {cfg.model.path}", file=sys.stderr)
+        print(f"config OK: recipe {cfg.recipe}, algorithm {cfg.algorithm}, model {cfg.model.path}"
+              + (f"; {data_checked}" if data_checked else ""), file=sys.stderr)
         return 0
 
     run_name = cfg.tracking.run_name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"

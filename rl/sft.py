@@ -1,6 +1,10 @@
 """The supervised baseline: TRL's SFTTrainer on the training problems, reference solutions as targets.
 
-    python -m rl.sft recipe=sft_qwen [key=value ...] [--print-config]
+    python -m rl.sft recipe=sft_qwen [key=value ...] [--print-config] [--dry-run]
+
+--dry-run validates everything as `python -m rl.launch --dry-run` does (config, model path, the
+batch, a local data file read and every row checked for a question, an answer and a solution),
+loads no model, downloads nothing and exits: 0 when all is well, 2 with the problem named.
 
 The OPSD paper's main table compares base / SFT / GRPO / OPSD; this is its SFT row (LoRA 64/128, lr
 5e-6, batch 32, 100 steps in sft_qwen). Each example is the student's prompt (`data`: the chat
@@ -23,7 +27,7 @@ from pathlib import Path
 
 from rl.cli import UsageError, parse_command_line, tool_arguments
 from rl.config import ConfigError, RunConfig, load_config
-from rl.data import DataError, build_prompt, load_rows
+from rl.data import DataError, build_prompt, check_local_data, check_local_paths, load_rows
 
 
 def sft_examples(cfg: RunConfig, tokenizer) -> list[dict]:
@@ -33,13 +37,9 @@ def sft_examples(cfg: RunConfig, tokenizer) -> list[dict]:
     exactly the one the RL recipes build, chat template and thinking switch included.
     """
     rows = load_rows(cfg.data, cfg.seed)
+    _check_solutions(rows)
     examples, skipped = [], 0
-    for i, row in enumerate(rows):
-        if not row.get("solution"):
-            raise DataError(
-                f"SFT needs a reference solution per row, but row {i} has none (columns: {sorted(row)}). "
-                "Use a set with worked solutions (GSM8K, MATH, the OPSD set) or set data.solution_key."
-            )
+    for row in rows:
         prompt = build_prompt(row, cfg.data, tokenizer)
         if len(prompt) > cfg.data.max_prompt_tokens:
             skipped += 1
@@ -55,16 +55,45 @@ def sft_examples(cfg: RunConfig, tokenizer) -> list[dict]:
     return examples
 
 
-def _trainer_args(cfg: RunConfig, run_dir: Path):
-    import torch
-    from trl import SFTConfig
+def _check_solutions(rows: list[dict]) -> None:
+    for i, row in enumerate(rows):
+        if not row.get("solution"):
+            raise DataError(
+                f"SFT needs a reference solution per row, but row {i} has none (columns: {sorted(row)}). "
+                "Use a set with worked solutions (GSM8K, MATH, the OPSD set) or set data.solution_key."
+            )
 
+
+def _check_batch(cfg: RunConfig) -> None:
     micro = cfg.learner.micro_batch_size
     if cfg.train.prompts_per_step % micro:
         raise ConfigError(
             f"train.prompts_per_step ({cfg.train.prompts_per_step}) is the SFT batch and must be a multiple of "
             f"learner.micro_batch_size ({micro}); change one of them."
         )
+
+
+def dry_run(cfg: RunConfig) -> tuple[list[str], str | None]:
+    """Everything checked without loading a model or downloading: the model path, the batch, and a
+    local training set read and checked row by row (a hub set is only named). Returns the notes
+    and what was read of the data (None for a hub set)."""
+    from rl.models import check_model_path
+
+    check_model_path(cfg.model.path)
+    _check_batch(cfg)
+    notes = check_local_paths(cfg.data)
+    checked = check_local_data(cfg.data, cfg.seed)
+    if checked is not None:
+        _check_solutions(load_rows(cfg.data, cfg.seed))
+    return notes, checked
+
+
+def _trainer_args(cfg: RunConfig, run_dir: Path):
+    import torch
+    from trl import SFTConfig
+
+    _check_batch(cfg)
+    micro = cfg.learner.micro_batch_size
     cuda = torch.cuda.is_available()
     return SFTConfig(
         output_dir=str(run_dir / "trainer"),
@@ -155,7 +184,7 @@ def train_sft(cfg: RunConfig, run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
 
 
-USAGE = __doc__.split("\n\n")[1]
+USAGE = "\n\n".join(__doc__.split("\n\n")[1:3])  # the command line and --dry-run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,11 +195,19 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         # Every key but recipe= is a config override, checked by the config loader.
-        line = parse_command_line(argv, USAGE, ("recipe",), ("--print-config",), config_override=lambda key: True)
+        line = parse_command_line(argv, USAGE, ("recipe",), ("--print-config", "--dry-run"), config_override=lambda key: True)
         print_config = "--print-config" in line.switches
         cfg = load_config(line.options.get("recipe"), line.overrides)
         if print_config:
             print(cfg.to_yaml())
+        if "--dry-run" in line.switches:
+            notes, checked = dry_run(cfg)
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
+            print(f"config OK: recipe {cfg.recipe}, SFT, model {cfg.model.path}" + (f"; {checked}" if checked else ""),
+                  file=sys.stderr)
+            return 0
+        if print_config:
             return 0
         name = cfg.tracking.run_name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = Path(cfg.tracking.output_dir) / name
