@@ -88,22 +88,27 @@ class MaskedDiffusionEngine(TorchModelEngine):
                 hints=None if row_hints is None else row_hints[start : start + _BATCH],
             )
             tokens = sample.tokens.tolist()
-            kept = [toks[: self._end(toks)] for toks in tokens]
+            kept = [toks[: self._kept(toks, spec)] for toks in tokens]
             logprobs = self._estimate(chunk, sample.tokens.cpu(), spec.max_tokens, kept)
             for prompt, toks, lp, hint in zip(chunk, tokens, logprobs, sample.hint_mask.tolist()):
-                completions.append(self._completion(prompt, toks, lp, hint if row_hints is not None else None))
+                completions.append(self._completion(prompt, toks, lp, hint if row_hints is not None else None, spec))
         return [completions[i * spec.n : (i + 1) * spec.n] for i in range(len(prompts))]
 
     def _end(self, tokens: list[int]) -> int:
         """Length kept: through the first end token (kept, as the causal engines do); the rest is EOS padding."""
         return next((t + 1 for t, tok in enumerate(tokens) if tok in self.eos_ids), len(tokens))
 
-    def _completion(self, prompt, tokens, logprobs, hint_mask) -> Completion:
-        end = self._end(tokens)
+    def _kept(self, tokens: list[int], spec: SamplingSpec) -> int:
+        """Positions kept in the completion: through the first EOS, or every answer position
+        (spec.keep_after_eos, the IGPO release's loss support)."""
+        return len(tokens) if spec.keep_after_eos else self._end(tokens)
+
+    def _completion(self, prompt, tokens, logprobs, hint_mask, spec: SamplingSpec = SamplingSpec()) -> Completion:
+        end, kept = self._end(tokens), self._kept(tokens, spec)
         reason = "stop" if tokens[end - 1] in self.eos_ids else "length"
         return Completion(
-            list(prompt), tokens[:end], self.tokenizer.decode(tokens[:end], skip_special_tokens=True),
-            logprobs[:end], reason, hint_mask=None if hint_mask is None else hint_mask[:end],
+            list(prompt), tokens[:kept], self.tokenizer.decode(tokens[:end], skip_special_tokens=True),
+            logprobs[:kept], reason, hint_mask=None if hint_mask is None else hint_mask[:kept],
         )
 
     def _estimate(

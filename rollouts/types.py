@@ -14,6 +14,10 @@ class SamplingSpec:
     top_k: int = -1  # -1: no top-k cut
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
+    # Masked-diffusion engines: keep every answer position (token ids, log-probs, hint mask) after
+    # the first EOS too, the EOS padding included, so the loss covers the whole answer (the IGPO
+    # release's support); the text is still decoded through the first EOS. Causal engines stop at EOS.
+    keep_after_eos: bool = False
 
 
 @dataclass

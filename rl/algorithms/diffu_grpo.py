@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 
+from typing import Literal
+
 from pydantic import Field
 
 from rl.algorithms.base import Repair, Requirements, Rollouts, SampledRound, register_algorithm
 from rl.algorithms.grpo import GRPO, GRPOConfig
 from rl.algorithms.inpainting import is_all_wrong
 from rl.learner.batch import SequenceBatch
+from rollouts.types import SamplingSpec
 
 REPAIR_COUNTS = ("groups", "all_wrong_before", "all_wrong_after", "inpainted", "inpainted_correct", "replaced", "no_reference")
 
@@ -31,6 +34,13 @@ class DiffuGRPOConfig(GRPOConfig):
         "estimator runs (learner, the diffusion engine's reported log-probs and `score`), with a fresh "
         "mask for each inner update as d1 draws (rl.learner.prompt_masks): the old-policy and reference "
         "log-probs of update j are scored under update j's mask before the step.",
+    )
+    loss_support: Literal["through_eos", "whole_answer"] = Field(
+        "through_eos",
+        description="Which answer positions are trained: through_eos, the tokens up to and including the "
+        "first EOS (d1's completion_mask); whole_answer, every one of the rollout.max_tokens answer "
+        "positions, the EOS padding after the first EOS included (the IGPO release's loss mask, "
+        "trainer_igpo.py masked_token_mask). The reward always reads the text through the first EOS.",
     )
 
 
@@ -49,6 +59,9 @@ class DiffuGRPO(GRPO):
 
     def _requirements(self) -> Requirements:
         return dataclasses.replace(super()._requirements(), prompt_mask_prob=self.cfg.prompt_mask_prob)
+
+    def sampling_spec(self) -> SamplingSpec:
+        return dataclasses.replace(super().sampling_spec(), keep_after_eos=self.cfg.loss_support == "whole_answer")
 
     def loss_temperature(self) -> float:
         # The one-step estimator is read at temperature 1, as the engines report it: the sampling

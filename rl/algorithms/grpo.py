@@ -43,7 +43,9 @@ class GRPOConfig(Section):
     loss_agg: Aggregation = Field(
         "token_mean",
         description="token_mean: over all valid tokens of the step (DAPO); seq_mean_token_mean: "
-        "original GRPO; sum_constant: token sum / constant (Dr. GRPO). Always global over the step.",
+        "original GRPO; sum_constant: token sum / constant (Dr. GRPO); group_token_mean: each group's "
+        "token mean over its loss tokens, averaged over the step's groups (the IGPO and d1 releases, "
+        "where a micro-batch is one group). Always global over the step.",
     )
     loss_constant: Optional[float] = Field(
         None, description="Denominator for sum_constant; None uses rollout.max_tokens x sequences."
@@ -155,7 +157,10 @@ class PolicyGradientLoss:
         out.keep_logprobs(logp)
         # With one update per batch the data is on-policy: old = current (detached), ratio == 1.
         old = fields.get("old_logprobs", logp.detach())
-        per_token, clipped = self.policy_loss(logp, old, fields["advantages"], mask, self.clip_low, self.clip_high)
+        # A sequence-level ratio (gspo) spans the whole completion, as GSPO's |y_i| and the IGPO
+        # release's (trainer_igpo.py:655-658: all answer positions, hints included); the loss mask
+        # only decides which tokens carry the loss.
+        per_token, clipped = self.policy_loss(logp, old, fields["advantages"], mb.completion_mask, self.clip_low, self.clip_high)
         if "pg_mask" in fields:
             per_token = per_token * fields["pg_mask"]
         if self.importance_sampling != "off":
@@ -167,7 +172,7 @@ class PolicyGradientLoss:
             kl = losses.kl_penalty(logp, fields["ref_logprobs"], self.kl_kind)
             per_token = per_token + self.kl_coef * kl
             metrics["kl_sum"] = float((kl.detach() * mask).sum())
-        loss = losses.aggregate(per_token, mask, self.loss_agg, mb.loss_normalizer)
+        loss = losses.aggregate(per_token, mask, self.loss_agg, mb.loss_normalizer, fields.get("loss_weight"))
         metrics["entropy_sum"] = float((entropy * mask).sum())
         metrics["clip_fraction_sum"] = float((clipped * mask).sum())
         metrics["tokens"] = float(mask.sum())
@@ -217,10 +222,20 @@ class GRPO(Algorithm):
         # An all-right or all-wrong group carries no signal on the answer, only cost.
         return not self.cfg.dynamic_sampling or 0 < sum(correct) < len(correct)
 
-    def normalizer(self, kept_lens: list[int], sequences: int) -> float:
+    def normalizer(self, kept_lens: list[int], sequences: int, groups: int | None = None) -> float:
         """The step's loss denominator over the completion lengths that stay in the loss."""
         constant = self.cfg.loss_constant or float(self.rollout_cfg.max_tokens * sequences)
-        return losses.step_normalizer(kept_lens or [0], self.cfg.loss_agg, constant)
+        return losses.step_normalizer(kept_lens or [0], self.cfg.loss_agg, constant, groups)
+
+    def with_group_weights(self, batch: SequenceBatch, group_sizes: list[int]) -> SequenceBatch:
+        """loss_agg=group_token_mean: the per-token group weights and the group-count normaliser,
+        from the batch's current loss_mask (call again whenever the loss mask changes)."""
+        if self.cfg.loss_agg != "group_token_mean":
+            return batch
+        masks = batch.token_fields["loss_mask"]
+        weights = losses.group_token_weights(masks, group_sizes)
+        return dataclasses.replace(with_token_fields(batch, loss_weight=weights),
+                                   loss_normalizer=self.normalizer([], len(masks), len(group_sizes)))
 
     def build_batch(self, rollouts: Rollouts) -> tuple[SequenceBatch, dict[str, float]]:
         g = self.cfg.group_size
@@ -238,8 +253,9 @@ class GRPO(Algorithm):
                 "rollout_logprobs": [list(c.logprobs) for c in completions],
                 "loss_mask": [[float(keep)] * n for keep, n in zip(trained, lens)],
             },
-            loss_normalizer=self.normalizer([n for n, keep in zip(lens, trained) if keep], len(lens)),
+            loss_normalizer=self.normalizer([n for n, keep in zip(lens, trained) if keep], len(lens), len(rollouts.completions)),
         )
+        batch = self.with_group_weights(batch, [len(group) for group in rollouts.completions])
         metrics = {
             "zero_advantage_fraction": (rewards.view(-1, g).std(dim=1) == 0).float().mean().item(),
             "overlong_filtered_fraction": 1.0 - sum(trained) / len(trained),

@@ -126,6 +126,8 @@ class IGPO(DiffuGRPO):
         kept = [int(keep[i, :n].sum()) for i, n in enumerate(lens)]
         batch = with_token_fields(batch, loss_mask=[keep[i, :n].tolist() for i, n in enumerate(lens)])
         # The normaliser counts the tokens that stay in the loss, as when the mask was first built.
-        batch = dataclasses.replace(batch, loss_normalizer=self.normalizer([k for k in kept if k], len(lens)))
+        batch = dataclasses.replace(batch, loss_normalizer=self.normalizer([k for k in kept if k], len(lens), len(lens) // self.cfg.group_size))
+        # group_token_mean: each group's token count changed with the mask (build_batch's groups of G).
+        batch = self.with_group_weights(batch, [self.cfg.group_size] * (len(lens) // self.cfg.group_size))
         metrics["igpo/hint_tokens_kept"] = float((keep * hint).sum())
         return batch, metrics

@@ -10,7 +10,7 @@ from typing import Literal, get_args
 import torch
 
 # The one list of loss aggregations and KL estimators: config sections type their options with these.
-Aggregation = Literal["token_mean", "seq_mean_token_mean", "sum_constant"]
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "sum_constant", "group_token_mean"]
 KLKind = Literal["k1", "k2", "k3"]
 AGGREGATIONS = get_args(Aggregation)
 KL_KINDS = get_args(KLKind)
@@ -40,7 +40,8 @@ def clipped_surrogate(
     return loss, (clipped < unclipped).float()
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: float) -> torch.Tensor:
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: float,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
     """This batch's share of a loss aggregated over the WHOLE step.
 
     `normalizer` comes from `step_normalizer` over every sequence of the optimizer step, so that
@@ -48,17 +49,48 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: f
       token_mean:          sum(values * mask) / total valid tokens of the step
       seq_mean_token_mean: sum_i (token-mean of sequence i) / sequences of the step
       sum_constant:        sum(values * mask) / constant
+      group_token_mean:    sum_g (token-mean over group g's loss tokens) / groups of the step (the
+                           IGPO and d1 releases: a micro-batch is one group, loss = its token mean,
+                           averaged over micro-batches); `weights` [B, T] is 1 / (loss tokens of the
+                           token's group), from `group_token_weights`, so a group split over
+                           micro-batches or ranks still counts once.
     """
     if mode in ("token_mean", "sum_constant"):
         return (values * mask).sum() / normalizer
     if mode == "seq_mean_token_mean":
         per_seq = (values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         return per_seq.sum() / normalizer
+    if mode == "group_token_mean":
+        if weights is None:
+            raise ValueError("group_token_mean aggregation needs the per-token group weights (group_token_weights).")
+        return (values * mask * weights).sum() / normalizer
     raise ValueError(f"Unknown loss aggregation {mode!r}; choose one of {AGGREGATIONS}.")
 
 
-def step_normalizer(completion_lens: list[int], mode: str, constant: float | None = None) -> float:
-    """The denominator `aggregate` needs, from the lengths of all completions of the step."""
+def group_token_weights(loss_masks: list[list[float]], group_sizes: list[int]) -> list[list[float]]:
+    """group_token_mean's per-token weights: 1 / (the loss tokens of the token's group), for the
+    step's sequences in order (`loss_masks`, one row per sequence) cut into consecutive groups of
+    `group_sizes`. A group without loss tokens gets weight 0 (it adds nothing, as in the releases,
+    whose zero-token micro-batch loss is 0)."""
+    if sum(group_sizes) != len(loss_masks):
+        raise ValueError(f"group sizes {group_sizes} do not cover the {len(loss_masks)} sequences.")
+    weights, start = [], 0
+    for size in group_sizes:
+        rows = loss_masks[start : start + size]
+        tokens = sum(sum(row) for row in rows)
+        weights += [[1.0 / tokens if tokens > 0 else 0.0] * len(row) for row in rows]
+        start += size
+    return weights
+
+
+def step_normalizer(completion_lens: list[int], mode: str, constant: float | None = None,
+                    groups: int | None = None) -> float:
+    """The denominator `aggregate` needs, from the lengths of all completions of the step
+    (group_token_mean: the number of groups of the step, `groups`)."""
+    if mode == "group_token_mean":
+        if groups is None:
+            raise ValueError("group_token_mean aggregation needs the step's number of groups.")
+        return float(max(groups, 1))
     if mode == "token_mean":
         return float(max(sum(completion_lens), 1))
     if mode == "seq_mean_token_mean":
