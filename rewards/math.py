@@ -159,6 +159,45 @@ def first_boxed_correct_reward(completion: str, answer: str, **row) -> float:
     return 1.0 if predicted and answers_match(predicted, str(answer)) else 0.0
 
 
+def _balanced_from(text: str, start: int) -> str | None:
+    """The stripped content of the `\\boxed{...}` that starts at `start`, braces balanced; None if
+    `start` is not a `\\boxed{` or the braces never close."""
+    if not text.startswith("\\boxed{", start):
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None
+
+
+@register_reward("last_boxed_correct", correctness=True)
+def last_boxed_correct_reward(completion: str, answer: str, **row) -> float:
+    """The OPSD release's evaluation grading (siyan-zhao/OPSD eval/evaluate_math.py:15-86 at 7448751):
+    the LAST `\\boxed` of the whole output (thinking included), which must open with a brace; no box,
+    no answer: wrong (no last-number or `####` fallback). Equivalence by math-verify, as the release."""
+    predicted = _balanced_from(completion, completion.rfind("\\boxed"))
+    return 1.0 if predicted and answers_match(predicted, str(answer)) else 0.0
+
+
+@register_reward("boxed_after_think_correct", correctness=True)
+def boxed_after_think_correct_reward(completion: str, answer: str, **row) -> float:
+    """The OPSD release's GRPO reward (siyan-zhao/OPSD grpo_train.py:49-114 at 85d6bf9): the FIRST
+    `\\boxed{}` after the last `</think>` (the whole text when there is none), compared by math-verify,
+    then as whitespace-free lowercase strings; 1 or 0. The gold is the data set's `Answer` column
+    (data.answer_key)."""
+    end = completion.rfind("</think>")
+    text = completion[end + len("</think>"):] if end >= 0 else completion
+    predicted = _balanced_from(text, text.find("\\boxed{"))
+    if not predicted:
+        return 0.0
+    if answers_match(predicted, str(answer)):
+        return 1.0
+    squash = lambda s: "".join(s.split()).lower()  # noqa: E731  (the release's string fallback)
+    return 1.0 if squash(predicted) == squash(str(answer)) else 0.0
+
+
 # IGPO's released format reward (utils/reward_func.py `count_xml`): each of these present exactly once.
 _XML_TAGS = ("<reasoning>\n", "</reasoning>", "<answer>\n", "</answer>")
 
@@ -193,3 +232,7 @@ def overlong_reward(
     buffer = overlong_buffer_frac * max_tokens
     start = max_tokens - buffer
     return 0.0 if completion_tokens <= start else -(completion_tokens - start) / buffer
+
+
+# d1's rewards and its GSM8K evaluation grading register with the built-ins (rewards/d1.py).
+import rewards.d1  # noqa: E402,F401

@@ -74,13 +74,16 @@ class IGPO(DiffuGRPO):
             return Repair(sampled, [], counts)
         spec = dataclasses.replace(self.sampling_spec(), n=1)
         prompts, hints, owners = [], [], []
+        # reveal_max 0: no hints at all, a plain resample of the group (the release's "inpainting
+        # ratio = 0" baseline), which needs no reference reasoning.
+        plain = self.cfg.reveal_max == 0
         for i in triggered:
             row = sampled.rows[i]
-            if not row.get("solution"):
+            if not plain and not row.get("solution"):
                 counts["no_reference"] += 1
                 continue
-            trace = self.cfg.hint_prefix + row["solution"]
-            reasoning = reasoning_token_ids(trace, row["answer"], self.tokenizer, self.cfg.exclude_answer)
+            trace = "" if plain else self.cfg.hint_prefix + row["solution"]
+            reasoning = [] if plain else reasoning_token_ids(trace, row["answer"], self.tokenizer, self.cfg.exclude_answer)
             # Seeded by the group itself: the same rollouts get the same hints, on resume too.
             rng = random.Random(f"{self.seed}|{sampled.prompt_ids[i]}|{[c.token_ids for c in sampled.completions[i]]}")
             for hint in build_hints(reasoning, spec.max_tokens, self.cfg.group_size, rng, self.cfg):

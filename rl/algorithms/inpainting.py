@@ -175,6 +175,11 @@ def build_hints(
     """
     if answer_length < 0 or count < 0:
         raise ValueError(f"answer_length and count must be >= 0, got {answer_length} and {count}.")
+    if settings.reveal_max == 0:
+        # The release's "inpainting ratio = 0" baseline (igpo run_igpo.sh:6-7): generate_inpainting
+        # takes its no-hint branch (utils/generate.py:771, 821-831), even for the released variant's
+        # always-revealed last chunk, so the group is resampled plainly.
+        return [{} for _ in range(count)]
     hint_area = max(0, answer_length - settings.free_tail)
     trace = reasoning_ids[:hint_area]
     # The released code measures the stretch against the whole trace, before the cut.
