@@ -24,6 +24,7 @@ checkpoint, which is renamed away first) still has its previous checkpoint as th
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 
 from rl.config import ConfigError, RunConfig, load_config, parse_overrides
+from rl.loop.guards import RunStopped, checkpoint_note
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -68,6 +70,11 @@ RESUME_OVERRIDABLE = (
 
 class CheckpointError(ValueError):
     """A run directory cannot be resumed as asked."""
+
+
+class CheckpointWriteError(RunStopped):
+    """A checkpoint could not be written (a full disk, most often): its partial directory is gone,
+    the message names what, where, how much space it needs and the last complete checkpoint."""
 
 
 @dataclass
@@ -248,19 +255,98 @@ def save(run_dir: Path, cfg: RunConfig, learners, state: TrainerState, ahead: tu
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step_{state.step:06d}"
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    (tmp / "learner").mkdir(parents=True)
-    learners.save_checkpoint(str(tmp / "learner"))
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "config.yaml").write_text(cfg.to_yaml())
-    if ahead is not None:
-        (tmp / AHEAD_FILE).write_bytes(pickle.dumps(ahead))
-    (tmp / STATE_FILE).write_text(json.dumps({**asdict(state), "config_hash": config_hash(cfg)}, indent=1))
-    _fsync_tree(tmp)
+    ahead_bytes = None if ahead is None else pickle.dumps(ahead)
+    try:
+        (tmp / "learner").mkdir(parents=True)
+        learners.save_checkpoint(str(tmp / "learner"))
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "config.yaml").write_text(cfg.to_yaml())
+        if ahead_bytes is not None:
+            (tmp / AHEAD_FILE).write_bytes(ahead_bytes)
+        (tmp / STATE_FILE).write_text(json.dumps({**asdict(state), "config_hash": config_hash(cfg)}, indent=1))
+        _fsync_tree(tmp)
+    except Exception as e:
+        # A partial directory is never taken for a checkpoint (only step_<digits> count); it goes
+        # now, so that the space it took is free again and the last complete checkpoint stays newest.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(_write_failure(Path(run_dir), final, state.step, e, learners, len(ahead_bytes or b""),
+                                                  cfg.checkpoint.keep_last)) from e
     os.rename(tmp, final)
     _fsync(root)
     for old in complete_checkpoints(run_dir)[: -cfg.checkpoint.keep_last]:
         _remove(old)
     return final
+
+
+def _rank_state_bytes(worker) -> int:
+    """What a checkpoint holds of the learner, from the state itself (run on each rank; every rank
+    sees every parameter's full size): each trained parameter in its dtype, plus AdamW's float32
+    master copy and two float32 moments (12 bytes a parameter), plus the EMA teacher's float32 copy."""
+    trained = [p for p in worker.engine.module.parameters() if p.requires_grad]
+    numel = [getattr(p, "ds_numel", None) or p.numel() for p in trained]  # ZeRO-3 partitions report ds_numel
+    total = sum(n * (p.element_size() + 12) for n, p in zip(numel, trained))
+    if getattr(worker.frozen, "ema", None) is not None:
+        total += 4 * sum(numel)
+    return total
+
+
+def _needed_bytes(learners, ahead_bytes: int) -> int | None:
+    """The estimated size of one checkpoint (None when the learners cannot say: test stand-ins)."""
+    submit = getattr(learners, "submit", None)
+    if submit is None:
+        return None
+    from rl.actors import gather
+
+    try:  # a rank stuck in the failed save's collective must not hang the report
+        sizes = gather(submit(_rank_state_bytes), "checkpoint size", lambda r: f"learner rank {r}", RuntimeError, timeout_s=30)
+    except Exception:
+        return None
+    return sizes[0] + ahead_bytes + 64 * 1024  # + the driver's RNG states, config and counters
+
+
+def _is_out_of_space(error: BaseException) -> bool:
+    """ENOSPC / EDQUOT anywhere in the chain (Ray wraps a learner's error; torch.save reports a
+    full disk as PytorchStreamWriter's "file write failed")."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "file write failed" in str(error):
+            return True
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return False
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def _write_failure(run_dir: Path, final: Path, step: int, error: Exception, learners, ahead_bytes: int, keep_last: int) -> str:
+    """One paragraph: what was being written, where, how much space it needs and has, and what is left."""
+    need = _needed_bytes(learners, ahead_bytes)
+    where = next(p for p in (final.parent, *final.parent.parents) if p.exists())
+    usage = shutil.disk_usage(where)  # the partial write already removed
+    full = _is_out_of_space(error) or (need is not None and usage.free < need)
+    size = f"about {_mb(need)}" if need is not None else "an unknown amount"
+    cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+    what = (
+        f"Could not write the checkpoint of step {step} (learner weights, optimizer and RNG states) into {final}"
+    )
+    if full:
+        return (
+            f"{what}: the file system is out of space. A checkpoint needs {size} (the trained weights with "
+            f"AdamW's float32 master copy and moments, 12 bytes a parameter more, estimated from the state "
+            f"being saved), and {where} has {_mb(usage.free)} free of {_mb(usage.total)}; at "
+            f"checkpoint.keep_last={keep_last} the run holds up to {keep_last + 1} at once (the kept ones and "
+            f"the one being written). The partial write was removed. {checkpoint_note(run_dir)} Free space there or move "
+            "the run directory to a larger file system before resuming, lower checkpoint.keep_last, or "
+            "set checkpoint.every_steps=0 to train without checkpoints."
+        )
+    return (
+        f"{what}: {type(error).__name__}: {cause}. The partial write was removed. {checkpoint_note(run_dir)} "
+        f"Fix what stops writing there (a checkpoint needs {size}), then resume."
+    )
 
 
 def _drop_steps_after(path: Path, step: int) -> None:
