@@ -133,6 +133,12 @@ class DataConfig(Section):
         "`solution`; None: a `solution` column, or GSM8K's text before `#### N`. MetaMathQA: `response`, "
         "whose closing 'The answer is: N' also gives the gold answer.",
     )
+    answer_key: Optional[str] = Field(
+        None,
+        description="Column with the gold final answer, used as it is (the OPSD release's GRPO reads the "
+        "OPSD set's `Answer` column). None: an `answer` column (GSM8K's `#### N` extracted), else the last "
+        "\\boxed{} or closing 'The answer is' of the solution.",
+    )
     type_filter: Optional[list[str]] = Field(
         None,
         description="Keep only rows whose `type` column is one of these, before anything else. IGPO's "
@@ -496,19 +502,20 @@ class TrackingConfig(Section):
     )
 
 
-BENCHMARKS = ("gsm8k", "math500", "amc23", "aime24")
+BENCHMARKS = ("gsm8k", "math500", "amc23", "aime24", "aime25", "hmmt25")
 
 # Named evaluation protocols: what a comparison's every run is evaluated with, whatever its training
 # recipe. A recipe names one (`eval.protocol`); keys it also sets explicitly override the protocol's
 # values (and then the run's recorded protocol differs, which rl.compare reports).
 EVAL_PROTOCOLS: dict[str, dict[str, Any]] = {
-    # The OPSD paper's evaluation of every method (base, SFT, GRPO, OPSD; arXiv 2601.18734 and
-    # siyan-zhao/OPSD eval/evaluate_math.py + eval/run_eval.sh): Qwen3 chat template with thinking on,
-    # "{problem}\n\nPlease reason step by step, ...", T 1.0 (run_eval.sh), top-p 0.95 and top-k 20
-    # (evaluate_math.py's defaults, which run_eval.sh keeps), 38,912 new tokens (the paper; 40,960
-    # context), avg@12 (the paper; run_eval.sh samples 16).
+    # The OPSD paper's evaluation of every method (base, SFT, GRPO, OPSD; arXiv 2601.18734 v3 Table 8
+    # and siyan-zhao/OPSD eval/evaluate_math.py + eval/run_eval.sh at 7448751): the Qwen3 chat template
+    # with thinking on (:577-581), "{problem}\n\nPlease reason step by step, ..." (:340-342), T 1.0,
+    # top-p 0.95 in thinking mode (:592-597, 653-654), no top-k (-1, :598-600), 38,912 new tokens
+    # (:571-576; 40,960 context), avg@12 (run_eval.sh:10,20), graded on the last \boxed{} of the whole
+    # output with no fallback (:15-86).
     "opsd_paper": dict(
-        prompt_format="chat", enable_thinking=True, max_tokens=38912, temperature=1.0, top_p=0.95, top_k=20, k=12,
+        prompt_format="chat", enable_thinking=True, max_tokens=38912, temperature=1.0, top_p=0.95, top_k=-1, k=12,
         max_prompt_tokens=2048,
     ),
     # d1's evaluation, which IGPO reports with (dllm-reasoning/d1 eval/eval.py, eval/gsm8k.py): its
@@ -562,7 +569,8 @@ class EvalConfig(Section):
         default_factory=lambda: ["gsm8k"],
         min_length=1,
         description="Sets to evaluate on, by short name: from the hub (openai/gsm8k test, "
-        "HuggingFaceH4/MATH-500, math-ai/amc23, HuggingFaceH4/aime_2024), or from `local_dir` when set; "
+        "HuggingFaceH4/MATH-500, math-ai/amc23, HuggingFaceH4/aime_2024, yentinglin/aime_2025, "
+        "MathArena/hmmt_feb_2025 (HMMT February 2025)), or from `local_dir` when set; "
         "or `<source>:<name>` from a data source a plug-in registered (e.g. synthetic:chain_addition, "
         "the test split of rl.demo.tiny's offline tasks, with plugins=[rl.demo.tiny]).",
     )
@@ -614,7 +622,7 @@ class EvalConfig(Section):
     top_p: float = Field(
         0.95, gt=0, le=1, description="Nucleus cut when sampling [0.95, with temperature 0.6]; greedy ignores it."
     )
-    top_k: int = Field(-1, description="Top-k cut when sampling [20 in the OPSD evaluation]; -1 disables it.")
+    top_k: int = Field(-1, description="Top-k cut when sampling; -1 disables it (the OPSD evaluation's setting).")
     max_tokens: int = Field(
         1024,
         ge=1,

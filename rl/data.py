@@ -23,6 +23,10 @@ HUB_NAMES = {
     "math500": ("HuggingFaceH4/MATH-500", None),
     "amc23": ("math-ai/amc23", None),
     "aime24": ("HuggingFaceH4/aime_2024", None),
+    # The OPSD paper's other two benchmarks, as its evaluation loads them (siyan-zhao/OPSD
+    # eval/evaluate_math.py:237-242 at 7448751): fields `problem` and `answer` (an integer).
+    "aime25": ("yentinglin/aime_2025", None),
+    "hmmt25": ("MathArena/hmmt_feb_2025", None),
 }
 QUESTION_KEYS = ("question", "problem", "prompt")
 # MetaMathQA's responses (IGPO's training data) end with "The answer is: N"; the answer is the text
@@ -246,10 +250,16 @@ def check_prompts_fit(rows: list[dict], cfg: DataConfig, tokenizer, sample: int 
 
 
 def normalize_row(
-    row: dict, index: int, question_key: str | None = None, solution_key: str | None = None, strip_annotations: bool = True
+    row: dict, index: int, question_key: str | None = None, solution_key: str | None = None, strip_annotations: bool = True,
+    answer_key: str | None = None,
 ) -> dict:
     """Add `problem`, `answer` (gold) and `solution` (when present); raise if no gold answer.
-    strip_annotations removes GSM8K calculator annotations from `solution`."""
+    strip_annotations removes GSM8K calculator annotations from `solution`; answer_key names the
+    column whose value is the gold answer as it is."""
+    if answer_key is not None:
+        if answer_key not in row:
+            raise DataError(f"Row {index} has no `{answer_key}` column (data.answer_key); its columns are {sorted(row)}.")
+        row = {**row, "answer": "" if row[answer_key] is None else str(row[answer_key]).strip()}
     if solution_key is not None:
         if solution_key not in row:
             raise DataError(f"Row {index} has no `{solution_key}` column (data.solution_key); its columns are {sorted(row)}.")
@@ -287,7 +297,8 @@ def load_rows(cfg: DataConfig, seed: int, split: str | None = None) -> list[dict
     rows = []
     for i, r in enumerate(raw):
         try:
-            rows.append(normalize_row(r, i, cfg.question_key, cfg.solution_key, cfg.strip_calculator_annotations))
+            rows.append(normalize_row(r, i, cfg.question_key, cfg.solution_key, cfg.strip_calculator_annotations,
+                                      cfg.answer_key))
         except MissingAnswerError:
             if not cfg.skip_rows_without_answer:
                 raise
@@ -316,18 +327,23 @@ def build_prompt(row: dict, cfg: DataConfig, tokenizer) -> list[int]:
     return chat_prompt_ids(tokenizer, content, cfg.system_prompt, cfg.enable_thinking)
 
 
-def build_teacher_prompt(row: dict, cfg: DataConfig, tokenizer, teacher_instruction: str, enable_thinking) -> list[int]:
-    """OPSD's privileged context: the problem, the reference solution between markers, the
-    instruction to understand it and derive the answer in its own reasoning, the answer format."""
+def fill_template(template: str, values: dict[str, str]) -> str:
+    """`template` with each `{name}` of `values` replaced in one pass, so that a problem text that
+    happens to contain `{solution}` is left as it is."""
+    return re.sub(r"\{(" + "|".join(map(re.escape, values)) + r")\}", lambda m: values[m.group(1)], template)
+
+
+def build_teacher_prompt(row: dict, cfg: DataConfig, tokenizer, template: str, teacher_instruction: str,
+                         enable_thinking) -> list[int]:
+    """OPSD's privileged context, from `template` (opsd.teacher_template): the problem, the reference
+    solution, the instruction to understand it and derive the answer itself, the answer format."""
     if "solution" not in row:
         raise DataError(
             f"OPSD needs a reference solution per row, but this row has none (columns: {sorted(row)}). "
             "Use a set with worked solutions (GSM8K, MATH, the OPSD set) or add a `solution` column."
         )
-    content = (
-        f"{row['problem']}\n\n=== Reference solution ===\n{row['solution']}\n=== End of reference solution ===\n\n"
-        f"{teacher_instruction}\n{cfg.instruction}"
-    )
+    content = fill_template(template, {"problem": row["problem"], "solution": row["solution"],
+                                       "teacher_instruction": teacher_instruction, "instruction": cfg.instruction})
     if cfg.prompt_format == "plain":
         return tokenizer(content, add_special_tokens=False)["input_ids"]
     return chat_prompt_ids(tokenizer, content, cfg.system_prompt, enable_thinking)

@@ -37,9 +37,9 @@ from rewards.math import ANSWER_FALLBACKS
 from rewards.scoring import RewardScorer
 from rollouts.types import SamplingSpec
 
-# Split of each benchmark on the hub (HuggingFaceH4/aime_2024 publishes its 30 problems as `train`);
+# Split of each benchmark on the hub (the AIME and HMMT sets publish their 30 problems as `train`);
 # local copies are all <local_dir>/<name>/test.jsonl.
-HUB_SPLITS = {"gsm8k": "test", "math500": "test", "amc23": "test", "aime24": "train"}
+HUB_SPLITS = {"gsm8k": "test", "math500": "test", "amc23": "test", "aime24": "train", "aime25": "train", "hmmt25": "train"}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

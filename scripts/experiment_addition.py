@@ -70,7 +70,7 @@ def teacher_diagnostic(model_dir: Path, rows: list[dict]) -> dict:
     out = {}
     for name, build in (
         ("student_prompt", lambda r: build_prompt(r, cfg.data, tok)),
-        ("teacher_prompt", lambda r: build_teacher_prompt(r, cfg.data, tok, cfg.opsd.teacher_instruction, True)),
+        ("teacher_prompt", lambda r: build_teacher_prompt(r, cfg.data, tok, cfg.opsd.teacher_template, cfg.opsd.teacher_instruction, True)),
     ):
         correct, p_gold = 0, 0.0
         for i, raw in enumerate(rows):
@@ -103,7 +103,7 @@ def warm_up_teacher(model_dir: Path, steps: int, lr: float = 3e-3, seed: int = 0
     def batch(tok, step):
         rows = [normalize_row(raw, i) for i, raw in enumerate(rows_for([rng.choice(pairs) for _ in range(32)]))]
         return [
-            (build_teacher_prompt(r, cfg.data, tok, cfg.opsd.teacher_instruction, True),
+            (build_teacher_prompt(r, cfg.data, tok, cfg.opsd.teacher_template, cfg.opsd.teacher_instruction, True),
              tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
             for r in rows
         ]

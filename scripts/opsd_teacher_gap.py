@@ -46,7 +46,7 @@ def main(argv: list[str]) -> dict:
     tok = AutoTokenizer.from_pretrained(path)
     prompts = {
         "student": [build_prompt(r, cfg.data, tok) for r in rows],
-        "teacher": [build_teacher_prompt(r, cfg.data, tok, cfg.opsd.teacher_instruction, cfg.opsd.teacher_enable_thinking)
+        "teacher": [build_teacher_prompt(r, cfg.data, tok, cfg.opsd.teacher_template, cfg.opsd.teacher_instruction, cfg.opsd.teacher_enable_thinking)
                     for r in rows],
     }
     spec = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_tokens=cfg.rollout.max_tokens)

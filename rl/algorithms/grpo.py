@@ -80,11 +80,13 @@ class GRPOConfig(Section):
         "out of the loss, so a cut-off answer is not punished as wrong. (The soft overlong penalty "
         "is the `overlong` reward.)",
     )
-    importance_sampling: Literal["off", "token", "sequence"] = Field(
+    importance_sampling: Literal["off", "token", "sequence", "token_mask", "sequence_mask"] = Field(
         "off",
-        description="Truncated importance-sampling correction of the training-inference mismatch: "
-        "weight the policy-gradient term by min(pi_learner_old / pi_engine, cap), per token or per "
-        "sequence (as in verl/Fengyao's TIS). Needs a learner forward before the update. With "
+        description="Importance-sampling correction of the training-inference mismatch: weight the "
+        "policy-gradient term by r = pi_learner_old / pi_engine per token or per sequence, truncated "
+        "as min(r, cap) (`token`, `sequence`: verl/Fengyao's TIS) or masked as r below the cap and 0 "
+        "above it (`token_mask`, `sequence_mask`: TRL's modes of those names, whose GRPOTrainer applies "
+        "sequence_mask with cap 3 by default, so the OPSD release's GRPO ran it). Needs a learner forward before the update. With "
         "rollout.top_p < 1 or rollout.top_k > 0 the weights are biased below 1 and cannot be fixed "
         "by a weight: the engine samples from (and reports log-probs of) the truncated, renormalised "
         "distribution q, the learner scores the full one pi, so pi/q on every sampled token is at "

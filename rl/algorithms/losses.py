@@ -218,11 +218,15 @@ def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.T
 
 def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, level: str,
                          cap: float) -> torch.Tensor:
-    """Truncated importance weights correcting for the engine sampling from a slightly different
-    policy than the learner's: min(pi_learner / pi_engine, cap), per token or per sequence."""
+    """Importance weights correcting for the engine sampling from a slightly different policy than
+    the learner's, from r = pi_learner / pi_engine per token or per sequence (the product over its
+    tokens): `token` / `sequence` truncate, min(r, cap) (TIS); `token_mask` / `sequence_mask` mask,
+    r where r <= cap and 0 beyond (TRL's vllm_importance_sampling_mode of those names, MIS)."""
     log_ratio = (old_logp - rollout_logp) * mask
-    if level == "token":
-        return torch.exp(log_ratio).clamp(max=cap) * mask
-    if level == "sequence":
-        return torch.exp(log_ratio.sum(dim=1, keepdim=True)).clamp(max=cap) * mask
-    raise ValueError(f"Unknown importance-sampling level {level!r}; choose token or sequence.")
+    if level in ("sequence", "sequence_mask"):
+        log_ratio = log_ratio.sum(dim=1, keepdim=True)
+    elif level not in ("token", "token_mask"):
+        raise ValueError(f"Unknown importance-sampling level {level!r}; choose token, sequence, token_mask or sequence_mask.")
+    ratio = torch.exp(log_ratio)
+    weights = ratio.clamp(max=cap) if level in ("token", "sequence") else ratio * (ratio <= cap)
+    return weights * mask

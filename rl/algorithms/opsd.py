@@ -85,6 +85,14 @@ class OPSDConfig(Section):
         "answer. Do not copy the reference solution.",
         description="Told to the teacher after the reference solution (the paper's structure, our wording).",
     )
+    teacher_template: str = Field(
+        "{problem}\n\n=== Reference solution ===\n{solution}\n=== End of reference solution ===\n\n"
+        "{teacher_instruction}\n{instruction}",
+        description="The teacher's user message: `{problem}`, `{solution}` (the reference solution), "
+        "`{teacher_instruction}` and `{instruction}` (data.instruction) are filled in. The default is the "
+        "paper's structure in our wording; opsd_qwen sets the release's message word for word "
+        "(siyan-zhao/OPSD data_collator.py:28-34, 88-94 at 85d6bf9).",
+    )
     teacher_enable_thinking: Optional[bool] = Field(
         True, description="Teacher-side chat-template thinking switch (student off, teacher on: the paper's strongest pairing)."
     )
@@ -168,7 +176,8 @@ class OPSD(Algorithm):
         input_ids, prompt_lens, teacher_ids, teacher_lens = [], [], [], []
         for row, prompt, group in zip(rollouts.rows, rollouts.prompt_ids, rollouts.completions):
             teacher_prompt = build_teacher_prompt(
-                row, self.data_cfg, self.tokenizer, self.cfg.teacher_instruction, self.cfg.teacher_enable_thinking
+                row, self.data_cfg, self.tokenizer, self.cfg.teacher_template, self.cfg.teacher_instruction,
+                self.cfg.teacher_enable_thinking,
             )
             for c in group:
                 input_ids.append(list(prompt) + list(c.token_ids))

@@ -30,7 +30,7 @@ def test_batch_pairs_each_completion_with_its_teacher_context(tiny_model):
     completions = [[Completion(p, [5 + i, 6, tok.eos_token_id], "x", [-1.0] * 3, "stop")] for i, p in enumerate(prompts)]
     batch, _ = algo.build_batch(Rollouts(rows, prompts, completions, [[0.0]] * 3))
     for i, row in enumerate(rows):
-        teacher_prompt = build_teacher_prompt(row, cfg.data, tok, cfg.opsd.teacher_instruction, True)
+        teacher_prompt = build_teacher_prompt(row, cfg.data, tok, cfg.opsd.teacher_template, cfg.opsd.teacher_instruction, True)
         assert batch.teacher_input_ids[i] == teacher_prompt + completions[i][0].token_ids
         assert batch.input_ids[i] == prompts[i] + completions[i][0].token_ids
         # The teacher sees the reference solution; the student does not.

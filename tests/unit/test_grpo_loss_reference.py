@@ -22,6 +22,12 @@ LOSS_MASK = [[1, 0, 1, 0, 1], [0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0]]
 CAP = 2.0
 
 
+def is_weight(log_ratio, level):
+    """Truncated (TIS) or masked (TRL's *_mask, MIS) importance weight of one ratio."""
+    r = math.exp(log_ratio)
+    return min(r, CAP) if level in ("token", "sequence") else (r if r <= CAP else 0.0)
+
+
 def reference_loss(logits, tokens, old, rollout, ref, cfg, temperature):
     """Sum over sequences and tokens written out; log-softmax by hand on logits / temperature;
     the truncated IS weight of a sequence = min(exp(sum over its loss tokens of old - rollout), cap)."""
@@ -29,8 +35,8 @@ def reference_loss(logits, tokens, old, rollout, ref, cfg, temperature):
     seq_terms, token_terms = [], []
     for i, n in enumerate(LENS):
         kept = [t for t in range(n) if LOSS_MASK[i][t]]
-        if g.importance_sampling == "sequence":
-            w = min(math.exp(sum(old[i][t] - rollout[i][t] for t in kept)), CAP)
+        if g.importance_sampling.startswith("sequence"):
+            w = is_weight(sum(old[i][t] - rollout[i][t] for t in kept), g.importance_sampling)
         terms = []
         for t in kept:
             row = logits[i, t] / temperature
@@ -38,8 +44,8 @@ def reference_loss(logits, tokens, old, rollout, ref, cfg, temperature):
             ratio = torch.exp(logp - old[i][t])
             a = ADVANTAGES[i]
             surrogate = -torch.min(ratio * a, torch.clamp(ratio, 1 - g.clip_low, 1 + g.clip_high) * a)
-            if g.importance_sampling == "token":
-                w = min(math.exp(old[i][t] - rollout[i][t]), CAP)
+            if g.importance_sampling.startswith("token"):
+                w = is_weight(old[i][t] - rollout[i][t], g.importance_sampling)
             if g.importance_sampling != "off":
                 surrogate = surrogate * w
             d = ref[i][t] - logp
@@ -65,7 +71,7 @@ def _inputs(seed):
 
 
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
-@pytest.mark.parametrize("is_level", ["off", "token", "sequence"])
+@pytest.mark.parametrize("is_level", ["off", "token", "sequence", "token_mask", "sequence_mask"])
 def test_loss_mask_is_weights_and_temperature_match_reference(agg, is_level):
     temperature = 0.6
     cfg = RunConfig(

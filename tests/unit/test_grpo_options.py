@@ -43,6 +43,17 @@ def test_truncated_is_weights_reference():
             want_seq = min(math.exp(log_seq), 2.0) if t < n else 0.0
             assert tok[i, t].item() == pytest.approx(want_tok, rel=1e-6)
             assert seq[i, t].item() == pytest.approx(want_seq, rel=1e-6)
+    # The masked modes (TRL's token_mask / sequence_mask): the ratio below the cap, 0 above it.
+    tok = losses.truncated_is_weights(old, rollout, mask, "token_mask", cap=2.0)
+    seq = losses.truncated_is_weights(old, rollout, mask, "sequence_mask", cap=2.0)
+    for i in range(2):
+        n = int(mask[i].sum())
+        r_seq = math.exp(sum(old[i, t].item() - rollout[i, t].item() for t in range(n)))
+        for t in range(3):
+            r = math.exp(old[i, t] - rollout[i, t])
+            assert tok[i, t].item() == pytest.approx((r if r <= 2.0 else 0.0) if t < n else 0.0, rel=1e-6)
+            assert seq[i, t].item() == pytest.approx((r_seq if r_seq <= 2.0 else 0.0) if t < n else 0.0, rel=1e-6)
+    assert (tok == 0).any() and (tok > 1).any()  # both sides of the cap are exercised
 
 
 def test_worst_prompt_group_gap_against_a_plain_mean():

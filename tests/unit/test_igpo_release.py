@@ -88,7 +88,7 @@ def test_first_boxed_extraction():
 
 
 def test_igpo_recipes_use_the_release_rewards_and_optimiser():
-    for name in ("igpo_llada", "diffu_grpo_llada"):
+    for name in ("igpo_llada", "igpo_ratio0_llada"):
         cfg = load_config(name)
         assert [(f.name, f.weight) for f in cfg.reward.functions] == [("first_boxed_correct", 3.0), ("xmlcount", 1.0)]
         assert (cfg.learner.betas, cfg.learner.weight_decay, cfg.learner.warmup_steps) == ((0.9, 0.99), 0.1, 50)
@@ -118,7 +118,10 @@ def test_stripped_solutions_reach_the_opsd_teacher_context():
             return {"input_ids": text}
 
     row = normalize_row(dict(GSM8K_ROW), 0)
-    context = build_teacher_prompt(row, DataConfig(prompt_format="plain"), TextTokenizer(), "Understand it.", None)
+    from rl.algorithms.opsd import OPSDConfig
+
+    context = build_teacher_prompt(row, DataConfig(prompt_format="plain"), TextTokenizer(), OPSDConfig().teacher_template,
+                                   "Understand it.", None)
     assert "<<" not in context and "48/2 = 24 clips" in context
 
 
