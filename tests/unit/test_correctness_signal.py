@@ -18,6 +18,8 @@ from tests.unit.test_igpo import FakeLoop, G, completion, igpo, sampled_round
 # or 7 (right): a format bonus must not make the wrong one right.
 XML = "<reasoning>\n2+5 makes {x}.\n</reasoning>\n<answer>\n\\boxed{{{x}}}\n</answer>\n"
 PLAIN = "Adding the two numbers gives {x}. The answer is \\boxed{{{x}}}."
+# d1's prompt asks for the bare answer in the tag (no box).
+XML_BARE = "<reasoning>\n2+5 makes {x}.\n</reasoning>\n<answer>\n{x}\n</answer>\n"
 
 
 def _rl_recipes():
@@ -28,12 +30,13 @@ def _rl_recipes():
 def test_each_recipe_reward_set_grades_a_formatted_wrong_answer_wrong(recipe):
     cfg = load_config(recipe)
     assert correctness_index(cfg.reward.functions) is not None, f"{recipe} has no correctness reward"
-    template = XML if "<reasoning>" in (cfg.data.instruction or "") else PLAIN
+    instruction = cfg.data.instruction or ""
+    template = (XML if "\\boxed" in instruction else XML_BARE) if "<reasoning>" in instruction else PLAIN
     wrong, right = template.format(x=5), template.format(x=7)
     with RewardScorer.from_config(cfg.reward.model_copy(update={"workers": 0}), max_tokens=cfg.rollout.max_tokens) as scorer:
         scored = scorer.score([wrong, right], [{"answer": "7"}] * 2, [{"completion_tokens": 20, "truncated": False}] * 2)
     assert scored.correct == [False, True]
-    if template is XML:  # the release's xmlcount bonus: the wrong answer still has a positive total
+    if template is not PLAIN:  # the releases' xmlcount bonus: the wrong answer still has a positive total
         assert scored.totals[0] > 0
 
 
