@@ -1,0 +1,26 @@
+"""Likelihood estimators for masked-diffusion policies, by name: pure functions over a logits_fn.
+
+    fn(logits_fn, ids, attention, positions, answer_ids, *, mask_id, n=1, generator=None,
+       temperature=1.0) -> [B, T]
+
+ids/attention: the rows as `rollouts.diffusion.answer_layout` lays them out (prompt, possibly with
+d1's prompt mask applied, then the answer span; what `ids` holds at the answer positions is
+ignored: each estimator writes the answer tokens or the mask token there itself); positions [B, T]
+the answer positions; answer_ids [B, T] the answer tokens. The result holds one term per answer
+token; a row's sum is the estimate of the sequence's log-likelihood (or its ELBO), and the per-token
+terms are what a token-level policy ratio reads. `n` is the number of random draws (masks, or
+mask pairs) averaged; the one-step estimator is deterministic and ignores it.
+
+Registered: `one_step` (d1, today's estimator), `mc_elbo` (LLaDA's ELBO by Monte Carlo, as VRPO and
+SPG use it), `coupled` (DiffuCoder's complementary masks). Select with
+`<algorithm section>.estimator=<name>` once wired (see issue 26); add one with
+@register_estimator(name).
+"""
+from __future__ import annotations
+
+from rl.algorithms.base import FunctionRegistry
+
+ESTIMATORS = FunctionRegistry("likelihood estimator")
+register_estimator, get_estimator = ESTIMATORS.register, ESTIMATORS.lookup
+
+from rollouts.estimators import coupled, mc_elbo, one_step  # noqa: E402,F401  (registration)
