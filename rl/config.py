@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -529,12 +529,16 @@ EVAL_PROTOCOLS: dict[str, dict[str, Any]] = {
             "final answer in a \\boxed{}. \nRespond in the following format:\n<reasoning>\nYour reasoning "
             "here\n</reasoning>\n<answer>\n\\boxed{...}\n</answer>\n\n{problem}"
         ),
+        # d1 prefills "<reasoning>" after the generation prompt for every model (eval/gsm8k.py:62-66,
+        # eval/eval.py:189, 215-220) and grades GSM8K by its own rule (eval/parse_and_get_acc.py:43-75).
+        # MATH500 keeps math_verify: d1's last box + string equivalence is not implemented here.
+        assistant_prefix="<reasoning>", grader={"gsm8k": "d1_gsm8k"},
     ),
 }
 # The settings that make up a protocol: two runs whose values differ were not evaluated alike.
 PROTOCOL_KEYS = (
     "prompt_format", "prompt_template", "system_prompt", "enable_thinking", "max_tokens", "temperature",
-    "top_p", "top_k", "k", "answer_fallback", "limit",
+    "top_p", "top_k", "k", "answer_fallback", "limit", "assistant_prefix", "grader",
 )
 
 
@@ -636,6 +640,21 @@ class EvalConfig(Section):
         description="How grading finds an answer without \\boxed{} or `#### N`, as reward.answer_fallback "
         "(default the same as the training reward, so evaluation measures what training rewards).",
     )
+    assistant_prefix: str = Field(
+        "",
+        description="Text put after the chat template's generation prompt, as the start of the answer "
+        "(d1 prefills `<reasoning>`). It is part of the prompt: the engine continues it, and the graded "
+        "completion is what the engine generated after it.",
+    )
+    grader: Union[str, dict[str, str]] = Field(
+        "math_verify",
+        description="The correctness reward that grades evaluation completions (full marks = right): "
+        "math_verify (the last \\boxed{}, else `#### N`, else answer_fallback; math-verify equivalence), "
+        "d1_gsm8k (d1's GSM8K rule: the first parseable box, else the first <answer> tag, float "
+        "equality), or any reward registered with correctness=True or named `module:function`. A "
+        "mapping {benchmark: grader} grades those benchmarks so and the others with math_verify. "
+        "Saved with each record, so regrade uses it.",
+    )
     batch_size: int = Field(
         64, ge=1, description="Problems per generate call; progress is reported and records written after each."
     )
@@ -645,6 +664,30 @@ class EvalConfig(Section):
         "as <benchmark>.jsonl next to its summary.json (during training: <run>/eval/step_N/). About "
         "4 bytes a generated token: turn off for long completions on large sets.",
     )
+
+    def grader_for(self, benchmark: str) -> str:
+        """The grader of one benchmark's completions."""
+        return self.grader if isinstance(self.grader, str) else self.grader.get(benchmark, "math_verify")
+
+    @field_validator("grader")
+    @classmethod
+    def _correctness_graders(cls, grader):
+        for name in [grader] if isinstance(grader, str) else grader.values():
+            cls._correctness_grader(name)
+        return grader
+
+    @staticmethod
+    def _correctness_grader(name: str) -> str:
+        from rewards.registry import get_reward, is_correctness_reward, registered_rewards
+
+        try:
+            fn = get_reward(name)
+        except (KeyError, ImportError, AttributeError) as e:
+            raise ValueError(str(e.args[0] if e.args else e)) from None
+        if ":" not in name and not is_correctness_reward(fn):
+            graders = [r for r in registered_rewards() if is_correctness_reward(get_reward(r))]
+            raise ValueError(f"eval.grader {name!r} is not a correctness reward; choose one of {', '.join(graders)}.")
+        return name
 
     @model_validator(mode="before")
     @classmethod

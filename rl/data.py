@@ -309,10 +309,17 @@ def load_rows(cfg: DataConfig, seed: int, split: str | None = None) -> list[dict
     return rows[: cfg.max_rows] if cfg.max_rows else rows
 
 
-def chat_prompt_ids(tokenizer, content: str, system_prompt: str | None, enable_thinking: bool | None) -> list[int]:
+def chat_prompt_ids(tokenizer, content: str, system_prompt: str | None, enable_thinking: bool | None,
+                    assistant_prefix: str = "") -> list[int]:
+    """The chat prompt's token ids; `assistant_prefix` (d1's evaluation prefills "<reasoning>") is
+    appended to the templated text after the generation prompt, and the whole text tokenised
+    without adding special tokens again (the template has them)."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": content})
     extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    if assistant_prefix:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+        return list(tokenizer(text + assistant_prefix, add_special_tokens=False)["input_ids"])
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
     # transformers 5 may return a BatchEncoding-like mapping here.
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

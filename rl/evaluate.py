@@ -72,7 +72,7 @@ def eval_prompt(row: dict, cfg: EvalConfig, tokenizer) -> list[int]:
     if cfg.prompt_format == "plain":
         return tokenizer(row["problem"], add_special_tokens=False)["input_ids"]
     content = cfg.prompt_template.replace("{problem}", row["problem"])
-    return chat_prompt_ids(tokenizer, content, cfg.system_prompt, cfg.enable_thinking)
+    return chat_prompt_ids(tokenizer, content, cfg.system_prompt, cfg.enable_thinking, cfg.assistant_prefix)
 
 
 def eval_due(cfg: EvalConfig, step: int, total_steps: int) -> bool:
@@ -119,13 +119,14 @@ def metrics_by_benchmark(records: list[dict]) -> dict[str, float]:
 
 
 def grade(scorer: RewardScorer, completions: list[str], rows: list[dict]) -> list[bool]:
-    return [score >= 1.0 for score in scorer.score(completions, rows).totals]
+    """Whether each completion is right: full marks from the grader (the scorer's correctness reward)."""
+    return scorer.score(completions, rows).correct
 
 
-def _scorer(answer_fallback: str) -> RewardScorer:
+def _scorer(answer_fallback: str, grader: str = "math_verify") -> RewardScorer:
     # Inline: math-verify's own signal timeouts bound each check, and no worker processes are
     # started next to the trainer's.
-    return RewardScorer([("math_verify", 1.0)], workers=0, settings={"answer_fallback": answer_fallback})
+    return RewardScorer([(grader, 1.0)], workers=0, settings={"answer_fallback": answer_fallback}, correctness=0)
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -149,11 +150,12 @@ def regrade(path: str | Path, answer_fallback: str | None = None) -> dict[str, f
     regraded = []
     try:
         for r in records:
-            fallback = answer_fallback or r["answer_fallback"]
-            if fallback not in scorers:
-                scorers[fallback] = _scorer(fallback)
+            # Records before eval.grader existed were graded with math_verify.
+            key = (answer_fallback or r["answer_fallback"], r.get("grader", "math_verify"))
+            if key not in scorers:
+                scorers[key] = _scorer(*key)
             row = {"problem": r["problem"], "answer": r["answer"]}
-            regraded.append({**r, "correct": grade(scorers[fallback], r["completions"], [row] * len(r["completions"]))})
+            regraded.append({**r, "correct": grade(scorers[key], r["completions"], [row] * len(r["completions"]))})
     finally:
         for scorer in scorers.values():
             scorer.close()
@@ -234,10 +236,10 @@ class Evaluator:
             out.mkdir(parents=True, exist_ok=True)
         progress = _Progress(sum(len(rows) for rows in self.rows.values()))
         metrics: dict[str, float] = {}
-        with _scorer(self.cfg.answer_fallback) as scorer:
-            for bench in self.rows:
+        for bench in self.rows:
+            with _scorer(self.cfg.answer_fallback, self.cfg.grader_for(bench)) as scorer:
                 records = self._run_benchmark(engine, scorer, bench, progress, out)
-                metrics.update(metrics_by_benchmark(records))
+            metrics.update(metrics_by_benchmark(records))
         metrics["eval/time_s"] = time.time() - start
         if out is not None:
             summary = {**(meta or {}), "protocol": self.protocol(), "settings": self.settings(), "metrics": metrics}
@@ -271,6 +273,7 @@ class Evaluator:
                 "problem": row["problem"],
                 "answer": row["answer"],
                 "answer_fallback": self.cfg.answer_fallback,
+                "grader": self.cfg.grader_for(bench),
                 "completions": [c.text for c in group],
                 "response_tokens": [len(c.token_ids) for c in group],
                 "finish_reasons": [c.finish_reason for c in group],
