@@ -516,7 +516,7 @@ EVAL_PROTOCOLS: dict[str, dict[str, Any]] = {
     # output with no fallback (:15-86).
     "opsd_paper": dict(
         prompt_format="chat", enable_thinking=True, max_tokens=38912, temperature=1.0, top_p=0.95, top_k=-1, k=12,
-        max_prompt_tokens=2048,
+        max_prompt_tokens=2048, grader="last_boxed_correct",
     ),
     # d1's evaluation, which IGPO reports with (dllm-reasoning/d1 eval/eval.py, eval/gsm8k.py): its
     # format prompt + "\n\n" + question as the user message, greedy (T 0), one sample, 256-token

@@ -100,6 +100,8 @@ OPSD_EVAL_PROTOCOL = [
     Released("eval.top_k", -1, f"{OPSD_EVAL} eval/evaluate_math.py:598-600"),
     Released("eval.k", 12, f"{OPSD_EVAL} eval/run_eval.sh:20"),
     Released("eval.benchmarks", ["aime24", "aime25", "hmmt25"], f"{OPSD_EVAL} eval/evaluate_math.py:234-242"),
+    Released("eval.grader", "last_boxed_correct", f"{OPSD_EVAL} eval/evaluate_math.py:15-86"),
+    Released("eval.assistant_prefix", "", f"{OPSD_EVAL} eval/evaluate_math.py:340-342"),
 ]
 SETTINGS["opsd_qwen"] = OPSD_EVAL_PROTOCOL + [
     Released("model.path", "Qwen/Qwen3-1.7B", f"{OPSD} scripts/run_opsd_1b.sh:7"),
