@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine_info import machine_info  # scripts/machine_info.py: CPU model, vector extensions, cores
+
 MODES = {
     "plain": dict(cache=None, threshold=None),  # rollouts.diffusion.diffusion_sample, today's sampler
     "prefix": dict(cache="prefix", threshold=None),
@@ -222,7 +224,7 @@ def main() -> None:
         del r["tokens"]
     s = settings(args)
     meta = dict(settings=s, params=results[0]["params"] if results else None, threshold=args.threshold, head_scale=args.head_scale,
-                smoke=args.smoke, temperature=0.0, cpu=cpu_info(), targets=dict(prefix_speedup=2.5, dual_parallel_speedup=5.0))
+                smoke=args.smoke, temperature=0.0, cpu=cpu_info(), machine=machine_info(), targets=dict(prefix_speedup=2.5, dual_parallel_speedup=5.0))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "diffusion_smoke" if args.smoke else "diffusion"

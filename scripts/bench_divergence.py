@@ -30,6 +30,8 @@ from typing import Callable
 
 import psutil
 
+from machine_info import machine_info  # scripts/machine_info.py: CPU model, vector extensions, cores
+
 GB = 1e9
 RESULTS = Path("bench_results")
 WARMUP_TOKENS = 64
@@ -204,7 +206,7 @@ def benchmark(name: str, script: Path, phases_for, default_tokens: list[int], ti
                 f"{args.threads} threads, budget {budget / GB:.1f} GB)", rows, args.vocab)
     RESULTS.mkdir(exist_ok=True)
     meta = {"vocab": args.vocab, "hidden": args.hidden, "chunk_size": args.chunk_size, "threads": args.threads,
-            "budget_gb": round(budget / GB, 2), "cpu": _cpu_name()}
+            "budget_gb": round(budget / GB, 2), "cpu": _cpu_name(), "machine": machine_info()}
     (RESULTS / f"{name}.json").write_text(json.dumps({"config": meta, "results": rows}, indent=1) + "\n")
     print(f"\nwrote {RESULTS / f'{name}.json'} and {plot(name, rows, budget, title)}")
 

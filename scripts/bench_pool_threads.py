@@ -15,6 +15,8 @@ import json
 import time
 from pathlib import Path
 
+from machine_info import machine_info  # scripts/machine_info.py: CPU model, vector extensions, cores
+
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did she sell altogether?",
@@ -89,7 +91,7 @@ def main() -> None:
         print(f"{name:<16} {results[name]:8.1f} tokens/s  {results[name] / base:5.2f}x in-process")
     out = ROOT / "bench_results"
     out.mkdir(exist_ok=True)
-    meta = dict(vars(args), machine="2-core CPU, shared with other jobs; runs one after the other")
+    meta = dict(vars(args), machine=machine_info(), note="a machine shared with other jobs; runs one after the other")
     (out / "pool_threads.json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
 
     import matplotlib

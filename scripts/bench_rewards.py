@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from rewards.math import _parse_answer  # noqa: E402  (cleared so every mode starts cold)
 from rewards.scoring import RewardScorer  # noqa: E402
+from machine_info import machine_info  # noqa: E402  (scripts/machine_info.py: CPU model, vector extensions, cores)
 
 
 def math500_batch(local_dir: str, n: int) -> tuple[list[str], list[dict]]:
@@ -110,12 +111,7 @@ def main() -> int:
           f"(inline {overhead['inline_us_per_completion']} us, pool {overhead['pool_us_per_completion']} us, "
           f"1 worker); {overhead['pool_ms_per_one_completion_call']} ms per score() call of one completion")
     result = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "load_average_1min": os.getloadavg()[0],
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": {**machine_info(), "platform": platform.platform()},
         "math_verify": modes,
         "overhead": overhead,
     }

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine_info import machine_info  # scripts/machine_info.py: CPU model, vector extensions, cores
+
 ROOT = Path(__file__).resolve().parent.parent
 # (name, the run's overrides)
 RUNS = (
@@ -187,7 +189,7 @@ def push_only(args: argparse.Namespace) -> None:
     out = ROOT / "bench_results"
     out.mkdir(exist_ok=True)
     meta = dict(mode="push", recipe=args.recipe, repeats=args.repeats, step_s=args.step_s, overrides=args.overrides,
-                cpus=os.cpu_count(), load_average=os.getloadavg())
+                cpus=os.cpu_count(), load_average=os.getloadavg(), machine=machine_info())
     (out / "sync_push.json").write_text(json.dumps(dict(meta=meta, summary=summary, rows=rows), indent=1))
 
     import matplotlib
@@ -247,7 +249,7 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     meta = dict(recipe=args.recipe, steps=args.steps, overrides=args.overrides, cpus=os.cpu_count(),
                 load_average=os.getloadavg(), wall_s=time.time() - started,
-                note="a shared machine: timings are noisy, compare within this run")
+                note="a shared machine: timings are noisy, compare within this run", machine=machine_info())
     (out / "sync.json").write_text(json.dumps(dict(meta=meta, summary=summary, ratios=ratios, rows=rows), indent=1))
     plot(rows, summary, out / "sync.png")
     print(f"wrote {out / 'sync.json'} and {out / 'sync.png'}")

@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine_info import machine_info  # scripts/machine_info.py: CPU model, vector extensions, cores
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench_results"
 PHASES = ("ours", "trl", "engine", "learner")
@@ -374,7 +376,8 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.phase:
-        result = {**globals()[f"phase_{args.phase}"](args), "measured_steps": args.steps, "warmup_steps": args.warmup}
+        result = {**globals()[f"phase_{args.phase}"](args), "measured_steps": args.steps, "warmup_steps": args.warmup,
+                  "machine": machine_info()}
         (args.out / f"{args.phase}.json").write_text(json.dumps(result, indent=1))
         return
     if "learner" in args.phases and "engine" not in args.phases and not (args.out / "batch.json").exists():
@@ -387,7 +390,7 @@ def main() -> None:
                                str(args.warmup), "--out", str(args.out)], cwd=ROOT, env=env).returncode
         log(f"phase {name} {'done' if code == 0 else f'FAILED (exit {code})'} in {(time.time() - t0) / 60:.1f} min")
     res = {k: json.loads((args.out / f"{k}.json").read_text()) for k in PHASES if (args.out / f"{k}.json").exists()}
-    res["settings"] = {"recipe": RECIPE, "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+    res["settings"] = {"recipe": RECIPE, "cpus": os.cpu_count(), "load_average": os.getloadavg(), "machine": machine_info(),
                        "note": "machine shared with other jobs; medians over each phase's measured steps"}
     lines = report(res)
     print("\n".join(lines))
