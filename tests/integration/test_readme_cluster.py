@@ -14,10 +14,12 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +47,14 @@ def readme_commands() -> tuple[list[str], list[str]]:
         elif line.strip() and current is not None:
             current.append(line)
     return parts["head"], parts["other"]
+
+
+def _ray_address_file() -> str | None:
+    """What `ray.init()` without an address would join on this machine (None: start its own)."""
+    from ray._common.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    return path.read_text() if path.exists() else None
 
 
 def _free_port() -> int:
@@ -95,9 +105,13 @@ print(json.dumps(ray.get([where.options(scheduling_strategy=NodeAffinityScheduli
 
 
 def _node_env(home: Path) -> dict:
+    """A simulated machine: `ray` from this environment, a home of its own (no token, as on a machine
+    that never ran Ray) and a temporary directory of its own: Ray keeps its sessions there and the
+    address `ray.init()` joins by default (ray_current_cluster), which must not point the rest of
+    the test session, or anyone else on this machine, at this short-lived cluster."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    # `ray` from this environment; a home of its own, as on a machine that never ran Ray.
-    return {**env, "HOME": str(home), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
+    return {**env, "HOME": str(home), "RAY_TMPDIR": str(home / "tmp"),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
 
 
 def test_readme_scale_out_commands_start_a_two_node_token_cluster(tmp_path):
@@ -107,10 +121,12 @@ def test_readme_scale_out_commands_start_a_two_node_token_cluster(tmp_path):
     assert any("ray get-auth-token --generate" in line for line in head_lines)  # the step a fresh machine needs
     head_ip, port = ray.util.get_node_ip_address(), _free_port()
     sessions = []
+    # Short paths: Ray's unix sockets live under each node's temporary directory (108 bytes at most).
+    homes = Path(tempfile.mkdtemp(prefix="rl-nodes-", dir="/tmp"))
 
     def node(name: str, lines: list[str], **fill) -> subprocess.CompletedProcess:
-        home = tmp_path / name
-        home.mkdir()
+        home = homes / name
+        (home / "tmp").mkdir(parents=True)
         script = "\n".join(lines).replace("6379", str(port))
         for placeholder, value in fill.items():  # whole words: RAY_AUTH_TOKEN is not the placeholder TOKEN
             script, count = re.subn(rf"\b{placeholder}\b", value, script)
@@ -124,14 +140,15 @@ def test_readme_scale_out_commands_start_a_two_node_token_cluster(tmp_path):
     try:
         head = node("head", head_lines)
         assert head.returncode == 0, head.stderr[-3000:]
-        token = (tmp_path / "head" / ".ray" / "auth_token").read_text().strip()
+        token = (homes / "head" / ".ray" / "auth_token").read_text().strip()
         assert token and token in head.stdout  # what the README tells the operator to pass on
         other = node("other", other_lines, TOKEN=token, HEAD_IP=head_ip)
         assert other.returncode == 0, other.stderr[-3000:]
-        assert not (tmp_path / "other" / ".ray" / "auth_token").exists()  # the token came as RAY_AUTH_TOKEN
+        assert not (homes / "other" / ".ray" / "auth_token").exists()  # the token came as RAY_AUTH_TOKEN
 
         address = f"{head_ip}:{port}"
-        head_env = {**_node_env(tmp_path / "head"), "RAY_AUTH_MODE": "token"}
+        assert (homes / "head" / "tmp" / "ray" / "ray_current_cluster").read_text().strip() == address
+        head_env = {**_node_env(homes / "head"), "RAY_AUTH_MODE": "token"}
         deadline = time.time() + 90
         while True:  # the second node registers with the head a moment after its `ray start` returns
             status = subprocess.run(["ray", "status", f"--address={address}"], env=head_env, capture_output=True,
@@ -142,9 +159,9 @@ def test_readme_scale_out_commands_start_a_two_node_token_cluster(tmp_path):
             assert time.time() < deadline, status.stdout + status.stderr[-2000:]
             time.sleep(2)
         # Token authentication is on: a client without the token is refused.
-        (tmp_path / "stranger").mkdir()
+        (homes / "stranger" / "tmp").mkdir(parents=True)
         refused = subprocess.run(["ray", "status", f"--address={address}"], capture_output=True, text=True, timeout=120,
-                                 env={**_node_env(tmp_path / "stranger"), "RAY_AUTH_MODE": "token"})
+                                 env={**_node_env(homes / "stranger"), "RAY_AUTH_MODE": "token"})
         assert refused.returncode != 0 and "token" in (refused.stdout + refused.stderr).lower()
 
         # A driver on the head node (whose environment holds the token, as the launcher's does) joins
@@ -156,4 +173,6 @@ def test_readme_scale_out_commands_start_a_two_node_token_cluster(tmp_path):
     finally:
         for sid in sessions:
             _stop_session(sid)
+        shutil.rmtree(homes, ignore_errors=True)
     assert all(_zombie(p) for sid in sessions for p in _session(sid))  # nothing of the cluster is left
+    assert _ray_address_file() != address  # `ray.init()` elsewhere on this machine is not pointed at it
