@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     from rl.loop.guards import GracefulStop, RunStopped
+    from rl.loop.local_cluster import ClusterError
+    from rl.loop.placement import PlacementError
     from rl.loop.trainer import train
     from rl.sync.check import WeightSyncError
     from rollouts.pool import RolloutEngineError
@@ -141,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop:
             metrics = train(cfg, run_dir, resume=resume_dir is not None, stop=stop)
-    except (ModelError, DataError, RewardError, checkpoint.CheckpointError, WeightSyncError, RolloutEngineError) as e:
+    except (ModelError, DataError, RewardError, checkpoint.CheckpointError, WeightSyncError, RolloutEngineError,
+            ClusterError, PlacementError) as e:
         # Errors that name their cause and fix: one paragraph, not a traceback through Ray.
         _fail(str(e))
     except RunStopped as e:

@@ -22,12 +22,18 @@ which cost the engine 40% of its speed on a 2-core machine.
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections import Counter
 from dataclasses import dataclass, field
 
 SPLIT, COLOCATE = "split", "colocate"
+# A cluster started on this machine may reserve more CPUs than it has cores (engines and learners
+# take turns, and an actor's threads follow the cores anyway), but not without bound: 64 engines on
+# 2 cores would start 64 processes that never get through their start-up.
+LOCAL_CPUS_PER_CORE = 2
+LOCAL_MIN_CPUS = 4  # one engine and two learner ranks (with CPU to spare) on the smallest machine
 
 
 class PlacementError(RuntimeError):
@@ -164,6 +170,25 @@ class ResourcePlan:
                 )
             for k, v in want.items():
                 home[k] -= v
+
+    def local_cpus(self, cores: int) -> int:
+        """The CPU count of a Ray cluster started on a machine with `cores` cores for this plan: its
+        reservations, at least the cores, and refused beyond LOCAL_CPUS_PER_CORE per core (at
+        least LOCAL_MIN_CPUS), before anything starts."""
+        need = self.needs()["CPU"]
+        allowed = max(LOCAL_MIN_CPUS, LOCAL_CPUS_PER_CORE * cores)
+        if need > allowed + 1e-9:
+            parts = [f"{len(s)} {role} x {s[0].num_cpus:g} CPU" for role, s in
+                     (("engines", self.engines), ("learner ranks", self.learners)) if s]
+            raise PlacementError(
+                f"The resource plan does not fit this machine. It needs {need:g} CPU ({' + '.join(parts)}: "
+                "rollout.num_engines x rollout.engine_cpus + learner.num_learners x learner.learner_cpus), and a Ray "
+                f"cluster started here has at most {allowed} CPU: this machine has {cores} cores, and actors may "
+                f"share them {LOCAL_CPUS_PER_CORE} to 1 (at least {LOCAL_MIN_CPUS} CPU in all), no more. Lower "
+                "rollout.num_engines, learner.num_learners or the *_cpus reservations, or join a larger cluster "
+                "with ray.address."
+            )
+        return max(cores, math.ceil(need - 1e-9))
 
     def describe_bundles(self) -> str:
         return ", ".join(_fmt(b) for b in self.bundles)
