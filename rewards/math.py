@@ -232,7 +232,3 @@ def overlong_reward(
     buffer = overlong_buffer_frac * max_tokens
     start = max_tokens - buffer
     return 0.0 if completion_tokens <= start else -(completion_tokens - start) / buffer
-
-
-# d1's rewards and its GSM8K evaluation grading register with the built-ins (rewards/d1.py).
-import rewards.d1  # noqa: E402,F401

@@ -11,12 +11,10 @@ completion is correct when that reward's own value (before its weight) is at lea
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import inspect
-import sys
 from pathlib import Path
 from typing import Callable
+
+from rl.core.plugins import absolute_ref, defining_ref, load_object
 
 RewardFn = Callable[..., "float | dict"]
 _REGISTRY: dict[str, RewardFn] = {}
@@ -56,49 +54,12 @@ def is_correctness_reward(fn: RewardFn) -> bool:
 
 
 def registered_rewards() -> list[str]:
-    _load_builtins()
     return sorted(_REGISTRY)
 
 
-def _load_builtins() -> None:
-    import rewards.math  # noqa: F401  (registers the built-in rewards)
-
-
-def load_file(path: Path):
-    """Import a Python file as a module, once per process (user rewards, algorithms, the config's `plugins`)."""
-    module_name = f"_user_{path.stem}_{abs(hash(str(path.resolve())))}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_object(ref: str, what: str, noun: str = "function"):
-    """The object `module.path:name` or `path/to/file.py:name` names: a user's reward, algorithm, ...
-    (`what` and `noun`, what it should be, name it in errors)."""
-    target, name = ref.rsplit(":", 1)
-    try:
-        if target.endswith(".py"):
-            path = Path(target)
-            if not path.exists():
-                raise FileNotFoundError(f"{what} file {path.resolve()} does not exist")
-            module = load_file(path)
-        else:
-            module = importlib.import_module(target)
-    except Exception as e:  # import errors of user code: say which plug-in failed to load
-        raise ImportError(f"Could not load {what} {ref!r}: {type(e).__name__}: {e}") from e
-    obj = getattr(module, name, None)
-    if obj is None:
-        raise AttributeError(f"{what.capitalize()} {ref!r}: {target} has no {noun} {name!r}.")
-    return obj
-
-
 def get_reward(ref: str) -> RewardFn:
-    """The callable for a registered name, `module.path:function` or `path/to/file.py:function`."""
-    _load_builtins()
+    """The callable for a registered name, `module.path:function` or `path/to/file.py:function`.
+    (Importing the `rewards` package registers the built-ins.)"""
     if ref in _REGISTRY:
         return _REGISTRY[ref]
     if ":" not in ref:
@@ -116,16 +77,9 @@ def portable_ref(ref: str) -> str:
     """A reference that resolves to the same function in a fresh (spawned) process.
 
     Built-in names resolve anywhere. A name registered by user code only exists once that code is
-    imported, so it becomes the `module:function` (or `file.py:function`) that defines it; relative
-    file paths become absolute, so a worker's working directory does not matter.
+    imported, so it becomes the `module:function` (or absolute `file.py:function`) that defines it.
     """
     if ":" in ref:
-        target, fn_name = ref.rsplit(":", 1)
-        return f"{Path(target).resolve()}:{fn_name}" if target.endswith(".py") else ref
+        return absolute_ref(ref)
     fn = get_reward(ref)
-    module = fn.__module__
-    if module.startswith("rewards."):
-        return ref
-    if module == "__main__" or module.startswith("_user_"):
-        return f"{Path(inspect.getfile(fn)).resolve()}:{fn.__name__}"
-    return f"{module}:{fn.__name__}"
+    return ref if fn.__module__.startswith("rewards.") else defining_ref(fn)

@@ -4,6 +4,9 @@ Every row leaves `load_rows` with `problem` (the question text), `answer` (the g
 extracted once here: GSM8K's `#### N`, MATH's `answer` column or the last \\boxed{} of its
 solution) and, when the set has one, `solution` (the reference reasoning; OPSD's privileged
 context). Other columns pass through untouched, so custom rewards can read them.
+
+`cfg` is the `data` section (rl.config.DataConfig), `spec` a prompt spec (rl.config.PromptSpec: the
+`data` or the `eval` section); this layer reads them and imports neither.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from rl.config import DataConfig, relative_root
+from rl.core.paths import relative_root
 from rewards.math import gsm8k_gold, last_boxed
 
 # Short names -> (hub id, hub config). Local copies live at <local_dir>/<name>/<split>.jsonl.
@@ -153,7 +156,7 @@ def strip_calculator_annotations(solution: str) -> str:
     return CALCULATOR_ANNOTATION.sub("", solution)
 
 
-def filter_rows(raw: list[dict], cfg: DataConfig) -> list[dict]:
+def filter_rows(raw: list[dict], cfg) -> list[dict]:
     """data.type_filter, then data.dedupe_by (first row of each value, in file order)."""
     rows = raw
     if cfg.type_filter is not None:
@@ -177,7 +180,7 @@ def hub_offline() -> bool:
     return any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def local_train_file(cfg: DataConfig) -> Path | None:
+def local_train_file(cfg) -> Path | None:
     """The local file the training rows will be read from: data.train's .jsonl, or the local copy
     <data.local_dir>/<name>/<split>.jsonl when it exists; None for the hub or a registered source."""
     if source_loader(cfg.train) is not None:
@@ -190,7 +193,7 @@ def local_train_file(cfg: DataConfig) -> Path | None:
     return None
 
 
-def check_local_data(cfg: DataConfig, seed: int) -> str | None:
+def check_local_data(cfg, seed: int) -> str | None:
     """The dry run's data check: read a local training set as the run will (every line parsed, every
     row given its question and gold answer, the filters applied); a DataError names the first
     problem, and a set that yields no row is one. Returns what was checked; None when the rows come
@@ -208,7 +211,7 @@ def check_local_data(cfg: DataConfig, seed: int) -> str | None:
     return f"data: {len(rows)} training rows read from {path} and checked"
 
 
-def check_local_paths(cfg: DataConfig) -> list[str]:
+def check_local_paths(cfg) -> list[str]:
     """Without reading anything: raise DataError for a data file that does not exist, or for a
     missing local copy while HF_HUB_OFFLINE forbids the hub; return notes (a missing local copy that
     the hub will replace) for the dry run to print."""
@@ -238,7 +241,7 @@ def check_local_paths(cfg: DataConfig) -> list[str]:
     return [f"{note}: {cfg.train} will be loaded from the hub ({HUB_NAMES[cfg.train][0]}); fix data.local_dir if that is not meant."]
 
 
-def check_prompts_fit(rows: list[dict], cfg: DataConfig, tokenizer, sample: int = 200) -> None:
+def check_prompts_fit(rows: list[dict], cfg, tokenizer, sample: int = 200) -> None:
     """Raise DataError if none of the first `sample` rows' prompts fits data.max_prompt_tokens."""
     lengths = [len(build_prompt(row, cfg, tokenizer)) for row in rows[:sample]]
     if lengths and min(lengths) > cfg.max_prompt_tokens:
@@ -292,7 +295,7 @@ def normalize_row(
     return out
 
 
-def load_rows(cfg: DataConfig, seed: int, split: str | None = None) -> list[dict]:
+def load_rows(cfg, seed: int, split: str | None = None) -> list[dict]:
     raw = filter_rows(read_source(cfg.train, split or cfg.split, cfg.local_dir), cfg)
     rows = []
     for i, r in enumerate(raw):
@@ -325,13 +328,20 @@ def chat_prompt_ids(tokenizer, content: str, system_prompt: str | None, enable_t
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def build_prompt(row: dict, cfg: DataConfig, tokenizer) -> list[int]:
-    if cfg.prompt_format == "plain":
-        return tokenizer(row["problem"], add_special_tokens=False)["input_ids"]
-    content = row["problem"]
-    if cfg.instruction:
-        content = cfg.prompt_template.replace("{instruction}", cfg.instruction).replace("{problem}", content)
-    return chat_prompt_ids(tokenizer, content, cfg.system_prompt, cfg.enable_thinking)
+def prompt_ids(spec, problem: str, tokenizer, values: dict[str, str] | None = None) -> list[int]:
+    """The prompt of `problem` under a prompt spec (the `data` or the `eval` section): the problem as-is
+    (plain), or `prompt_template` with `{problem}` (and `values`) filled in, through the chat template."""
+    if spec.prompt_format == "plain":
+        return tokenizer(problem, add_special_tokens=False)["input_ids"]
+    content = fill_template(spec.prompt_template, {"problem": problem, **(values or {})})
+    return chat_prompt_ids(tokenizer, content, spec.system_prompt, spec.enable_thinking, spec.assistant_prefix)
+
+
+def build_prompt(row: dict, cfg, tokenizer) -> list[int]:
+    """A training row's prompt (the `data` section); an empty data.instruction leaves the problem bare."""
+    if cfg.prompt_format == "chat" and not cfg.instruction:
+        return chat_prompt_ids(tokenizer, row["problem"], cfg.system_prompt, cfg.enable_thinking, cfg.assistant_prefix)
+    return prompt_ids(cfg, row["problem"], tokenizer, {"instruction": cfg.instruction})
 
 
 def fill_template(template: str, values: dict[str, str]) -> str:
@@ -340,7 +350,7 @@ def fill_template(template: str, values: dict[str, str]) -> str:
     return re.sub(r"\{(" + "|".join(map(re.escape, values)) + r")\}", lambda m: values[m.group(1)], template)
 
 
-def build_teacher_prompt(row: dict, cfg: DataConfig, tokenizer, template: str, teacher_instruction: str,
+def build_teacher_prompt(row: dict, cfg, tokenizer, template: str, teacher_instruction: str,
                          enable_thinking) -> list[int]:
     """OPSD's privileged context, from `template` (opsd.teacher_template): the problem, the reference
     solution, the instruction to understand it and derive the answer itself, the answer format."""

@@ -32,10 +32,10 @@ from pathlib import Path
 
 from rl.cli import UsageError, parse_command_line, tool_arguments
 from rl.config import EVAL_PROTOCOLS, ConfigError, DataConfig, EvalConfig, RunConfig, load_config
-from rl.data import DataError, chat_prompt_ids, load_rows
+from rl.data import DataError, load_rows, prompt_ids
 from rewards.math import ANSWER_FALLBACKS
 from rewards.scoring import RewardScorer
-from rollouts.types import SamplingSpec
+from rl.core.types import SamplingSpec
 
 # Split of each benchmark on the hub (the AIME and HMMT sets publish their 30 problems as `train`);
 # local copies are all <local_dir>/<name>/test.jsonl.
@@ -69,10 +69,7 @@ def sampling_temperature(cfg: EvalConfig) -> float:
 
 def eval_prompt(row: dict, cfg: EvalConfig, tokenizer) -> list[int]:
     """The evaluation prompt of a benchmark row, from the `eval` section only (never `data`)."""
-    if cfg.prompt_format == "plain":
-        return tokenizer(row["problem"], add_special_tokens=False)["input_ids"]
-    content = cfg.prompt_template.replace("{problem}", row["problem"])
-    return chat_prompt_ids(tokenizer, content, cfg.system_prompt, cfg.enable_thinking, cfg.assistant_prefix)
+    return prompt_ids(cfg, row["problem"], tokenizer)
 
 
 def eval_due(cfg: EvalConfig, step: int, total_steps: int) -> bool:

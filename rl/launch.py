@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
 
-    from rl.loop.guards import GracefulStop, RunStopped
+    from rl.loop.guards import GracefulStop
+    from rl.loop.stopped import RunStopped
     from rl.loop.local_cluster import ClusterError
     from rl.loop.placement import PlacementError
     from rl.loop.trainer import train
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped: {e}" if e.exit_code == 1 else str(e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, wherever the run was
-        from rl.loop.guards import checkpoint_note
+        from rl.loop.checkpoint import checkpoint_note
 
         print(f"interrupted: stopped at once, nothing saved now. {checkpoint_note(run_dir)}", file=sys.stderr)
         return 130

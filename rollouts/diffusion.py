@@ -68,7 +68,7 @@ def answer_layout(prompts: list[list[int]], gen_length: int, pad_id: int, mask_i
     return ids, attention, positions
 
 
-def _gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
     if temperature == 0:
         return logits.argmax(-1)
     # Gumbel-max on logits / T in float64: the same law as LLaDA's exp(logits) / (-log u)^T,
@@ -121,7 +121,7 @@ def diffusion_sample(
             logits = logits_fn(ids, attention)[rows, positions].float()  # [B, L, V]
             answer = ids[rows, positions]
             masked = answer == mask_id
-            predicted = _gumbel_argmax(logits, temperature, generator)
+            predicted = gumbel_argmax(logits, temperature, generator)
             if remasking == "low_confidence":
                 score = torch.softmax(logits, -1).gather(-1, predicted[..., None]).squeeze(-1)
             else:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rollouts.diffusion import REMASKING, _gumbel_argmax, answer_layout, check_schedule, steps_budget
+from rollouts.diffusion import REMASKING, answer_layout, check_schedule, gumbel_argmax, steps_budget
 from rollouts.llada_model import supports_cache
 
 CACHES = ("none", "prefix", "dual")
@@ -164,7 +164,7 @@ def cached_diffusion_sample(
             calls += 1
             if record is not None:
                 record.append((cand.clone(), logits.clone()))
-            predicted = _gumbel_argmax(logits, temperature, generator)
+            predicted = gumbel_argmax(logits, temperature, generator)
             if remasking == "low_confidence":
                 score = torch.softmax(logits, -1).gather(-1, predicted[..., None]).squeeze(-1)
             else:

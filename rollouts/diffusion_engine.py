@@ -18,7 +18,7 @@ from rollouts.diffusion import (
     resolve_mask_id,
 )
 from rollouts.engine import TorchModelEngine
-from rollouts.types import Completion, SamplingSpec, ScoringRequest
+from rl.core.types import Completion, SamplingSpec, ScoringRequest
 
 _BATCH = 64  # rows per model call: bounds the [rows, width, vocab] logits held at once
 

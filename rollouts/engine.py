@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from rollouts.types import Completion, SamplingSpec, ScoringRequest
+from rl.core.types import Completion, SamplingSpec, ScoringRequest
 
 
 class RolloutEngine(ABC):

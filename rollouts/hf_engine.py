@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from rollouts.engine import TorchModelEngine, refuse_hints
-from rollouts.types import Completion, SamplingSpec, ScoringRequest
+from rl.core.types import Completion, SamplingSpec, ScoringRequest
 
 _SCORE_BATCH = 8  # bounds the [batch, length, vocab] logits held at once
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rl.actors import even_bounds, gather
-from rollouts.types import Completion, SamplingSpec, ScoringRequest
+from rl.core.actors import even_bounds, gather
+from rl.core.types import Completion, SamplingSpec, ScoringRequest
 
 
 class RolloutEngineError(RuntimeError):

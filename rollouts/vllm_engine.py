@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from rollouts.engine import RolloutEngine, check_state_dict, refuse_hints
-from rollouts.types import Completion, SamplingSpec, ScoringRequest
+from rl.core.types import Completion, SamplingSpec, ScoringRequest
 
 
 def _hf_layout(model_path: str, trust_remote_code: bool) -> tuple[dict[str, tuple[int, ...]], bool]:

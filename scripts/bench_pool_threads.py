@@ -53,7 +53,7 @@ def main() -> None:
     from rl.loop.placement import ResourcePlan
     from rollouts.engine import make_engine
     from rollouts.pool import RolloutPool
-    from rollouts.types import SamplingSpec
+    from rl.core.types import SamplingSpec
 
     path = resolve_model_path(args.model)
     tok = AutoTokenizer.from_pretrained(path)

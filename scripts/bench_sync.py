@@ -118,7 +118,7 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
 def push_only(args: argparse.Namespace) -> None:
     import random
 
-    from rl.learner.batch import SequenceBatch
+    from rl.core.batch import SequenceBatch
     from rl.config import load_config
     from rl.learner.group import LearnerGroup
     from rl.models import resolve_model_path

@@ -190,7 +190,7 @@ def phase_engine(args) -> dict:
 
 def _grpo_batch(cfg):
     from rl.algorithms import Rollouts, build_algorithm
-    from rollouts.types import Completion
+    from rl.core.types import Completion
 
     saved = json.loads((cfg["out"] / "batch.json").read_text())
     run_cfg = cfg["run"]
@@ -205,7 +205,7 @@ def _grpo_batch(cfg):
 def _flops(model_cfg, batch, share_prompt: bool) -> float:
     """Training FLOPs of one step: 6 x non-embedding parameters x tokens run, plus 6 x V x H per
     completion token (the output layer), plus the attention scores (12 x layers x H x pairs)."""
-    from rl.learner.batch import packed_tokens, prompt_units
+    from rl.core.batch import packed_tokens, prompt_units
 
     h, layers, v, inter = model_cfg.hidden_size, model_cfg.num_hidden_layers, model_cfg.vocab_size, model_cfg.intermediate_size
     kv = model_cfg.num_key_value_heads * (h // model_cfg.num_attention_heads)

@@ -32,7 +32,7 @@ def main(argv: list[str]) -> dict:
     from rl.evaluate import _scorer, grade, load_benchmark
     from rl.models import resolve_model_path
     from rollouts.engine import make_engine
-    from rollouts.types import SamplingSpec
+    from rl.core.types import SamplingSpec
 
     bad = [a for a in argv if "=" not in a]
     if bad:

@@ -1,7 +1,7 @@
 """Step batches shared by the learner tests."""
 import random
 
-from rl.learner.batch import SequenceBatch
+from rl.core.batch import SequenceBatch
 
 # Prompt and completion lengths all differ, so a per-micro-batch mean would weight tokens
 # differently from the global token mean.

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from rl.algorithms.base import FunctionRegistry
+from rl.core.registry import Registry
 
-ADVANTAGES = FunctionRegistry("advantage estimator")
+ADVANTAGES = Registry("advantage estimator")
 register_advantage, get_advantage = ADVANTAGES.register, ADVANTAGES.lookup
 
 

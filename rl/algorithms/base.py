@@ -15,8 +15,10 @@ from typing import Any, Callable, ClassVar
 import torch
 from pydantic import BaseModel
 
-from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch
-from rollouts.types import Completion, SamplingSpec
+from rl.core.registry import Registry
+
+from rl.core.batch import MicroBatch, PolicyOutputs, SequenceBatch
+from rl.core.types import Completion, SamplingSpec
 
 
 @dataclass
@@ -140,68 +142,31 @@ class Algorithm:
         raise NotImplementedError
 
 
-class FunctionRegistry(dict):
-    """Pure functions by name (advantage estimators, policy losses): `@registry.register(name)` adds
-    one, `registry.lookup(name)` finds one or names the registered ones."""
-
-    def __init__(self, what: str):
-        super().__init__()
-        self.what = what
-
-    def register(self, name: str):
-        def wrap(fn):
-            self[name] = fn
-            return fn
-
-        return wrap
-
-    def lookup(self, name: str):
-        if name not in self:
-            raise KeyError(f"Unknown {self.what} {name!r}; registered: {', '.join(sorted(self))}.")
-        return self[name]
-
-
-_ALGORITHMS: dict[str, type[Algorithm]] = {}
+# Algorithms by name. Importing the `rl.algorithms` package registers the built-ins, so callers
+# look them up through it (rl.algorithms.algorithm_class), never through this module alone.
+ALGORITHMS = Registry("algorithm", "class")
 
 
 def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
     """Class decorator: `algorithm=<cls.name>` selects it. A user's algorithm needs no registration:
-    name it as `algorithm=path/to/file.py:Class` (or `module.path:Class`)."""
-    _ALGORITHMS[cls.name] = cls
+    name it as `algorithm=path/to/file.py:Class` (or `module.path:Class`), or register it in a
+    `plugins` file."""
+    ALGORITHMS[cls.name] = cls
     return cls
 
 
 def registered_algorithms() -> list[str]:
-    return sorted(_ALGORITHMS)
+    return sorted(ALGORITHMS)
 
 
 def algorithm_class(ref: str) -> type[Algorithm]:
     """The class `algorithm=<ref>` names: a registered name, `file.py:Class` or `module:Class`."""
-    import rl.algorithms  # noqa: F401  (registers the built-ins)
-
-    if ref in _ALGORITHMS:
-        return _ALGORITHMS[ref]
-    if ":" not in ref:
-        raise KeyError(
-            f"Unknown algorithm {ref!r}. Registered: {', '.join(registered_algorithms())}; or name your own "
-            "class as `path/to/file.py:Class` (or `module.path:Class`)."
-        )
-    from rewards.registry import load_object
-
-    cls = load_object(ref, "algorithm", "class")
+    cls = ALGORITHMS.lookup(ref)
     if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
         raise TypeError(f"algorithm={ref} is not a subclass of rl.algorithms.Algorithm.")
     for attr in ("name", "Config"):
         if not hasattr(cls, attr):
             raise TypeError(f"algorithm={ref} must set the class attribute `{attr}` (see rl.algorithms.base).")
-    if ref.rsplit(":", 1)[0].endswith(".py"):
-        import inspect
-
-        import ray.cloudpickle
-
-        # A file loaded by path is no importable module in a learner process: its loss (and
-        # anything else of it Ray ships) travels by value instead.
-        ray.cloudpickle.register_pickle_by_value(inspect.getmodule(cls))
     return cls
 
 

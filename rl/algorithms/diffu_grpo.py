@@ -16,8 +16,8 @@ from pydantic import Field
 from rl.algorithms.base import Repair, Requirements, Rollouts, SampledRound, register_algorithm
 from rl.algorithms.grpo import GRPO, GRPOConfig
 from rl.algorithms.inpainting import is_all_wrong
-from rl.learner.batch import SequenceBatch
-from rollouts.types import SamplingSpec
+from rl.core.batch import SequenceBatch
+from rl.core.types import SamplingSpec
 
 REPAIR_COUNTS = ("groups", "all_wrong_before", "all_wrong_after", "inpainted", "inpainted_correct", "replaced", "no_reference")
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from rl.core.kernels import chunk_logits, lm_logits, log_softmax_, upcast
+
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 AGGREGATION = {"paper": "seq_mean_token_mean", "code": "token_mean"}
 
@@ -37,39 +39,15 @@ def check_divergence(kind: str, beta: float) -> None:
         raise ValueError(f"jsd needs 0 < beta < 1, got {beta}; use forward_kl or reverse_kl for the endpoints.")
 
 
-def lm_logits(hidden: torch.Tensor, lm_head_weight: torch.Tensor | None) -> torch.Tensor:
-    """hidden @ W^T, or `hidden` itself when it already holds logits (weight None)."""
-    return hidden if lm_head_weight is None else hidden @ lm_head_weight.T
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    # At least float32 for the softmax over ~150k entries; float64 stays float64 (tests).
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def _scaled(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, top_k: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Both logit sets / T (new tensors), restricted to the teacher's top k entries if asked."""
-    student, teacher = _upcast(student_logits) / temperature, _upcast(teacher_logits) / temperature
+    student, teacher = upcast(student_logits) / temperature, upcast(teacher_logits) / temperature
     if top_k is None:
         return student, teacher, None
     top = teacher.topk(top_k, dim=-1).indices
     return student.gather(-1, top), teacher.gather(-1, top), top
-
-
-def log_softmax_(scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p, p) over the last dim with one exp pass, overwriting `scaled` with log p (no autograd).
-
-    On CPU every new [chunk, V] tensor costs page faults, and exp is the dearest pass: this does
-    what log_softmax followed by exp would, with one allocation and one exp instead of two each.
-    """
-    scaled -= scaled.amax(dim=-1, keepdim=True)
-    p = scaled.exp()
-    total = p.sum(dim=-1, keepdim=True)
-    p /= total
-    scaled -= total.log_()
-    return scaled, p
 
 
 def _log_mixture(student_p: torch.Tensor, teacher_p: torch.Tensor, beta: float) -> torch.Tensor:
@@ -125,19 +103,10 @@ def sampled_token_loss(student_logprobs: torch.Tensor, teacher_logprobs: torch.T
     """OPSD's sampled-token variant, per token: -a_t * log p_S(y_t), a_t = log p_T(y_t) - log p_S(y_t).
 
     a_t is detached, so this is a policy-gradient loss with the teacher's log-ratio as reward.
-    Inputs are the sampled tokens' log-probabilities, e.g. `rl.algorithms.losses.token_logprobs(logits / T, tokens)`.
+    Inputs are the sampled tokens' log-probabilities, e.g. `rl.core.kernels.token_logprobs(logits / T, tokens)`.
     """
     advantage = (teacher_logprobs - student_logprobs).detach()
     return -advantage * student_logprobs
-
-
-def chunk_logits(rows: torch.Tensor, weight: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    """logits / T of a chunk of rows in at least float32, as a tensor free to overwrite (no autograd)."""
-    logits = lm_logits(rows, weight)
-    upcast = _upcast(logits)
-    if upcast is rows:  # logits passed in by the caller: never overwrite them
-        return upcast / temperature
-    return upcast.div_(temperature)
 
 
 def _chunk_distributions(student_rows, teacher_rows, weight, teacher_weight, temperature, top_k):

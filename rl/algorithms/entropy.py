@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rl.algorithms.divergences import chunk_logits, log_softmax_
+from rl.core.kernels import chunk_logits, log_softmax_
 
 SCOPES = ("batch", "sequence")
 

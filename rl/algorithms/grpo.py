@@ -12,12 +12,13 @@ import torch
 from pydantic import Field, field_validator
 
 from rl.algorithms import advantages, losses, policy_losses
+from rl.core import kernels
 from rl.algorithms.base import Algorithm, Requirements, Rollouts, register_algorithm
 from rl.algorithms.entropy import top_entropy_mask
 from rl.algorithms.losses import Aggregation, KLKind
-from rl.config import Section
-from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch, prompt_units
-from rollouts.types import SamplingSpec
+from rl.core.schema import Section
+from rl.core.batch import MicroBatch, PolicyOutputs, SequenceBatch, prompt_units
+from rl.core.types import SamplingSpec
 
 
 class GRPOConfig(Section):
@@ -153,7 +154,7 @@ class PolicyGradientLoss:
         fields = mb.token_fields
         mask = mb.completion_mask * fields["loss_mask"] if "loss_mask" in fields else mb.completion_mask
         # Padding skipped; the entropy metric comes from the same logits (no lm_head product of its own).
-        logp, entropy = losses.chunked_token_logprobs_and_entropy(
+        logp, entropy = kernels.chunked_token_logprobs_and_entropy(
             out.hidden, out.lm_head_weight, mb.completion_ids, mb.completion_mask, out.temperature, self.chunk_size
         )
         out.keep_logprobs(logp)

@@ -16,7 +16,7 @@ from rl.algorithms.base import Repair, Requirements, Rollouts, SampledRound, reg
 from rl.algorithms.diffu_grpo import DiffuGRPO, DiffuGRPOConfig
 from rl.algorithms.grpo import padded, with_token_fields
 from rl.algorithms.inpainting import HintSettings, build_hints, hint_loss_mask, is_all_wrong, plan_replacements, reasoning_token_ids
-from rl.learner.batch import SequenceBatch
+from rl.core.batch import SequenceBatch
 
 
 class IGPOConfig(DiffuGRPOConfig, HintSettings):

@@ -17,7 +17,7 @@ import torch
 from pydantic import Field, model_validator
 
 from rl.algorithms.entropy import top_entropy_mask
-from rl.config import Section
+from rl.core.schema import Section
 
 GSM8K_MARKER = "####"
 METAMATH_MARKER = "The answer is:"  # MetaMathQA's final line; its responses are IGPO's training traces

@@ -14,11 +14,12 @@ import torch
 from pydantic import Field
 
 from rl.algorithms import divergences, losses
+from rl.core import kernels
 from rl.algorithms.base import Algorithm, Requirements, Rollouts, register_algorithm
-from rl.config import Section
+from rl.core.schema import Section
 from rl.data import build_teacher_prompt
-from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch
-from rollouts.types import SamplingSpec
+from rl.core.batch import MicroBatch, PolicyOutputs, SequenceBatch
+from rl.core.types import SamplingSpec
 
 
 class TeacherConfig(Section):
@@ -119,12 +120,12 @@ class DistillationLoss:
     def _per_token(self, out: PolicyOutputs, mb: MicroBatch) -> torch.Tensor:
         if self.token_loss == "sampled":
             # Cheap in compute, not in memory: both logit sets are materialised here.
-            teacher_logits = divergences.chunk_logits(
+            teacher_logits = kernels.chunk_logits(
                 out.teacher_hidden, out.teacher_lm_head_weight if out.teacher_lm_head_weight is not None
                 else out.lm_head_weight, out.temperature
             )
-            student_lp = losses.token_logprobs(out.logits(), mb.completion_ids)
-            teacher_lp = losses.token_logprobs(teacher_logits.detach(), mb.completion_ids)
+            student_lp = kernels.token_logprobs(out.logits(), mb.completion_ids)
+            teacher_lp = kernels.token_logprobs(teacher_logits.detach(), mb.completion_ids)
             return divergences.sampled_token_loss(student_lp, teacher_lp)
         return divergences.chunked_divergence(
             out.hidden,

@@ -10,11 +10,11 @@ from typing import Callable
 
 import torch
 
-from rl.algorithms.base import FunctionRegistry
+from rl.core.registry import Registry
 from rl.algorithms.losses import clipped_surrogate, sequence_log_ratio
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-POLICY_LOSSES = FunctionRegistry("policy loss")
+POLICY_LOSSES = Registry("policy loss")
 register_policy_loss, get_policy_loss = POLICY_LOSSES.register, POLICY_LOSSES.lookup
 
 

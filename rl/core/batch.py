@@ -5,7 +5,9 @@ attention mask (what masked-diffusion models and the plain path use). Packed (`M
 sequences end to end in rows with a 4D attention mask and explicit position ids, where a group's
 completions that share a prompt follow ONE copy of it (each completion attends to the prompt and
 to itself only, its positions continue from the prompt's end), and a row holds several units
-without attending across them. Both give the same log-probs; packed costs fewer tokens.
+without attending across them. Both give the same log-probs; packed costs fewer tokens. The
+packed mask also travels as spans (`AttentionPieces`), for the learner's piece attention
+(rl.learner.attention).
 """
 from __future__ import annotations
 
@@ -13,7 +15,61 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rl.learner.attention import AttentionPieces
+
+
+@dataclass
+class PieceGroup:
+    """Pieces of one kind, padded to Q queries and K keys.
+
+    query_index [N, Q] / key_index [N, K]: flat positions (row * width + column) of each piece's
+    queries and keys, 0 where padded. mask [N, 1, Q, K] bool: which keys each query sees (a padded
+    query sees key 0 only, so that no softmax row is empty; its output is dropped). valid_rows: the
+    real queries' indices into the N * Q flattened queries.
+    """
+
+    query_index: torch.Tensor
+    key_index: torch.Tensor
+    mask: torch.Tensor
+    valid_rows: torch.Tensor
+
+    def to(self, device) -> "PieceGroup":
+        return PieceGroup(*(t.to(device) for t in (self.query_index, self.key_index, self.mask, self.valid_rows)))
+
+
+@dataclass
+class AttentionPieces:
+    """A packed micro-batch's pieces: its groups, and every real position's flat index in the order
+    the groups' valid outputs come (where they are scattered back)."""
+
+    groups: list[PieceGroup]
+    positions: torch.Tensor
+
+    @staticmethod
+    def build(pieces: list[tuple[int, int, int, int]]) -> "AttentionPieces":
+        """From (prefix start, prefix length, own start, own length) per piece, in flat positions:
+        the piece's queries are its own span; its keys the whole prefix, then its own span causally."""
+        kinds = [[p for p in pieces if p[1] == 0], [p for p in pieces if p[1] > 0]]
+        groups = [_group(torch.tensor(kind, dtype=torch.long)) for kind in kinds if kind]
+        return AttentionPieces(groups, torch.cat([g.query_index.reshape(-1)[g.valid_rows] for g in groups]))
+
+    def to(self, device) -> "AttentionPieces":
+        return AttentionPieces([g.to(device) for g in self.groups], self.positions.to(device))
+
+
+def _group(pieces: torch.Tensor) -> PieceGroup:
+    prefix_start, prefix_len, own_start, own_len = (pieces[:, i, None, None] for i in range(4))
+    q = torch.arange(int(own_len.max()))[None, :, None]
+    k = torch.arange(int((prefix_len + own_len).max()))[None, None, :]
+    real_query = q < own_len
+    in_prefix = k < prefix_len
+    in_own = (k >= prefix_len) & (k - prefix_len <= q)  # q < own_len keeps it inside the span
+    mask = real_query & (in_prefix | in_own)
+    mask |= ~real_query & (k == 0)
+    key_in_span = in_prefix | ((k >= prefix_len) & (k < prefix_len + own_len))
+    key_index = torch.where(in_prefix, prefix_start + k, own_start + k - prefix_len)
+    key_index = torch.where(key_in_span, key_index, 0)[:, 0, :]
+    query_index = torch.where(real_query, own_start + q, 0)[:, :, 0]
+    return PieceGroup(query_index, key_index, mask[:, None], real_query.reshape(-1).nonzero()[:, 0])
 
 
 @dataclass

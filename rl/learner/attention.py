@@ -1,6 +1,6 @@
 """Attention over a packed row's pieces instead of the whole row.
 
-A packed row ([prompt ; completion_1 ; ... ; completion_G], rl.learner.batch) under a 4D mask costs
+A packed row ([prompt ; completion_1 ; ... ; completion_G], rl.core.batch) under a 4D mask costs
 a full L x L attention, although each completion sees only the prompt and itself: with a 100-token
 prompt and four 140-token completions, two thirds of the score matrix is masked out. Here the row is
 cut into pieces, each a span of queries with the keys it may see:
@@ -20,66 +20,11 @@ masks, so the switch changes nothing else.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from rl.core.batch import AttentionPieces
+
 NAME = "rl_pieces"
-
-
-@dataclass
-class PieceGroup:
-    """Pieces of one kind, padded to Q queries and K keys.
-
-    query_index [N, Q] / key_index [N, K]: flat positions (row * width + column) of each piece's
-    queries and keys, 0 where padded. mask [N, 1, Q, K] bool: which keys each query sees (a padded
-    query sees key 0 only, so that no softmax row is empty; its output is dropped). valid_rows: the
-    real queries' indices into the N * Q flattened queries.
-    """
-
-    query_index: torch.Tensor
-    key_index: torch.Tensor
-    mask: torch.Tensor
-    valid_rows: torch.Tensor
-
-    def to(self, device) -> "PieceGroup":
-        return PieceGroup(*(t.to(device) for t in (self.query_index, self.key_index, self.mask, self.valid_rows)))
-
-
-@dataclass
-class AttentionPieces:
-    """A packed micro-batch's pieces: its groups, and every real position's flat index in the order
-    the groups' valid outputs come (where they are scattered back)."""
-
-    groups: list[PieceGroup]
-    positions: torch.Tensor
-
-    @staticmethod
-    def build(pieces: list[tuple[int, int, int, int]]) -> "AttentionPieces":
-        """From (prefix start, prefix length, own start, own length) per piece, in flat positions:
-        the piece's queries are its own span; its keys the whole prefix, then its own span causally."""
-        kinds = [[p for p in pieces if p[1] == 0], [p for p in pieces if p[1] > 0]]
-        groups = [_group(torch.tensor(kind, dtype=torch.long)) for kind in kinds if kind]
-        return AttentionPieces(groups, torch.cat([g.query_index.reshape(-1)[g.valid_rows] for g in groups]))
-
-    def to(self, device) -> "AttentionPieces":
-        return AttentionPieces([g.to(device) for g in self.groups], self.positions.to(device))
-
-
-def _group(pieces: torch.Tensor) -> PieceGroup:
-    prefix_start, prefix_len, own_start, own_len = (pieces[:, i, None, None] for i in range(4))
-    q = torch.arange(int(own_len.max()))[None, :, None]
-    k = torch.arange(int((prefix_len + own_len).max()))[None, None, :]
-    real_query = q < own_len
-    in_prefix = k < prefix_len
-    in_own = (k >= prefix_len) & (k - prefix_len <= q)  # q < own_len keeps it inside the span
-    mask = real_query & (in_prefix | in_own)
-    mask |= ~real_query & (k == 0)
-    key_in_span = in_prefix | ((k >= prefix_len) & (k < prefix_len + own_len))
-    key_index = torch.where(in_prefix, prefix_start + k, own_start + k - prefix_len)
-    key_index = torch.where(key_in_span, key_index, 0)[:, 0, :]
-    query_index = torch.where(real_query, own_start + q, 0)[:, :, 0]
-    return PieceGroup(query_index, key_index, mask[:, None], real_query.reshape(-1).nonzero()[:, 0])
 
 
 def _heads_first(x: torch.Tensor, index: torch.Tensor, repeats: int) -> torch.Tensor:

@@ -7,9 +7,9 @@ import os
 import torch
 
 from rl.learner.frozen import FrozenModels
-from rl.learner.lora import _merged_lora_state
-from rl.learner.model import _causal_lm
-from rl.loop.checkpoint import rng_state, set_rng_state
+from rl.learner.lora import merged_lora_state
+from rl.learner.model import causal_lm
+from rl.core.rng import rng_state, set_rng_state
 
 DEEPSPEED_TAG = "deepspeed"  # save_checkpoint's subfolder for DeepSpeed's own files
 EMA_FILE = "ema_teacher.pt"
@@ -45,9 +45,9 @@ class StateExport:
         }
 
     def _hf_state(self, gathered: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
-        causal_lm = _causal_lm(self.engine.module.lm)
-        state = self._state_on_cpu(causal_lm, gathered)
-        return _merged_lora_state(causal_lm, state) if self.lora else state
+        lm = causal_lm(self.engine.module.lm)
+        state = self._state_on_cpu(lm, gathered)
+        return merged_lora_state(lm, state) if self.lora else state
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The HF model's full state dict as CPU tensors on rank 0 ({} elsewhere); a collective call.
@@ -69,7 +69,7 @@ class StateExport:
         if self.rank != 0:
             return
         lm = self.engine.module.lm
-        _causal_lm(lm).save_pretrained(out_dir, state_dict=self._hf_state(gathered))
+        causal_lm(lm).save_pretrained(out_dir, state_dict=self._hf_state(gathered))
         AutoTokenizer.from_pretrained(self.model_path).save_pretrained(out_dir)
         if adapter:
             lm.save_pretrained(os.path.join(out_dir, "adapter"), state_dict=self._state_on_cpu(lm, gathered))

@@ -7,8 +7,8 @@ from contextlib import nullcontext
 import torch
 
 from rl.config import LearnerConfig
-from rl.learner.batch import MicroBatch
-from rl.learner.model import _unwrap
+from rl.core.batch import MicroBatch
+from rl.learner.model import unwrap
 
 
 def freeze(policy: torch.nn.Module, cfg: LearnerConfig, ds_config: dict, device: torch.device):
@@ -83,7 +83,7 @@ class FrozenModels:
                 "pass the algorithm's teacher (its Requirements.teacher) as `teacher=`."
             )
         module, _ = self._scorer(self.teacher.kind)
-        return None if module is self.engine else _full_weight(_unwrap(module).output_weight)
+        return None if module is self.engine else _full_weight(unwrap(module).output_weight)
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -91,7 +91,7 @@ class FrozenModels:
         import deepspeed
 
         decay = self.teacher.ema_decay
-        ema = dict(_unwrap(self.ema).lm.named_parameters())
+        ema = dict(unwrap(self.ema).lm.named_parameters())
         for name, p in self.engine.module.lm.named_parameters():
             if not p.requires_grad:
                 continue
@@ -116,7 +116,7 @@ class FrozenModels:
 
     def _ema_moving(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The EMA teacher's parameters that follow the policy's (the trained ones); the rest stay initial."""
-        ema = dict(_unwrap(self.ema).lm.named_parameters())
+        ema = dict(unwrap(self.ema).lm.named_parameters())
         return [(name, ema[name]) for name, p in self.engine.module.lm.named_parameters() if p.requires_grad]
 
     @torch.no_grad()

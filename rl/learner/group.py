@@ -6,11 +6,11 @@ import socket
 
 import torch
 
-from rl.actors import even_bounds, gather
+from rl.core.actors import even_bounds, gather
 from rl.config import LearnerConfig, LoraConfig
-from rl.learner.batch import SequenceBatch, plan_micro_batches
+from rl.core.batch import SequenceBatch, plan_micro_batches
 from rl.learner.model import DiffusionForward
-from rl.learner.step import _add_metrics
+from rl.learner.step import add_metrics
 from rl.learner.worker import LearnerWorker
 
 
@@ -93,7 +93,7 @@ class LearnerGroup:
         parts = [r[0] for r in results] if return_logprobs else results
         metrics: dict[str, float] = {}
         for r in parts:
-            _add_metrics(metrics, {k: v for k, v in r.items() if k not in RANK_AGREED})
+            add_metrics(metrics, {k: v for k, v in r.items() if k not in RANK_AGREED})
         metrics = {**metrics, **{k: parts[0][k] for k in RANK_AGREED}}
         return (metrics, [row for r in results for row in r[1]]) if return_logprobs else metrics
 

@@ -8,7 +8,7 @@ from rl.config import LoraConfig
 ADAPTER = "default"  # peft's name for the one adapter
 
 
-def _with_lora(model: torch.nn.Module, lora: LoraConfig, causal: bool = True) -> torch.nn.Module:
+def with_lora(model: torch.nn.Module, lora: LoraConfig, causal: bool = True) -> torch.nn.Module:
     """The model with trainable peft adapters on `lora.target_modules`; everything else frozen.
     A masked-diffusion model gets peft's plain wrapper: the causal-LM one expects generate()."""
     import peft
@@ -20,7 +20,7 @@ def _with_lora(model: torch.nn.Module, lora: LoraConfig, causal: bool = True) ->
     return peft.get_peft_model(model, config)
 
 
-def _merged_lora_state(causal_lm: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def merged_lora_state(causal_lm: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A peft-injected model's state (HF-relative names) -> the plain HF model's: W + (alpha/r) B @ A
     for every adapted layer, `base_layer.` dropped from the names, no adapter tensors."""
     from peft.tuners.lora import LoraLayer

@@ -8,7 +8,7 @@ import dataclasses
 import torch
 
 from rl.config import LearnerConfig
-from rl.learner.batch import MicroBatch, SequenceBatch, plan_micro_batches
+from rl.core.batch import MicroBatch, SequenceBatch, plan_micro_batches
 
 
 def _to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:

@@ -9,8 +9,8 @@ import torch
 
 from rl.config import LearnerConfig, LoraConfig
 from rl.learner.attention import use_piece_attention
-from rl.learner.batch import MicroBatch
-from rl.learner.lora import _with_lora
+from rl.core.batch import MicroBatch
+from rl.learner.lora import with_lora
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -26,7 +26,7 @@ def _disable_dropout(model: torch.nn.Module) -> None:
             m.attention_dropout = 0.0
 
 
-def _causal_lm(lm: torch.nn.Module) -> torch.nn.Module:
+def causal_lm(lm: torch.nn.Module) -> torch.nn.Module:
     """The HF causal LM itself, whether or not peft wraps it."""
     get_base = getattr(lm, "get_base_model", None)  # peft's; HF models have none
     return lm if get_base is None else get_base()
@@ -36,10 +36,10 @@ def _causal_lm(lm: torch.nn.Module) -> torch.nn.Module:
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
-def _check_output_layer(causal_lm: torch.nn.Module) -> None:
+def _check_output_layer(lm: torch.nn.Module) -> None:
     """Losses compute logits as hidden @ W^T themselves: refuse a model whose output layer is more."""
-    head = causal_lm.get_output_embeddings()
-    transforms = [k for k in _LOGIT_TRANSFORMS if getattr(causal_lm.config, k, None) not in (None, 1, 1.0)]
+    head = lm.get_output_embeddings()
+    transforms = [k for k in _LOGIT_TRANSFORMS if getattr(lm.config, k, None) not in (None, 1, 1.0)]
     if type(head) is not torch.nn.Linear or head.bias is not None or transforms:
         raise ValueError(
             f"The learner computes logits as hidden @ lm_head.weight^T, but this model's output layer is a "
@@ -80,15 +80,15 @@ class _Policy(torch.nn.Module):
         super().__init__()
         self.lm = lm  # the HF causal LM, or the peft model around it
         self.head = _Head()
-        self.piece_attention = use_piece_attention(_causal_lm(lm))
+        self.piece_attention = use_piece_attention(causal_lm(lm))
         deepspeed.zero.register_external_parameter(self.head, self.output_weight)
 
     @property
     def output_weight(self) -> torch.nn.Parameter:
-        return _causal_lm(self.lm).get_output_embeddings().weight
+        return causal_lm(self.lm).get_output_embeddings().weight
 
     def forward(self, *, mb: MicroBatch, fn=None):
-        body = _causal_lm(self.lm).get_decoder()
+        body = causal_lm(self.lm).get_decoder()
         if mb.is_packed and self.piece_attention:
             # The 4D mask only stands in for HF's own mask building; piece attention uses the spans.
             out = body(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
@@ -157,12 +157,12 @@ class _DiffusionPolicy(torch.nn.Module):
 
     def forward(self, *, mb: MicroBatch, fn=None):
         ids, attention, positions = masked_answer_input(mb, self.settings, self.pad_id)
-        logits = _causal_lm(self.lm)(input_ids=ids, attention_mask=attention).logits
+        logits = causal_lm(self.lm)(input_ids=ids, attention_mask=attention).logits
         answer_logits = logits[torch.arange(ids.shape[0], device=ids.device)[:, None], positions]
         return answer_logits if fn is None else fn(answer_logits, None)
 
 
-def _unwrap(module) -> _Policy:
+def unwrap(module) -> _Policy:
     return module if isinstance(module, _Policy) else module.module
 
 
@@ -192,7 +192,7 @@ def build_model(model_path: str, dtype: str, cfg: LearnerConfig, lora: LoraConfi
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora is not None:
-        model = _with_lora(model, lora, causal=diffusion is None)
+        model = with_lora(model, lora, causal=diffusion is None)
     if diffusion is None:
-        _check_output_layer(_causal_lm(model))
-    return model, _causal_lm(model).config.pad_token_id or 0
+        _check_output_layer(causal_lm(model))
+    return model, causal_lm(model).config.pad_token_id or 0

@@ -13,7 +13,7 @@ module computes those of updates 1..mu-1 up front and swaps them in for each upd
 """
 from __future__ import annotations
 
-from rl.learner.batch import SequenceBatch
+from rl.core.batch import SequenceBatch
 from rollouts.diffusion import MASK_SEED_FIELD
 
 # Token fields that are log-probs of the pre-update models, hence depend on the prompt mask.

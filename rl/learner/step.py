@@ -6,13 +6,13 @@ from functools import partial
 
 import torch
 
-from rl.algorithms.losses import chunked_token_logprobs_and_entropy
-from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch
+from rl.core.kernels import chunked_token_logprobs_and_entropy
+from rl.core.batch import MicroBatch, PolicyOutputs, SequenceBatch
 from rl.learner.frozen import FrozenModels
 from rl.learner.micro_batches import MicroBatcher
 
 
-def _add_metrics(total: dict[str, float], part: dict[str, float]) -> None:
+def add_metrics(total: dict[str, float], part: dict[str, float]) -> None:
     for k, v in part.items():
         total[k] = total.get(k, 0.0) + float(v)
 
@@ -85,7 +85,7 @@ class StepRunner:
             fn = partial(_call_loss, loss_or_placeholder, mb, temperature, teacher_hidden, teacher_weight)
             loss, part, kept = self.engine(mb=mb, fn=fn)
             if pair:
-                _add_metrics(metrics, {**part, "loss": loss.item()})
+                add_metrics(metrics, {**part, "loss": loss.item()})
                 if return_logprobs:
                     if kept is None:
                         raise ValueError(

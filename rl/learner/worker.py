@@ -10,11 +10,11 @@ from functools import partial
 import torch
 
 from rl.config import LearnerConfig, LoraConfig
-from rl.learner.batch import SequenceBatch
+from rl.core.batch import SequenceBatch
 from rl.learner.export import StateExport
 from rl.learner.frozen import FrozenModels, freeze
 from rl.learner.micro_batches import MicroBatcher, packed_layout
-from rl.learner.model import DiffusionForward, _causal_lm, build_model, load_model, wrap
+from rl.learner.model import DiffusionForward, causal_lm, build_model, load_model, wrap
 from rl.learner.step import StepRunner
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class LearnerWorker:
 
         ds_config = _deepspeed_config(learner_cfg, dtype, world_size)
         model, pad_id = build_model(model_path, dtype, learner_cfg, self.lora, diffusion)
-        packed = packed_layout(learner_cfg, _causal_lm(model), diffusion is not None)
+        packed = packed_layout(learner_cfg, causal_lm(model), diffusion is not None)
         teacher_kind = teacher.kind if teacher is not None else None
         ema = copy.deepcopy(model) if teacher_kind == "ema" else None
         policy = wrap(model, diffusion, pad_id)

@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 from rl.config import ConfigError, RunConfig, load_config, parse_overrides
-from rl.loop.guards import RunStopped, checkpoint_note
+from rl.core.rng import rng_state, set_rng_state
+from rl.loop.stopped import RunStopped
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -94,26 +95,6 @@ def step_seed(run_seed: int, step: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # RNG states of one process
-
-
-def rng_state() -> dict:
-    """This process's python, numpy and torch (CPU and CUDA) RNG states."""
-    import numpy as np
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    import numpy as np
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +179,17 @@ def newest(run_dir: Path) -> Path | None:
 def read_state(checkpoint: Path) -> TrainerState:
     saved = json.loads((checkpoint / STATE_FILE).read_text())
     return TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__})
+
+
+def checkpoint_note(run_dir: Path) -> str:
+    """`the last checkpoint is ...; continue with resume=...`, or that there is none."""
+    latest = newest(run_dir)
+    if latest is None:
+        return "There is no checkpoint to continue from (checkpoint.every_steps=0, or none was due yet)."
+    return (
+        f"The last checkpoint is {latest} (step {read_state(latest).step}); continue from it with "
+        f"`python -m rl.launch resume={run_dir}`."
+    )
 
 
 def _fsync(path: Path | str) -> None:
@@ -295,7 +287,7 @@ def _needed_bytes(learners, ahead_bytes: int) -> int | None:
     submit = getattr(learners, "submit", None)
     if submit is None:
         return None
-    from rl.actors import gather
+    from rl.core.actors import gather
 
     try:  # a rank stuck in the failed save's collective must not hang the report
         sizes = gather(submit(_rank_state_bytes), "checkpoint size", lambda r: f"learner rank {r}", RuntimeError, timeout_s=30)

@@ -15,34 +15,15 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from rl.loop.checkpoint import checkpoint_note
+from rl.loop.stopped import RunStopped
+
 # Entropy above this fraction of ln(V) is taken for the uniform distribution (ln(V) itself is the
 # maximum); a trained LM sits far below it (about 0.5-3 nats against ln(49152) = 10.8 for SmolLM2).
 UNIFORM_ENTROPY_FRACTION = 0.9
 # ... and it counts as a collapse only for a policy that started well below it: a randomly
 # initialised or barely trained model starts near uniform, and noise there must not stop a run.
 HEALTHY_ENTROPY_FRACTION = 0.75
-
-
-class RunStopped(RuntimeError):
-    """The run stopped itself: the message names why, the step and what to do; `exit_code` is the
-    process's (1 for a failure, 128 + signal for an interrupt)."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def checkpoint_note(run_dir: Path) -> str:
-    """`the last checkpoint is ...; continue with resume=...`, or that there is none."""
-    from rl.loop import checkpoint
-
-    newest = checkpoint.newest(run_dir)
-    if newest is None:
-        return "There is no checkpoint to continue from (checkpoint.every_steps=0, or none was due yet)."
-    return (
-        f"The last checkpoint is {newest} (step {checkpoint.read_state(newest).step}); continue from it with "
-        f"`python -m rl.launch resume={run_dir}`."
-    )
 
 
 def has_signal(token_fields: dict) -> bool:

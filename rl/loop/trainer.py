@@ -16,11 +16,13 @@ import torch
 from rl.loop import checkpoint
 from rl.algorithms import Rollouts, build_algorithm
 from rl.algorithms.base import SampledRound
-from rl.learner.batch import SequenceBatch
-from rl.config import PROJECT_ROOT, RunConfig
+from rl.core.batch import SequenceBatch
+from rl.config import RunConfig
+from rl.core.paths import PROJECT_ROOT
 from rl.data import DataError, PromptStream, build_prompt, check_prompts_fit, load_rows
 from rl.evaluate import Evaluator, eval_due
-from rl.loop.guards import DivergenceGuard, EngineRecovery, GracefulStop, RunStopped, checkpoint_note, has_signal
+from rl.loop.guards import DivergenceGuard, EngineRecovery, GracefulStop, has_signal
+from rl.loop.stopped import RunStopped
 from rl.models import resolve_model_path, vocab_size
 from rl.learner.prompt_masks import prompt_mask_schedule
 from rl.loop.tracking import Console, Tracker, keep_actor_logs
@@ -429,7 +431,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, stop: GracefulSto
             learners.save_hf(str(run_dir / "final"))
     except LearnerRankError as e:
         cause = str(e).splitlines()[0].rstrip(".")  # Ray's death notice goes on for lines
-        raise RunStopped(f"{cause}. A learner rank cannot be replaced mid-run, so the run stops here. {checkpoint_note(run_dir)}") from None
+        raise RunStopped(f"{cause}. A learner rank cannot be replaced mid-run, so the run stops here. {checkpoint.checkpoint_note(run_dir)}") from None
     finally:
         # Each cleanup step runs whatever the others did; its failure is a warning, never the error
         # the run reports (a full disk fails the checkpoint first, then the log copy).
@@ -468,7 +470,7 @@ def _stop_on_signal(stop: GracefulStop, step: int, saved_step: int, run_dir: Pat
     """The safe point after `step` once Ctrl-C / SIGTERM came: save (unless told not to), then stop."""
     if step >= 1 and cfg.checkpoint.on_interrupt and saved_step != step:
         checkpoint.save(run_dir, cfg, learners, checkpoint.TrainerState(step, position, rollout_tokens), ahead)
-    raise RunStopped(f"Stopped after step {step} of {cfg.train.steps} on request. {checkpoint_note(run_dir)}",
+    raise RunStopped(f"Stopped after step {step} of {cfg.train.steps} on request. {checkpoint.checkpoint_note(run_dir)}",
                      exit_code=stop.exit_code)
 
 

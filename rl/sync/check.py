@@ -12,8 +12,8 @@ next step checks.
 """
 from __future__ import annotations
 
-from rl.learner.batch import SequenceBatch
-from rollouts.types import ScoringRequest
+from rl.core.batch import SequenceBatch
+from rl.core.types import ScoringRequest
 
 ROLLOUT_GAP = "mismatch/logprob_gap_mean"  # the algorithm's mean |learner - rollout| log-prob gap
 ROLLOUT_GAP_MAX = "mismatch/logprob_gap_max"

@@ -206,22 +206,22 @@ def iter_engine_weights(worker):
 
     Without LoRA: every parameter once (a tied output layer is the input embedding, sent once
     under its first name, as `named_parameters` gives it). With LoRA: only the adapted layers'
-    merged weights W + (alpha/r) B A, in float32 then rounded once, as in `_merged_lora_state`.
+    merged weights W + (alpha/r) B A, in float32 then rounded once, as in `merged_lora_state`.
     """
     import deepspeed
 
     from rl.learner.lora import ADAPTER
-    from rl.learner.model import _causal_lm
+    from rl.learner.model import causal_lm
 
-    causal_lm = _causal_lm(worker.engine.module.lm)
+    lm = causal_lm(worker.engine.module.lm)
     if worker.lora is None:
-        for name, p in causal_lm.named_parameters():
+        for name, p in lm.named_parameters():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 yield name, p.detach()
         return
     from peft.tuners.lora import LoraLayer
 
-    for name, layer in causal_lm.named_modules():
+    for name, layer in lm.named_modules():
         if not isinstance(layer, LoraLayer):
             continue
         weight, a, b = layer.base_layer.weight, layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight

@@ -18,9 +18,7 @@ SPG use it), `coupled` (DiffuCoder's complementary masks). Select with
 """
 from __future__ import annotations
 
-from rl.algorithms.base import FunctionRegistry
-
-ESTIMATORS = FunctionRegistry("likelihood estimator")
-register_estimator, get_estimator = ESTIMATORS.register, ESTIMATORS.lookup
-
+from rollouts.estimators.common import ESTIMATORS, get_estimator, register_estimator
 from rollouts.estimators import coupled, mc_elbo, one_step  # noqa: E402,F401  (registration)
+
+__all__ = ["ESTIMATORS", "get_estimator", "register_estimator"]

@@ -1,7 +1,12 @@
-"""Shared pieces of the estimators: placing an answer (masked where asked) and scoring it."""
+"""Shared pieces of the estimators: their registry, placing an answer (masked where asked) and scoring it."""
 from __future__ import annotations
 
 import torch
+
+from rl.core.registry import Registry
+
+ESTIMATORS = Registry("likelihood estimator")
+register_estimator, get_estimator = ESTIMATORS.register, ESTIMATORS.lookup
 
 
 def with_answer(ids: torch.Tensor, positions: torch.Tensor, answer_ids: torch.Tensor, masked: torch.Tensor, mask_id: int):

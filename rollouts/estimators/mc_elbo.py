@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from rollouts.estimators import register_estimator
-from rollouts.estimators.common import answer_logprobs, with_answer
+from rollouts.estimators.common import answer_logprobs, register_estimator, with_answer
 
 EPS = 1e-3
 

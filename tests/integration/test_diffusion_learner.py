@@ -12,12 +12,12 @@ import ray
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from rl.learner.batch import SequenceBatch
+from rl.core.batch import SequenceBatch
 from rl.config import LearnerConfig
 from rl.learner.group import DiffusionForward, LearnerGroup, LearnerWorker, free_port
 from rl.demo.tiny import build_diffusion_model
 from rollouts.diffusion_engine import MaskedDiffusionEngine
-from rollouts.types import SamplingSpec, ScoringRequest
+from rl.core.types import SamplingSpec, ScoringRequest
 from tests.batches import varied_batch
 
 pytestmark = pytest.mark.slow

@@ -12,11 +12,12 @@ from fractions import Fraction
 
 import pytest
 
-from rl.config import PROJECT_ROOT, ConfigError, EvalConfig, load_config
+from rl.config import ConfigError, EvalConfig, load_config
+from rl.core.paths import PROJECT_ROOT
 from rl.evaluate import (
     Evaluator, eval_due, main, pass_at_k, pass_ks, read_records, regrade, resolve_run, sampling_temperature,
 )
-from rollouts.types import Completion
+from rl.core.types import Completion
 
 SHARED = str(PROJECT_ROOT.parent / "shared" / "data")
 

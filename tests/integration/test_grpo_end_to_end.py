@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from rl.config import PROJECT_ROOT, load_config
+from rl.config import load_config
+from rl.core.paths import PROJECT_ROOT
 from rl.demo.tiny import addition_task
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rl.learner.batch import SequenceBatch
+from rl.core.batch import SequenceBatch
 from rl.config import LearnerConfig
 from rl.learner.group import LearnerGroup, LearnerWorker, free_port
 from tests.batches import varied_batch

@@ -14,7 +14,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from rl.learner.batch import SequenceBatch
+from rl.core.batch import SequenceBatch
 from rl.algorithms.opsd import TeacherConfig
 from rl.config import LearnerConfig
 from rl.algorithms.divergences import chunked_divergence

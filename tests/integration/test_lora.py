@@ -17,7 +17,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rl.learner.batch import SequenceBatch
+from rl.core.batch import SequenceBatch
 from rl.algorithms.opsd import TeacherConfig
 from rl.config import LearnerConfig, LoraConfig
 from rl.learner.group import LearnerGroup, LearnerWorker, free_port

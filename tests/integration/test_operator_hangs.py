@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from rl.config import PROJECT_ROOT
+from rl.core.paths import PROJECT_ROOT
 from rl.demo.tiny import addition_rows
 
 pytestmark = pytest.mark.slow

@@ -16,8 +16,9 @@ import pytest
 import ray
 
 from rl.loop import checkpoint
-from rl.config import PROJECT_ROOT, load_config
-from rl.loop.guards import RunStopped
+from rl.config import load_config
+from rl.core.paths import PROJECT_ROOT
+from rl.loop.stopped import RunStopped
 from rl.demo.tiny import addition_rows
 
 pytestmark = pytest.mark.slow

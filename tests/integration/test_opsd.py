@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from rl.algorithms import Rollouts, build_algorithm
-from rl.config import PROJECT_ROOT, load_config
+from rl.config import load_config
+from rl.core.paths import PROJECT_ROOT
 from rl.data import build_prompt, build_teacher_prompt
 from rl.demo.tiny import addition_rows
-from rollouts.types import Completion
+from rl.core.types import Completion
 
 
 def _rows(n):

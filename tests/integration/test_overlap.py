@@ -78,7 +78,7 @@ def test_overlapped_run_resumes_exactly(ray_session, tmp_path):
     same 4 steps as a run that never stopped. The checkpoint is the interrupt's own, or the
     scheduled one of step 2 (the interrupt then saves nothing more)."""
     from rl.loop import checkpoint
-    from rl.loop.guards import RunStopped
+    from rl.loop.stopped import RunStopped
 
     model, data = addition_task(tmp_path / "task", warmup_steps=30, n_rows=256)
     overlap = ["train.max_staleness=1", "train.steps=4"]

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from rl.config import PROJECT_ROOT
+from rl.core.paths import PROJECT_ROOT
 from rl.loop.placement import BundleInfo, PlacementError, ResourcePlan
 
 pytestmark = pytest.mark.slow

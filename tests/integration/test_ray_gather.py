@@ -1,4 +1,4 @@
-"""rl.actors.gather, the fail-fast ray.get of the rollout pool and the learner group, on real Ray tasks."""
+"""rl.core.actors.gather, the fail-fast ray.get of the rollout pool and the learner group, on real Ray tasks."""
 import time
 
 import pytest
@@ -25,7 +25,7 @@ def tasks(ray_session):
 
 
 def test_results_come_back_in_order(tasks):
-    from rl.actors import gather
+    from rl.core.actors import gather
 
     sleep_then, _ = tasks
     refs = [sleep_then.remote(0.6 - 0.2 * i, i) for i in range(3)]  # the last finishes first
@@ -33,7 +33,7 @@ def test_results_come_back_in_order(tasks):
 
 
 def test_the_first_failure_raises_at_once_naming_the_member(tasks):
-    from rl.actors import gather
+    from rl.core.actors import gather
 
     sleep_then, fail = tasks
     refs = [sleep_then.remote(60, 0), fail.remote("bad input")]
@@ -44,7 +44,7 @@ def test_the_first_failure_raises_at_once_naming_the_member(tasks):
 
 
 def test_members_that_do_not_answer_in_time_are_named(tasks):
-    from rl.actors import gather
+    from rl.core.actors import gather
 
     sleep_then, _ = tasks
     refs = [sleep_then.remote(0, 0), sleep_then.remote(60, 1), sleep_then.remote(60, 2)]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from rl.config import PROJECT_ROOT
+from rl.core.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 

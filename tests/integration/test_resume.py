@@ -20,13 +20,14 @@ import torch
 from safetensors.torch import load_file
 
 from rl.loop import checkpoint
-from rl.learner.batch import SequenceBatch
+from rl.core.batch import SequenceBatch
 from rl.loop.checkpoint import CheckpointError, TrainerState
 from rl.algorithms.opsd import TeacherConfig
-from rl.config import PROJECT_ROOT, ConfigError, LearnerConfig, LoraConfig, load_config
+from rl.config import ConfigError, LearnerConfig, LoraConfig, load_config
+from rl.core.paths import PROJECT_ROOT
 from rl.data import PromptStream
 from rl.demo.tiny import addition_rows
-from rollouts.types import SamplingSpec
+from rl.core.types import SamplingSpec
 
 pytestmark = pytest.mark.slow
 

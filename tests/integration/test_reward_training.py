@@ -10,7 +10,8 @@ import pytest
 
 from rewards.math import math_verify_reward
 from rewards.scoring import RewardError, RewardScorer
-from rl.config import PROJECT_ROOT, load_config
+from rl.config import load_config
+from rl.core.paths import PROJECT_ROOT
 from rl.demo.tiny import addition_rows
 
 pytestmark = pytest.mark.slow

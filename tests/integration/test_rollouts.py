@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rollouts import RolloutEngineError, RolloutPool, make_engine
-from rollouts.types import SamplingSpec, ScoringRequest
+from rl.core.types import SamplingSpec, ScoringRequest
 
 TOL = 1e-4
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [20], [30, 31, 32, 33]]

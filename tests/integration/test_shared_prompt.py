@@ -18,10 +18,10 @@ from transformers import AutoModelForCausalLM
 
 from rl.algorithms.grpo import GRPO
 from rl.algorithms.opsd import OPSD
-from rl.learner.batch import MicroBatch, SequenceBatch, packed_tokens, plan_micro_batches
+from rl.core.batch import MicroBatch, SequenceBatch, packed_tokens, plan_micro_batches
 from rl.config import LearnerConfig, LoraConfig, RunConfig
 from rl.learner.group import LearnerGroup, LearnerWorker, free_port
-from rl.learner.lora import _with_lora
+from rl.learner.lora import with_lora
 from rl.learner.model import _Policy
 from rl.learner.step import _call_loss, _token_scores
 
@@ -214,7 +214,7 @@ def test_opsd_with_its_teacher_view_equals_the_plain_layout(tiny_model, name):
 def test_lora_model_equals_the_plain_layout(tiny_model):
     algo = GRPO(RunConfig(grpo={"group_size": 3}))
     torch.manual_seed(0)
-    lm = _with_lora(load64(tiny_model), LoraConfig(enabled=True, rank=4, alpha=8.0))
+    lm = with_lora(load64(tiny_model), LoraConfig(enabled=True, rank=4, alpha=8.0))
     with torch.no_grad():  # B starts at 0: give the adapters a value so that A's gradient is not 0
         for n, p in lm.named_parameters():
             if "lora_B" in n:

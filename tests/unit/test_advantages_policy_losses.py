@@ -74,7 +74,7 @@ def test_ppo_clip_is_one_clipped_ratio_per_token():
 
 def test_the_algorithm_composes_the_named_estimator_and_loss():
     from rl.algorithms.base import Rollouts
-    from rollouts.types import Completion
+    from rl.core.types import Completion
 
     algo = build_algorithm(load_config(None, ["grpo.group_size=4", "grpo.advantage=rloo", "grpo.policy_loss=gspo"]))
     assert algo.loss.policy_loss is policy_losses.gspo

@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from rl.config import PROJECT_ROOT, RECIPES_DIR, ConfigError, RunConfig, load_config
+from rl.config import ConfigError, RunConfig, load_config
+from rl.core.paths import PROJECT_ROOT, RECIPES_DIR
 
 
 def test_every_recipe_validates():

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from rl.algorithms import build_algorithm
-from rl.config import RECIPES_DIR, load_config
+from rl.config import load_config
+from rl.core.paths import RECIPES_DIR
 from rewards import register_reward
 from rewards.scoring import RewardError, RewardScorer, correctness_index
 from tests.unit.test_igpo import FakeLoop, G, completion, igpo, sampled_round

@@ -1,7 +1,7 @@
-"""The even split shared by the rollout pool and the learner group (rl.actors.even_bounds)."""
+"""The even split shared by the rollout pool and the learner group (rl.core.actors.even_bounds)."""
 import pytest
 
-from rl.actors import even_bounds
+from rl.core.actors import even_bounds
 
 
 def test_even_bounds_examples():

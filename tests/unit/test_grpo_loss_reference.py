@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rl.algorithms.grpo import GRPO
-from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch
+from rl.core.batch import MicroBatch, PolicyOutputs, SequenceBatch
 from rl.config import RunConfig
 
 LENS = [5, 2, 6, 3]

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from rl.algorithms import losses
+from rl.core import kernels
 from rl.algorithms import Rollouts
 from rl.algorithms.grpo import GRPO
-from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch
+from rl.core.batch import MicroBatch, PolicyOutputs, SequenceBatch
 from rl.config import RunConfig
 from rl.loop.trainer import collect_rollouts
-from rollouts.types import Completion
+from rl.core.types import Completion
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 100])
@@ -19,7 +20,7 @@ def test_chunked_token_logprobs_equal_naive_in_value_and_gradient(chunk):
     hidden = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
     tokens = torch.randint(0, 13, (2, 5))
-    got = losses.chunked_token_logprobs(hidden, weight, tokens, temperature=0.7, chunk_size=chunk)
+    got = kernels.chunked_token_logprobs(hidden, weight, tokens, temperature=0.7, chunk_size=chunk)
     (got * torch.arange(10.0).view(2, 5)).sum().backward()
     g_hidden, g_weight = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None

@@ -12,7 +12,7 @@ import torch
 from rl.algorithms import build_algorithm
 from rl.algorithms.base import Rollouts, SampledRound
 from rl.config import load_config
-from rollouts.types import Completion
+from rl.core.types import Completion
 from tests.unit.test_inpainting import CharTokenizer
 
 G = 8
@@ -168,7 +168,7 @@ def test_llada_recipes_validate_and_fail_offline_naming_the_hub(tmp_path):
     import subprocess
     import sys
 
-    from rl.config import PROJECT_ROOT
+    from rl.core.paths import PROJECT_ROOT
 
     for recipe in ("igpo_llada", "diffu_grpo_llada"):
         dry = subprocess.run([sys.executable, "-m", "rl.launch", f"recipe={recipe}", "--dry-run", "--print-config"],

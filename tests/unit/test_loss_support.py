@@ -13,9 +13,9 @@ import torch
 from rl.algorithms import build_algorithm, losses
 from rl.algorithms.base import Rollouts
 from rl.config import load_config
-from rl.learner.batch import MicroBatch, PolicyOutputs
+from rl.core.batch import MicroBatch, PolicyOutputs
 from rollouts.diffusion_engine import MaskedDiffusionEngine
-from rollouts.types import Completion, SamplingSpec
+from rl.core.types import Completion, SamplingSpec
 from tests.unit.test_inpainting import CharTokenizer
 
 G = 3
@@ -167,7 +167,7 @@ def test_gspo_ratio_spans_every_completion_token_not_only_the_loss_mask():
 
     from rl.config import RunConfig
     from rl.algorithms.grpo import GRPO
-    from rl.learner.batch import SequenceBatch
+    from rl.core.batch import SequenceBatch
 
     algo = GRPO(RunConfig(grpo={"group_size": 2, "policy_loss": "gspo", "updates_per_batch": 2,
                                 "clip_low": 10.0, "clip_high": 10.0}))

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from rl.algorithms import losses
+from rl.core import kernels
 from rl.algorithms.grpo import GRPO
-from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch
+from rl.core.batch import MicroBatch, PolicyOutputs, SequenceBatch
 from rl.config import RunConfig
 
 
@@ -84,10 +85,18 @@ def test_micro_batches_sum_to_full_batch_loss():
         mask = torch.zeros(6, 8)
         for i, n in enumerate([8, 1, 3, 5, 2, 7]):
             mask[i, :n] = 1
-        norm = losses.step_normalizer(mask.sum(1).int().tolist(), agg, 50.0)
-        full = losses.aggregate(values, mask, agg, norm)
-        parts = sum(losses.aggregate(values[i : i + 2], mask[i : i + 2], agg, norm) for i in range(0, 6, 2))
+        lens = mask.sum(1).int().tolist()
+        # group_token_mean: groups of 3 sequences, so micro-batches of 2 split a group.
+        weights = torch.tensor([row + [0.0] * (8 - len(row)) for row in losses.group_token_weights(
+            [[1.0] * n for n in lens], [3, 3])]) if agg == "group_token_mean" else None
+        norm = losses.step_normalizer(lens, agg, 50.0, groups=2)
+        full = losses.aggregate(values, mask, agg, norm, weights)
+        parts = sum(losses.aggregate(values[i : i + 2], mask[i : i + 2], agg, norm,
+                                     None if weights is None else weights[i : i + 2]) for i in range(0, 6, 2))
         assert torch.allclose(full, parts, atol=1e-6)
+        if agg == "group_token_mean":  # the mean over groups of each group's token mean
+            group_means = [(values[g] * mask[g]).sum() / mask[g].sum() for g in (slice(0, 3), slice(3, 6))]
+            assert torch.allclose(full, sum(group_means) / 2, atol=1e-6)
         # A per-micro-batch mean (the bug) differs for unequal lengths.
         if agg == "token_mean":
             buggy = sum((values[i : i + 2] * mask[i : i + 2]).sum() / mask[i : i + 2].sum() for i in range(0, 6, 2)) / 3
@@ -97,7 +106,7 @@ def test_micro_batches_sum_to_full_batch_loss():
 
 def test_zero_advantage_fraction_counts_all_equal_groups():
     from rl.algorithms import Rollouts
-    from rollouts.types import Completion
+    from rl.core.types import Completion
 
     cfg = RunConfig(grpo={"group_size": 2})
     algo = GRPO(cfg)
@@ -115,4 +124,4 @@ def test_token_logprobs_against_softmax():
     logits = torch.randn(2, 3, 7)
     tokens = torch.randint(0, 7, (2, 3))
     p = torch.softmax(logits, -1)
-    assert torch.allclose(losses.token_logprobs(logits, tokens), p.log().gather(-1, tokens[..., None])[..., 0], atol=1e-6)
+    assert torch.allclose(kernels.token_logprobs(logits, tokens), p.log().gather(-1, tokens[..., None])[..., 0], atol=1e-6)

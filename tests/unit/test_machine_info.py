@@ -5,7 +5,7 @@ import os
 import sys
 from pathlib import Path
 
-from rl.config import PROJECT_ROOT
+from rl.core.paths import PROJECT_ROOT
 
 SCRIPTS = PROJECT_ROOT / "scripts"
 sys.path.insert(0, str(SCRIPTS))

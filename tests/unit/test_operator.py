@@ -12,9 +12,11 @@ import sys
 import pytest
 
 from rl import data as data_module
-from rl.config import PROJECT_ROOT, DataConfig
+from rl.config import DataConfig
+from rl.core.paths import PROJECT_ROOT
 from rl.data import DataError, check_prompts_fit, load_rows
-from rl.loop.guards import DivergenceGuard, GracefulStop, RunStopped, has_signal
+from rl.loop.guards import DivergenceGuard, GracefulStop, has_signal
+from rl.loop.stopped import RunStopped
 from rl.models import ModelError, check_model_path, resolve_model_path
 from rl.loop.tracking import Console, Tracker
 

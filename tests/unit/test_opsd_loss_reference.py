@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rl.algorithms.opsd import OPSD
-from rl.learner.batch import MicroBatch, PolicyOutputs, SequenceBatch
+from rl.core.batch import MicroBatch, PolicyOutputs, SequenceBatch
 from rl.config import RunConfig
 
 LENS = [4, 1, 6]

@@ -6,7 +6,7 @@ from rl.algorithms import build_algorithm
 from rl.algorithms.base import Rollouts
 from rl.config import load_config
 from rl.data import build_prompt, normalize_row
-from rollouts.types import Completion
+from rl.core.types import Completion
 
 BOXED = "Please reason step by step, and put your final answer within \\boxed{}."
 # data_collator.py:58 at 85d6bf9

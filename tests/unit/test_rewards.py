@@ -12,7 +12,8 @@ from rewards.calls import Signature
 from rewards.math import answers_match, boxed_format_reward, math_verify_reward, overlong_reward
 from rewards.registry import portable_ref
 from rewards.scoring import RewardError, RewardScorer, log_failures
-from rl.config import PROJECT_ROOT, RewardConfig
+from rl.config import RewardConfig
+from rl.core.paths import PROJECT_ROOT
 
 DATA = PROJECT_ROOT.parent / "shared" / "data"
 FIXTURE = "tests/fixtures/custom_reward.py"

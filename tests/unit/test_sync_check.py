@@ -4,7 +4,7 @@ weights, re-scoring after the push everywhere else, and an error naming the gap 
 import pytest
 
 from rl.config import load_config
-from rl.learner.batch import SequenceBatch
+from rl.core.batch import SequenceBatch
 from rl.sync.check import SyncCheck, WeightSyncError
 
 BATCH = SequenceBatch(input_ids=[[1, 2, 3, 4], [1, 2, 5]], prompt_lens=[2, 2])

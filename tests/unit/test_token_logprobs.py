@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rl.algorithms.losses import chunked_token_logprobs, chunked_token_logprobs_and_entropy
+from rl.core.kernels import chunked_token_logprobs, chunked_token_logprobs_and_entropy
 
 
 def _inputs(seed=0, b=3, t=5, h=6, v=11):

@@ -1,66 +1,20 @@
-"""The one typed schema for a run. Recipes (YAML) fill it; `key=value` overrides patch it.
-
-Every option is documented where it is declared: what it does, where it comes from, why the
-default. Unknown keys and bad values stop the launch before any work (see `ConfigError`).
-"""
+"""A run's sections (model, data, rollout, reward, learner, sync, ray, train, tracking, sft,
+checkpoint) and `RunConfig`, which holds them, the `eval` section and the algorithm's own."""
 from __future__ import annotations
 
-import difflib
-import sys
-from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rl.config.algorithm import algorithm_section, stray_key_message
+from rl.config.errors import error_parts
+from rl.config.eval import EvalConfig
+from rl.config.prompts import PromptSpec
+from rl.core.plugins import absolute_ref
+from rl.core.schema import Section
 from rewards.math import AnswerFallback
 from rewards.scoring import OnError
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# A checkout has pyproject.toml and recipes/ beside the packages; an installed package (pip install)
-# sits in site-packages, with the recipes under <prefix>/share/rl-reason/recipes (pyproject's data-files).
-IN_CHECKOUT = (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "recipes").is_dir()
-
-
-def _recipes_dir() -> Path:
-    """The checkout's recipes/, else the copy installed with the package (wherever pip's scheme put
-    it: a venv, the system, --user), else the checkout path, which error messages then name."""
-    if IN_CHECKOUT:
-        return PROJECT_ROOT / "recipes"
-    import site
-    import sysconfig
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        dist = distribution("rl-reason")
-        for file in dist.files or []:
-            if file.as_posix().endswith(".yaml") and "share/rl-reason/recipes/" in file.as_posix():
-                return Path(dist.locate_file(file)).resolve().parent
-    except PackageNotFoundError:
-        pass
-    for base in (sysconfig.get_path("data"), sys.prefix, site.USER_BASE):
-        candidate = Path(base or "") / "share" / "rl-reason" / "recipes"
-        if candidate.is_dir():
-            return candidate
-    return PROJECT_ROOT / "recipes"
-
-
-RECIPES_DIR = _recipes_dir()
-
-
-def relative_root() -> Path:
-    """What relative data paths (data.train, data.local_dir) are taken from: the checkout's root, as
-    the recipes assume (../shared/data), or, for an installed package, the current directory."""
-    return PROJECT_ROOT if IN_CHECKOUT else Path.cwd()
-
-
-class ConfigError(ValueError):
-    """A recipe or override is wrong; the message names the key and what is allowed."""
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
 
 class LoraConfig(Section):
     """LoRA adapters on the learner (peft); the engines always receive merged weights."""
@@ -111,7 +65,7 @@ class ModelConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters (off: full fine-tuning).")
 
 
-class DataConfig(Section):
+class DataConfig(PromptSpec):
     train: str = Field(
         "gsm8k",
         description="Training set: `gsm8k`, `math500` (resolved under `local_dir` when set, else "
@@ -173,13 +127,7 @@ class DataConfig(Section):
         description="The user message in chat format: `{problem}` and `{instruction}` are replaced. IGPO's "
         "release puts its format instruction first: `{instruction}\\n\\n{problem}`.",
     )
-    system_prompt: Optional[str] = Field(None, description="Optional system message (chat format).")
     max_prompt_tokens: int = Field(512, ge=1, description="Longer prompts are skipped with a count in the log.")
-    enable_thinking: Optional[bool] = Field(
-        None,
-        description="Passed to chat templates that have a thinking switch (Qwen3's `enable_thinking`); "
-        "None leaves the template's default. OPSD's student runs with thinking off (the paper's pairing).",
-    )
     skip_rows_without_answer: bool = Field(
         False,
         description="Drop rows with no gold answer (counted in the log) instead of stopping: for sets "
@@ -502,235 +450,6 @@ class TrackingConfig(Section):
     )
 
 
-BENCHMARKS = ("gsm8k", "math500", "amc23", "aime24", "aime25", "hmmt25")
-
-# Named evaluation protocols: what a comparison's every run is evaluated with, whatever its training
-# recipe. A recipe names one (`eval.protocol`); keys it also sets explicitly override the protocol's
-# values (and then the run's recorded protocol differs, which rl.compare reports).
-EVAL_PROTOCOLS: dict[str, dict[str, Any]] = {
-    # The OPSD paper's evaluation of every method (base, SFT, GRPO, OPSD; arXiv 2601.18734 v3 Table 8
-    # and siyan-zhao/OPSD eval/evaluate_math.py + eval/run_eval.sh at 7448751): the Qwen3 chat template
-    # with thinking on (:577-581), "{problem}\n\nPlease reason step by step, ..." (:340-342), T 1.0,
-    # top-p 0.95 in thinking mode (:592-597, 653-654), no top-k (-1, :598-600), 38,912 new tokens
-    # (:571-576; 40,960 context), avg@12 (run_eval.sh:10,20), graded on the last \boxed{} of the whole
-    # output with no fallback (:15-86).
-    "opsd_paper": dict(
-        prompt_format="chat", enable_thinking=True, max_tokens=38912, temperature=1.0, top_p=0.95, top_k=-1, k=12,
-        max_prompt_tokens=2048, grader="last_boxed_correct",
-    ),
-    # d1's evaluation, which IGPO reports with (dllm-reasoning/d1 eval/eval.py, eval/gsm8k.py): its
-    # format prompt + "\n\n" + question as the user message, greedy (T 0), one sample, 256-token
-    # answers in the training blocks and steps (rollout.diffusion). (d1's MATH500 prompt differs
-    # only in whitespace; one template serves every benchmark here.)
-    "d1_paper": dict(
-        prompt_format="chat", max_tokens=256, temperature=0.0, top_p=1.0, top_k=-1, k=1,
-        prompt_template=(
-            "You are a math expert. You will be given a question to solve. Solve it step by step. Wrap the "
-            "final answer in a \\boxed{}. \nRespond in the following format:\n<reasoning>\nYour reasoning "
-            "here\n</reasoning>\n<answer>\n\\boxed{...}\n</answer>\n\n{problem}"
-        ),
-        # d1 prefills "<reasoning>" after the generation prompt for every model (eval/gsm8k.py:62-66,
-        # eval/eval.py:189, 215-220) and grades GSM8K by its own rule (eval/parse_and_get_acc.py:43-75).
-        # MATH500 keeps math_verify: d1's last box + string equivalence is not implemented here.
-        assistant_prefix="<reasoning>", grader={"gsm8k": "d1_gsm8k"},
-    ),
-}
-# The settings that make up a protocol: two runs whose values differ were not evaluated alike.
-PROTOCOL_KEYS = (
-    "prompt_format", "prompt_template", "system_prompt", "enable_thinking", "max_tokens", "temperature",
-    "top_p", "top_k", "k", "answer_fallback", "limit", "assistant_prefix", "grader",
-)
-
-
-class EvalConfig(Section):
-    """Benchmark evaluation: `python -m rl.evaluate`, and periodic evaluation during training.
-
-    The evaluation protocol (prompt, thinking switch, length, sampling, k) is declared here, never
-    taken from the training recipe's `data` or `rollout` sections: recipes that are compared must be
-    evaluated alike, and their training prompts or rollout lengths differ by design (OPSD's student
-    runs with thinking off and 1024 tokens, GRPO with thinking on and 16k)."""
-
-    protocol: Optional[str] = Field(
-        None,
-        description="A named protocol from rl.config.EVAL_PROTOCOLS (`opsd_paper`: the OPSD paper's "
-        "evaluation of every method, thinking on, 38,912 tokens, T 1.0, avg@12; `d1_paper`: greedy, "
-        "256 tokens) that fills every protocol key the recipe does not set. None: the defaults below.",
-    )
-
-    every_steps: int = Field(
-        0,
-        ge=0,
-        description="During training, evaluate the current weights after every N-th step's weight sync "
-        "and after the last step, so that each curve ends at the final model. 0 turns periodic "
-        "evaluation off.",
-    )
-    at_start: bool = Field(
-        False,
-        description="Also evaluate the initial model before the first step (logged as step 0 with 0 "
-        "rollout tokens): the common starting point of every method's curve.",
-    )
-    benchmarks: list[str] = Field(
-        default_factory=lambda: ["gsm8k"],
-        min_length=1,
-        description="Sets to evaluate on, by short name: from the hub (openai/gsm8k test, "
-        "HuggingFaceH4/MATH-500, math-ai/amc23, HuggingFaceH4/aime_2024, yentinglin/aime_2025, "
-        "MathArena/hmmt_feb_2025 (HMMT February 2025)), or from `local_dir` when set; "
-        "or `<source>:<name>` from a data source a plug-in registered (e.g. synthetic:chain_addition, "
-        "the test split of rl.demo.tiny's offline tasks, with plugins=[rl.demo.tiny]).",
-    )
-    local_dir: Optional[str] = Field(
-        None,
-        description="Folder holding `<name>/test.jsonl` for each benchmark (such as ../shared/data); "
-        "relative paths are taken from the project root. None reads from the hub.",
-    )
-    limit: Optional[int] = Field(
-        None,
-        ge=1,
-        description="Evaluate only the first N problems of each benchmark, in file order: a fixed "
-        "subset, the same at every evaluation, so points of a curve are comparable. None: all.",
-    )
-    prompt_format: Literal["chat", "plain"] = Field(
-        "chat",
-        description="chat: the tokenizer's chat template around `prompt_template`; plain: the problem "
-        "text as-is (synthetic tasks, base models). Independent of data.prompt_format.",
-    )
-    prompt_template: str = Field(
-        "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}.",
-        description="The user message in chat format; `{problem}` is replaced by the problem text. The "
-        "default is the OPSD evaluation's (and Qwen's recommended) math prompt.",
-    )
-    system_prompt: Optional[str] = Field(None, description="Optional system message (chat format).")
-    enable_thinking: Optional[bool] = Field(
-        None,
-        description="The chat template's thinking switch (Qwen3's `enable_thinking`) at evaluation; None "
-        "leaves the template's default (on, for Qwen3). Independent of data.enable_thinking.",
-    )
-    max_prompt_tokens: int = Field(
-        1024,
-        ge=1,
-        description="Longest evaluation prompt accepted: a longer one stops the run before any work, since "
-        "the engines' context is sized from the longest prompt plus max_tokens.",
-    )
-    k: int = Field(
-        1,
-        ge=1,
-        description="Samples per problem. 1 with the default temperature is greedy accuracy; k > 1 "
-        "gives avg@k and unbiased pass@j for j = 1, 2, 4, ... up to k.",
-    )
-    temperature: Optional[float] = Field(
-        None,
-        ge=0,
-        description="Sampling temperature. None: 0 (greedy) when k = 1, else 0.6 (the DeepSeek-R1 / "
-        "Qwen3 evaluation setting). k > 1 needs a temperature above 0.",
-    )
-    top_p: float = Field(
-        0.95, gt=0, le=1, description="Nucleus cut when sampling [0.95, with temperature 0.6]; greedy ignores it."
-    )
-    top_k: int = Field(-1, description="Top-k cut when sampling; -1 disables it (the OPSD evaluation's setting).")
-    max_tokens: int = Field(
-        1024,
-        ge=1,
-        description="Maximum completion length. Its own setting, not rollout.max_tokens: evaluating each "
-        "recipe at its training length would make curves of different recipes incomparable. The "
-        "engines' context is sized for the longer of training and evaluation. For the diffusion "
-        "engine this is the answer length, a multiple of rollout.diffusion.block_length.",
-    )
-    answer_fallback: AnswerFallback = Field(
-        "last_number",
-        description="How grading finds an answer without \\boxed{} or `#### N`, as reward.answer_fallback "
-        "(default the same as the training reward, so evaluation measures what training rewards).",
-    )
-    assistant_prefix: str = Field(
-        "",
-        description="Text put after the chat template's generation prompt, as the start of the answer "
-        "(d1 prefills `<reasoning>`). It is part of the prompt: the engine continues it, and the graded "
-        "completion is what the engine generated after it.",
-    )
-    grader: Union[str, dict[str, str]] = Field(
-        "math_verify",
-        description="The correctness reward that grades evaluation completions (full marks = right): "
-        "math_verify (the last \\boxed{}, else `#### N`, else answer_fallback; math-verify equivalence), "
-        "d1_gsm8k (d1's GSM8K rule: the first parseable box, else the first <answer> tag, float "
-        "equality), or any reward registered with correctness=True or named `module:function`. A "
-        "mapping {benchmark: grader} grades those benchmarks so and the others with math_verify. "
-        "Saved with each record, so regrade uses it.",
-    )
-    batch_size: int = Field(
-        64, ge=1, description="Problems per generate call; progress is reported and records written after each."
-    )
-    save_records: bool = Field(
-        True,
-        description="Write each evaluation's per-problem records (completions, per-sample correctness) "
-        "as <benchmark>.jsonl next to its summary.json (during training: <run>/eval/step_N/). About "
-        "4 bytes a generated token: turn off for long completions on large sets.",
-    )
-
-    def grader_for(self, benchmark: str) -> str:
-        """The grader of one benchmark's completions."""
-        return self.grader if isinstance(self.grader, str) else self.grader.get(benchmark, "math_verify")
-
-    @field_validator("grader")
-    @classmethod
-    def _correctness_graders(cls, grader):
-        for name in [grader] if isinstance(grader, str) else grader.values():
-            cls._correctness_grader(name)
-        return grader
-
-    @staticmethod
-    def _correctness_grader(name: str) -> str:
-        from rewards.registry import get_reward, is_correctness_reward, registered_rewards
-
-        try:
-            fn = get_reward(name)
-        except (KeyError, ImportError, AttributeError) as e:
-            raise ValueError(str(e.args[0] if e.args else e)) from None
-        if ":" not in name and not is_correctness_reward(fn):
-            graders = [r for r in registered_rewards() if is_correctness_reward(get_reward(r))]
-            raise ValueError(f"eval.grader {name!r} is not a correctness reward; choose one of {', '.join(graders)}.")
-        return name
-
-    @model_validator(mode="before")
-    @classmethod
-    def _fill_from_protocol(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("protocol") is not None:
-            name = data["protocol"]
-            if name not in EVAL_PROTOCOLS:
-                raise ValueError(f"unknown eval.protocol {name!r}; choose from {', '.join(EVAL_PROTOCOLS)} or null")
-            data = {**EVAL_PROTOCOLS[name], **data}
-        return data
-
-    def resolved_temperature(self) -> float:
-        if self.temperature is not None:
-            return self.temperature
-        return 0.0 if self.k == 1 else 0.6
-
-    def protocol_settings(self) -> dict[str, Any]:
-        """What this evaluation's numbers depend on besides the model: recorded with every run and
-        compared by rl.compare (temperature resolved, so None and its value compare equal)."""
-        out = {key: getattr(self, key) for key in PROTOCOL_KEYS}
-        out["temperature"] = self.resolved_temperature()
-        return out
-
-    @field_validator("benchmarks")
-    @classmethod
-    def _known_benchmarks(cls, names: list[str]) -> list[str]:
-        # `<source>:<name>` is checked when it is read (rl.data.source_loader): its source may
-        # be registered by a plug-in.
-        unknown = [n for n in names if n not in BENCHMARKS and ":" not in n]
-        if unknown:
-            raise ValueError(
-                f"unknown benchmarks {unknown}; choose from {', '.join(BENCHMARKS)} or <source>:<name> from a "
-                "registered data source (e.g. synthetic:chain_addition)"
-            )
-        return names
-
-    @model_validator(mode="after")
-    def _sampling_needs_temperature(self) -> "EvalConfig":
-        if self.k > 1 and self.temperature == 0:
-            raise ValueError(f"eval.k={self.k} samples at temperature 0 would all be identical; set eval.temperature > 0 or eval.k=1")
-        return self
-
-
 class SFTConfig(Section):
     """The supervised baseline, `python -m rl.sft` (TRL's SFTTrainer): the training problems in the
     student's prompt format (`data`), their reference solutions as targets. Steps, batch (prompts_per_step
@@ -779,27 +498,6 @@ class CheckpointConfig(Section):
     )
 
 
-
-def _import_plugins(plugins: list[str]) -> None:
-    """Import the config's `plugins` (module names or .py files), naming the one that fails."""
-    import importlib
-
-    from rewards.registry import load_file
-
-    for plugin in plugins:
-        try:
-            if plugin.endswith(".py"):
-                if not Path(plugin).is_file():
-                    raise FileNotFoundError(f"{Path(plugin).resolve()} does not exist")
-                load_file(Path(plugin))
-            else:
-                importlib.import_module(plugin)
-        except Exception as e:  # an error of the user's plug-in: name it, then what went wrong
-            raise ValueError(
-                f"`plugins`: could not import plug-in {plugin!r}: {type(e).__name__}: {e}. A plug-in is a module "
-                "name (rl.demo.tiny) or a path to a .py file"
-            ) from None
-
 class RunConfig(Section):
     recipe: str = Field("custom", description="Name of the recipe this config came from.")
     plugins: list[str] = Field(
@@ -808,8 +506,9 @@ class RunConfig(Section):
         "is loaded: they register what the rest of the config may name, such as data sources "
         "(rl.data.register_data_source), built models (rl.models.register_model_builder) and rewards. "
         "`rl.demo.tiny` provides the offline demo tasks (`synthetic:<task>`) and the built model "
-        "tiny-dllm-chain-addition. Imported here, not by each command, so that every entry point "
-        "(launch, evaluate, sft, a resume, a script) sees the same names.",
+        "tiny-dllm-chain-addition. Imported by load_config before anything is checked, and by every "
+        "engine and learner actor when it starts (rl.core.plugins), so that every entry point and "
+        "process sees the same names.",
     )
     seed: int = Field(0, description="Seeds data order, engines and learner.")
     # The algorithm's own options sit beside these sections, in the one section named after it
@@ -843,26 +542,21 @@ class RunConfig(Section):
         """Validate the algorithm's section with its class's Config; any other extra key is an error."""
         if not isinstance(data, dict):
             return data
-        plugins = data.get("plugins") or []
-        if isinstance(plugins, list):  # first: a plug-in may register the algorithm named below
-            _import_plugins([str(p) for p in plugins])
         ref = data.get("algorithm", cls.model_fields["algorithm"].default)
         if isinstance(ref, str) and ref.rsplit(":", 1)[0].endswith(".py"):
             # Saved absolute, so that a resume from another working directory finds the file.
-            from rewards.registry import portable_ref
-
-            ref = portable_ref(ref)
+            ref = absolute_ref(ref)
             data = {**data, "algorithm": ref}
         section, config_cls = algorithm_section(ref)
         for key in data:
             if key not in cls.model_fields and key != section:
-                raise ValueError(_stray_key_message(key, ref, section, cls))
+                raise ValueError(stray_key_message(key, ref, section, cls))
         if section is None or isinstance(data.get(section), config_cls):
             return data
         try:
             return {**data, section: config_cls.model_validate(data.get(section) or {})}
         except ValidationError as e:
-            raise ValueError("; ".join(_error_parts(e, prefix=f"{section}."))) from None
+            raise ValueError("; ".join(error_parts(e, prefix=f"{section}."))) from None
 
     @property
     def algorithm_section(self) -> BaseModel:
@@ -909,143 +603,3 @@ class RunConfig(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading: recipe file + dotted overrides -> validated RunConfig, with errors a person can act on.
-
-
-def algorithm_section(ref: str) -> tuple[str | None, type[BaseModel] | None]:
-    """(section name, its Config class) of `algorithm=<ref>`; (None, None) for rl.sft's baseline,
-    which runs no RL algorithm. Loads a user's `file.py:Class` the first time it is named."""
-    if ref == "sft":
-        return None, None
-    from rl.algorithms.base import algorithm_class
-
-    try:
-        cls = algorithm_class(ref)
-    except (KeyError, ImportError, AttributeError, TypeError) as e:
-        raise ValueError(f"algorithm={ref}: {e.args[0] if e.args else e}") from None
-    return cls.name, cls.Config
-
-
-def _stray_key_message(key: str, ref: str, section: str | None, run_cls: type[BaseModel]) -> str:
-    from rl.algorithms.base import registered_algorithms
-
-    own = f"its options go in section `{section}`" if section else "it has no algorithm section"
-    if key in registered_algorithms():  # a built-in's section is named after it
-        return (f"Section `{key}` configures algorithm {key}, but this run's algorithm is {ref}: {own}. "
-                f"Move the options there, or set algorithm={key}.")
-    allowed = list(run_cls.model_fields) + ([section] if section else [])
-    close = difflib.get_close_matches(key, allowed, n=1)
-    hint = f" Did you mean `{close[0]}`?" if close else ""
-    return f"Unknown config key `{key}`.{hint} Allowed keys here: {', '.join(allowed)}."
-
-
-def _check_keys(data: dict, model_cls: type[BaseModel], prefix: str = "") -> None:
-    """Reject unknown keys with the allowed choices and a close match, before pydantic runs."""
-    fields = {name: f.annotation for name, f in model_cls.model_fields.items()}
-    if model_cls is RunConfig:
-        ref = data.get("algorithm", RunConfig.model_fields["algorithm"].default)
-        try:
-            section, config_cls = algorithm_section(ref)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if section is not None:
-            fields[section] = config_cls
-    for key, value in data.items():
-        if key not in fields and model_cls is RunConfig:
-            raise ConfigError(_stray_key_message(key, ref, section, RunConfig))
-        if key not in fields:
-            allowed = list(fields)
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f" Did you mean `{prefix}{close[0]}`?" if close else ""
-            raise ConfigError(
-                f"Unknown config key `{prefix}{key}`.{hint} Allowed keys here: "
-                f"{', '.join(prefix + k for k in allowed)}."
-            )
-        sub = fields[key]
-        if isinstance(sub, type) and issubclass(sub, BaseModel) and isinstance(value, dict):
-            _check_keys(value, sub, prefix=f"{prefix}{key}.")
-
-
-def _error_parts(err: ValidationError, prefix: str = "") -> list[str]:
-    parts = []
-    for e in err.errors():
-        if not e["loc"]:  # a whole-config check (a model validator): its message says it all
-            parts.append(e["msg"].removeprefix("Value error, "))
-            continue
-        loc = prefix + ".".join(str(x) for x in e["loc"])
-        parts.append(f"`{loc}`: {e['msg']} (got {e.get('input')!r})")
-    return parts
-
-
-def _format_validation_error(err: ValidationError) -> str:
-    return "Invalid config value: " + "; ".join(_error_parts(err)) + ". Fix the recipe or the override."
-
-
-def recipe_path(name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.exists():
-        return p
-    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
-    if candidate.exists():
-        return candidate
-    available = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml"))
-    raise ConfigError(
-        f"Recipe `{name_or_path}` not found: no file {candidate}. Available recipes: "
-        f"{', '.join(available)}; or pass a path to a .yaml file."
-    )
-
-
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for k in keys[:-1]:
-        nxt = node.setdefault(k, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"Override `{dotted}`: `{k}` is a value, not a section.")
-        node = nxt
-    node[keys[-1]] = value
-
-
-def parse_overrides(items: list[str]) -> dict:
-    data: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"Override `{item}` is not of the form key=value (e.g. train.steps=10).")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key:
-            raise ConfigError(f"Override `{item}` has an empty key.")
-        _set_dotted(data, key, yaml.safe_load(raw) if raw != "" else "")
-    return data
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
-    data: dict = {}
-    if recipe is not None:
-        path = recipe_path(recipe)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"Recipe {path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"Recipe {path} must be a mapping of sections, got {type(data).__name__}.")
-        data.setdefault("recipe", path.stem)
-    data = _merge(data, parse_overrides(overrides or []))
-    _check_keys(data, RunConfig)
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(e)) from None
