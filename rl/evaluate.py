@@ -342,14 +342,14 @@ def evaluate_model(args: dict[str, str]) -> dict[str, float]:
     from transformers import AutoTokenizer
 
     from rl.models import resolve_model_path
-    from rollouts.engine import make_engine
+    from rollouts.registry import make_engine
 
     cfg, model, out = resolve_run(args)
     path = resolve_model_path(model)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     evaluator = Evaluator(tokenizer, cfg.eval)
-    options = cfg.rollout.engine_options(cfg.model, max_model_len=evaluator.context_tokens())
-    engine = make_engine(cfg.rollout.engine, path, seed=cfg.seed, **options)
+    settings = cfg.rollout.engine_settings(cfg.model, max_model_len=evaluator.context_tokens())
+    engine = make_engine(cfg.rollout.engine, path, seed=cfg.seed, settings=settings)
     try:
         metrics = evaluator.run(engine, out, meta={"model": path})
     finally:

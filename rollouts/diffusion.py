@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal, Optional
 
 import torch
+from pydantic import Field
+
+from rl.core.schema import Section
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids [B, W], attention [B, W]) -> [B, W, V]
 REMASKING = ("low_confidence", "random")
@@ -202,3 +205,25 @@ def resolve_mask_id(tokenizer, mask_token_id: int | None) -> int:
             "rollout.diffusion.mask_token_id (126336 for LLaDA)."
         )
     return tokenizer.mask_token_id
+
+
+class DiffusionSamplerConfig(Section):
+    """LLaDA's semi-autoregressive sampler (arXiv 2502.09992; settings of IGPO, arXiv 2509.10396)."""
+
+    block_length: int = Field(
+        32, ge=1, description="Answer positions per block, filled left to right [32]; rollout.max_tokens must be a multiple."
+    )
+    steps: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Model calls per answer, shared evenly by the blocks; None is half the answer length "
+        "(two tokens per call: LLaDA's and IGPO's 128 steps for 256 tokens).",
+    )
+    remasking: Literal["low_confidence", "random"] = Field(
+        "low_confidence",
+        description="Which masked positions of the block a step commits: the ones whose sampled token "
+        "the model gives the highest probability (LLaDA's default, better on math), or random ones.",
+    )
+    mask_token_id: Optional[int] = Field(
+        None, description="The mask token; None takes the tokenizer's (LLaDA's tokenizer has none: 126336)."
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from rollouts.diffusion import (
+    DiffusionSamplerConfig,
     answer_layout,
     check_schedule,
     diffusion_sample,
@@ -17,8 +18,8 @@ from rollouts.diffusion import (
     one_step_logprobs,
     resolve_mask_id,
 )
+from rl.core.types import Completion, EngineSettings, SamplingSpec, ScoringRequest
 from rollouts.engine import TorchModelEngine
-from rl.core.types import Completion, SamplingSpec, ScoringRequest
 
 _BATCH = 64  # rows per model call: bounds the [rows, width, vocab] logits held at once
 
@@ -30,6 +31,17 @@ class MaskedDiffusionEngine(TorchModelEngine):
     estimator (the algorithm's prompt_mask_prob), applied exactly as the learner's first inner update
     applies it (`rollouts.diffusion.prompt_mask`, mask_seed 0), so that the log-probs reported with
     each completion and by `score` are the quantity the learner computes."""
+
+    name = "diffusion"
+    Config = DiffusionSamplerConfig
+    model_kinds = ("masked_diffusion",)
+    sampling_cuts = False
+
+    @classmethod
+    def from_settings(cls, model_path: str, seed: int, settings: EngineSettings) -> "MaskedDiffusionEngine":
+        s = settings
+        return cls(model_path, seed=seed, dtype=s.dtype, max_model_len=s.max_model_len, trust_remote_code=s.trust_remote_code,
+                   answer_length=s.answer_length, prompt_mask_prob=s.prompt_mask_prob, **s.options)
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""The contract every rollout engine implements, and the factory that picks one.
+"""The contract every rollout engine implements (rollouts.registry picks one by name).
 
 Log-probability conventions (shared by every engine, so that the learner can rely on them):
 
@@ -14,11 +14,47 @@ Log-probability conventions (shared by every engine, so that the learner can rel
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-from rl.core.types import Completion, SamplingSpec, ScoringRequest
+from rl.core.types import Completion, EngineSettings, SamplingSpec, ScoringRequest
+
+NamedTensors = Iterable[tuple[str, Any]]
+
+
+@dataclass
+class WeightWorker:
+    """One process that holds (part of) an engine's weights, as a weight transport sees it
+    (rl.sync.weight_sync): `load(named_tensors)` loads tensors named as in the HF state dict into
+    that process (its tensor-parallel shard), `rank` is its index among the engine's weight workers,
+    `device` where it computes, and `state` a dict kept in that process for the transport (a
+    collective group, say) from one call to the next."""
+
+    load: Callable[[NamedTensors], None]
+    rank: int
+    device: Any
+    state: dict = field(default_factory=dict)
 
 
 class RolloutEngine(ABC):
+    """Subclass this and register it (rollouts.registry.register_engine), or name the class as
+    `rollout.engine=path/to/file.py:Class`. Its options go in the section `rollout.<name>`, typed by
+    `Config` (a rl.core.schema.Section, or None for an engine without options of its own)."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type | None] = None
+    # What the engine can sample: the config refuses any other model kind, or a top-p/top-k cut.
+    model_kinds: ClassVar[tuple[str, ...]] = ("causal",)
+    sampling_cuts: ClassVar[bool] = True
+    # Whether it can free its accelerator memory while learners colocated with it train.
+    can_sleep: ClassVar[bool] = False
+
+    @classmethod
+    def from_settings(cls, model_path: str, seed: int, settings: EngineSettings) -> "RolloutEngine":
+        """Build the engine for a run (`settings.options`: its own section's values)."""
+        return cls(model_path, seed=seed, settings=settings)
+
     @abstractmethod
     def generate(
         self, prompts: list[list[int]], spec: SamplingSpec, hints: list[dict[int, int]] | None = None
@@ -37,33 +73,40 @@ class RolloutEngine(ABC):
         """log p(token_ids[t] | prompt_ids + token_ids[:t]) at temperature 1, one list per request."""
 
     @abstractmethod
-    def update_weights(self, state_dict: dict) -> None:
-        """Load tensors named as in a transformers model's `state_dict()`; a subset is allowed."""
+    def load_weights(self, named_tensors: NamedTensors | Mapping) -> None:
+        """Load tensors named as in a transformers model's `state_dict()` (a subset is allowed),
+        in this process: the one way weights reach an engine."""
 
     @abstractmethod
     def close(self) -> None:
         """Release the engine's memory and processes."""
 
-    # The collective weight transfer (rl.sync.weight_sync.CollectiveSync): the engine's workers join a
-    # group with learner rank 0 and load what it broadcasts.
-
-    def weight_ranks(self) -> int:
-        """How many members of the weight group this engine brings (its worker processes)."""
+    def weight_workers(self) -> int:
+        """How many processes hold the engine's weights (vLLM's tensor-parallel workers; 1 here)."""
         return 1
 
-    @abstractmethod
-    def join_weight_group(self, host: str, port: int, first_rank: int, world: int, nccl: bool) -> None:
-        """Join the group whose store listens at host:port as ranks first_rank, first_rank+1, ...
-        (nccl: receive on the engine's GPUs; else through host memory over gloo)."""
+    def in_weight_workers(self, fn: Callable, *args) -> list:
+        """fn(WeightWorker, *args) in every process holding the engine's weights, results in worker
+        order: how a weight transport reaches them. Here: this process, loading with load_weights."""
+        if not hasattr(self, "_weight_state"):
+            self._weight_state = {}
+        return [fn(WeightWorker(self.load_weights, 0, self.weight_device(), self._weight_state), *args)]
 
-    @abstractmethod
-    def receive_weights(self) -> None:
-        """Load the weights learner rank 0 broadcasts to the group now (rl.sync.weight_sync.send_stream)."""
+    def weight_device(self):
+        """Where this engine's weights live (a transport's buffers go there)."""
+        import torch
 
-    @abstractmethod
-    def load_shared_weights(self, path: str, manifest: list, size: int) -> None:
-        """Load the weights learner rank 0 wrote into the shared-memory file at `path` on this node
-        (rl.sync.weight_sync.write_shared, whose manifest and length these are)."""
+        return torch.device("cpu")
+
+    def sleep(self) -> None:
+        """Free accelerator memory while colocated learners train (engines with `can_sleep`)."""
+
+    def wake_up(self) -> None:
+        """Undo `sleep`."""
+
+
+def named_items(named_tensors: NamedTensors | Mapping) -> list[tuple[str, Any]]:
+    return list(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
 
 
 class TorchModelEngine(RolloutEngine):
@@ -74,67 +117,19 @@ class TorchModelEngine(RolloutEngine):
         if max(lengths, default=0) > self.max_model_len:
             raise ValueError(f"sequence of {max(lengths)} tokens exceeds max_model_len={self.max_model_len}")
 
-    def update_weights(self, state_dict: dict) -> None:
+    def load_weights(self, named_tensors: NamedTensors | Mapping) -> None:
         import torch
 
-        check_state_dict(state_dict, {k: tuple(v.shape) for k, v in self.model.state_dict().items()})
+        state = dict(named_items(named_tensors))
+        check_state_dict(state, {k: tuple(v.shape) for k, v in self.model.state_dict().items()})
         with torch.no_grad():
-            self.model.load_state_dict(state_dict, strict=False)
+            self.model.load_state_dict(state, strict=False)
 
-    def join_weight_group(self, host: str, port: int, first_rank: int, world: int, nccl: bool) -> None:
-        from rl.sync.weight_sync import join_group, transfer_device
-
-        self._weight_device = transfer_device(next(self.model.parameters()).device, nccl)
-        self._weight_group = join_group(host, port, first_rank, world, self._weight_device)
-
-    def receive_weights(self) -> None:
-        from rl.sync.weight_sync import receive_stream
-
-        self.update_weights(dict(receive_stream(self._weight_group, self._weight_device)))
-
-    def load_shared_weights(self, path: str, manifest: list, size: int) -> None:
-        from rl.sync.weight_sync import read_shared
-
-        self.update_weights(dict(read_shared(path, manifest, size)))
+    def weight_device(self):
+        return next(self.model.parameters()).device
 
     def close(self) -> None:
         del self.model
-
-
-def make_engine(
-    kind: str,
-    model_path: str,
-    *,
-    seed: int,
-    dtype: str = "float32",
-    max_model_len: int = 2048,
-    kv_cache_gb: float = 1.0,
-    gpu_memory_utilization: float | None = None,
-    trust_remote_code: bool = False,
-    diffusion: dict | None = None,
-    sleep_mode: bool = False,
-    tensor_parallel_size: int = 1,
-) -> RolloutEngine:
-    """Build a `kind` ("vllm", "hf" or "diffusion") engine; vLLM and transformers are imported only
-    here. `diffusion`: the masked-diffusion engine's sampler settings (MaskedDiffusionEngine's kwargs).
-    `sleep_mode`, `tensor_parallel_size`: vLLM on GPU (colocated engines sleep while learners train)."""
-    common = dict(seed=seed, dtype=dtype, max_model_len=max_model_len, trust_remote_code=trust_remote_code)
-    if kind == "vllm":
-        from rollouts.vllm_engine import VLLMEngine
-
-        return VLLMEngine(
-            model_path, kv_cache_gb=kv_cache_gb, gpu_memory_utilization=gpu_memory_utilization,
-            sleep_mode=sleep_mode, tensor_parallel_size=tensor_parallel_size, **common
-        )
-    if kind == "hf":
-        from rollouts.hf_engine import HFEngine
-
-        return HFEngine(model_path, **common)
-    if kind == "diffusion":
-        from rollouts.diffusion_engine import MaskedDiffusionEngine
-
-        return MaskedDiffusionEngine(model_path, **common, **(diffusion or {}))
-    raise ValueError(f"unknown rollout engine kind {kind!r}; choose 'vllm', 'hf' or 'diffusion'")
 
 
 def refuse_hints(hints) -> None:
@@ -153,11 +148,11 @@ def check_state_dict(state_dict: dict, expected_shapes: dict[str, tuple[int, ...
     """
     unknown = sorted(set(state_dict) - set(expected_shapes))
     if unknown:
-        raise ValueError(f"update_weights: unknown parameter names {unknown[:5]} (of {len(unknown)})")
+        raise ValueError(f"load_weights: unknown parameter names {unknown[:5]} (of {len(unknown)})")
     wrong = [
         f"{name}: got {tuple(t.shape)}, expected {expected_shapes[name]}"
         for name, t in state_dict.items()
         if tuple(t.shape) != expected_shapes[name]
     ]
     if wrong:
-        raise ValueError(f"update_weights: wrong shapes {wrong[:5]} (of {len(wrong)})")
+        raise ValueError(f"load_weights: wrong shapes {wrong[:5]} (of {len(wrong)})")

@@ -3,13 +3,20 @@ from __future__ import annotations
 
 import torch
 
+from rl.core.types import Completion, EngineSettings, SamplingSpec, ScoringRequest
 from rollouts.engine import TorchModelEngine, refuse_hints
-from rl.core.types import Completion, SamplingSpec, ScoringRequest
 
 _SCORE_BATCH = 8  # bounds the [batch, length, vocab] logits held at once
 
 
 class HFEngine(TorchModelEngine):
+    name = "hf"
+
+    @classmethod
+    def from_settings(cls, model_path: str, seed: int, settings: EngineSettings) -> "HFEngine":
+        return cls(model_path, seed=seed, dtype=settings.dtype, max_model_len=settings.max_model_len,
+                   trust_remote_code=settings.trust_remote_code)
+
     def __init__(
         self,
         model_path: str,

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from rl.core.actors import even_bounds, gather
-from rl.core.types import Completion, SamplingSpec, ScoringRequest
+from rl.core.types import Completion, EngineSettings, SamplingSpec, ScoringRequest
 
 
 class RolloutEngineError(RuntimeError):
@@ -14,14 +14,16 @@ class RolloutEngineError(RuntimeError):
 class _EngineHost:
     """The actor body: owns one engine and runs its methods."""
 
-    def __init__(self, kind: str, model_path: str, seed: int, engine_kwargs: dict):
-        from rollouts.engine import make_engine
+    def __init__(self, kind: str, model_path: str, seed: int, settings: EngineSettings, plugins: list[str]):
+        from rl.core.plugins import import_plugins
+        from rollouts.registry import make_engine
 
         # Kept and raised from ready(): an exception escaping __init__ reaches the driver only as
         # the actor's death notice, its cause flattened into a traceback string.
         self.start_error = None
         try:
-            self.engine = make_engine(kind, model_path, seed=seed, **engine_kwargs)
+            import_plugins(plugins)  # first: a plug-in may register the engine, or what its calls carry
+            self.engine = make_engine(kind, model_path, seed=seed, settings=settings)
         except Exception as e:
             self.start_error = e
 
@@ -32,6 +34,9 @@ class _EngineHost:
 
     def call(self, method: str, *args):
         return getattr(self.engine, method)(*args)
+
+    def in_weight_workers(self, fn: Callable, *args):
+        return self.engine.in_weight_workers(fn, *args)
 
     def apply(self, fn: Callable):
         return fn(self.engine)
@@ -57,12 +62,20 @@ class RolloutPool:
         engine_cpus: float = 1.0,
         timeout_s: float | None = None,
         placement=None,
-        **engine_kwargs,
+        settings: EngineSettings | None = None,
+        plugins: list[str] | None = None,
+        **setting_fields,
     ):
+        """`settings` (or its fields as keywords): what every engine is built with; `plugins`: the
+        config's, imported by every engine actor before its engine is built."""
+        from rollouts.registry import engine_class
+
         self.kind = kind
+        self.engine_class = engine_class(kind)
         self.timeout_s = timeout_s
         self.placement = placement
-        self._model_path, self._seed, self._engine_cpus, self._engine_kwargs = model_path, seed, engine_cpus, engine_kwargs
+        self._model_path, self._seed, self._engine_cpus = model_path, seed, engine_cpus
+        self._settings, self._plugins = settings or EngineSettings(**setting_fields), list(plugins or [])
         self._actors = [self._spawn(i) for i in range(num_engines)]
         try:
             # Construction errors (bad path, no memory) surface here, not at the first generate.
@@ -81,7 +94,7 @@ class RolloutPool:
         else:
             options = self.placement.actor_options(self.placement.engines[index])
         actor = ray.remote(**options)(_EngineHost)
-        return actor.remote(self.kind, self._model_path, self._seed + index, self._engine_kwargs)
+        return actor.remote(self.kind, self._model_path, self._seed + index, self._settings, self._plugins)
 
     @property
     def num_engines(self) -> int:
@@ -129,21 +142,28 @@ class RolloutPool:
         """Every engine scores every request: the per-engine check after a weight push."""
         return self._gather("score", [a.call.remote("score", requests) for a in self._actors])
 
-    def update_weights(self, state_dict: dict) -> None:
+    def load_weights(self, state_dict: dict) -> None:
+        """Every engine loads `state_dict` (one copy in the object store, read by every actor)."""
         import ray
 
-        ref = ray.put(state_dict)  # one copy in the object store, read by every actor
-        self._gather("update_weights", [a.call.remote("update_weights", ref) for a in self._actors])
+        ref = ray.put(state_dict)
+        self._gather("load_weights", [a.call.remote("load_weights", ref) for a in self._actors])
 
-    def submit(self, method: str, per_engine_args: list[tuple] | None = None) -> list:
-        """Start engine.method(*per_engine_args[i]) on every engine without waiting (for calls that
-        must run while another party takes part, such as a collective weight transfer)."""
+    def weight_workers(self) -> list[int]:
+        """How many processes hold each engine's weights, in engine order."""
+        return self._gather("weight_workers", [a.call.remote("weight_workers") for a in self._actors])
+
+    def submit_weight_work(self, fn: Callable, per_engine_args: list[tuple] | None = None) -> list:
+        """Start fn(WeightWorker, *per_engine_args[i]) in every weight worker of every engine, not
+        waiting (rollouts.engine.RolloutEngine.in_weight_workers): how a weight transport reaches
+        the engines, for calls that must run while the learner takes part. `wait` collects them."""
         args = per_engine_args or [()] * len(self._actors)
-        return [a.call.remote(method, *arg) for a, arg in zip(self._actors, args)]
+        return [a.in_weight_workers.remote(fn, *arg) for a, arg in zip(self._actors, args)]
 
-    def wait(self, method: str, refs: list) -> list:
-        """The results of `submit`'s calls, in engine order; the first failure raises RolloutEngineError."""
-        return self._gather(method, refs)
+    def wait(self, what: str, refs: list) -> list:
+        """The results of `submit_weight_work`'s calls, in engine order; the first failure raises
+        RolloutEngineError."""
+        return self._gather(what, refs)
 
     def sleep(self) -> None:
         """Free the engines' GPU memory while colocated learners train (a no-op where not enabled)."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from rollouts.engine import RolloutEngine, check_state_dict, refuse_hints
-from rl.core.types import Completion, SamplingSpec, ScoringRequest
+from rl.core.types import Completion, EngineSettings, SamplingSpec, ScoringRequest
+from rollouts.engine import RolloutEngine, check_state_dict, named_items, refuse_hints
 
 
 def _hf_layout(model_path: str, trust_remote_code: bool) -> tuple[dict[str, tuple[int, ...]], bool]:
@@ -45,30 +45,27 @@ def _seed_sampler(worker, seed: int) -> None:
     set_random_seed(seed)
 
 
-def _join_weight_group(worker, host: str, port: int, first_rank: int, world: int, nccl: bool) -> None:
-    from rl.sync.weight_sync import join_group, transfer_device
+def _in_worker(worker, fn, args):
+    """fn(WeightWorker, *args) inside one of vLLM's workers: its loader is the in-place reload (which
+    consumes an iterator as it comes), its state a dict kept on the worker."""
+    from rollouts.engine import WeightWorker
 
-    # Tensor-parallel worker i is group rank first_rank + i; each receives the full tensors and
-    # vLLM's loaders keep its shard.
-    worker.weight_device = transfer_device(worker.device, nccl)
-    worker.weight_group = join_group(host, port, first_rank + worker.rank, world, worker.weight_device)
-
-
-def _receive_weights(worker) -> None:
-    from rl.sync.weight_sync import receive_stream
-
-    # The in-place reload consumes the stream bucket by bucket as it arrives.
-    worker.reload_weights(weights_iterator=receive_stream(worker.weight_group, worker.weight_device))
-
-
-def _load_shared_weights(worker, path: str, manifest: list, size: int) -> None:
-    from rl.sync.weight_sync import read_shared
-
-    # Every worker (tensor-parallel rank) maps the file; vLLM's loaders keep each one's shard.
-    worker.reload_weights(weights_iterator=read_shared(path, manifest, size))
+    state = worker.__dict__.setdefault("rl_weight_state", {})
+    load = lambda named: worker.reload_weights(weights_iterator=iter(named))  # noqa: E731
+    return fn(WeightWorker(load, worker.rank, worker.device, state), *args)
 
 
 class VLLMEngine(RolloutEngine):
+    name = "vllm"
+    can_sleep = True
+
+    @classmethod
+    def from_settings(cls, model_path: str, seed: int, settings: EngineSettings) -> "VLLMEngine":
+        s = settings
+        return cls(model_path, seed=seed, dtype=s.dtype, max_model_len=s.max_model_len, kv_cache_gb=s.kv_cache_gb,
+                   gpu_memory_utilization=s.gpu_memory_utilization, trust_remote_code=s.trust_remote_code,
+                   sleep_mode=s.sleep_mode, tensor_parallel_size=s.tensor_parallel_size)
+
     def __init__(
         self,
         model_path: str,
@@ -171,8 +168,9 @@ class VLLMEngine(RolloutEngine):
             for r, seq, out in zip(requests, seqs, outputs)
         ]
 
-    def update_weights(self, state_dict: dict) -> None:
-        check_state_dict(state_dict, self._shapes)
+    def load_weights(self, named_tensors) -> None:
+        state = dict(named_items(named_tensors))
+        check_state_dict(state, self._shapes)
         try:
             if self.on_cuda:
                 # Tensors do not pickle into vLLM's worker processes: through a file in shared memory.
@@ -181,32 +179,26 @@ class VLLMEngine(RolloutEngine):
                 from safetensors.torch import save_file
 
                 with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as folder:
-                    save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(folder, "model.safetensors"))
+                    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "model.safetensors"))
                     self.llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})
             else:
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
             self._after_reload()
         except Exception as e:
             raise RuntimeError(f"vLLM weight reload failed; this engine's weights are now undefined: {e}") from e
 
-    def weight_ranks(self) -> int:
+    def weight_workers(self) -> int:
         return self.llm.llm_engine.vllm_config.parallel_config.world_size
 
-    def join_weight_group(self, host: str, port: int, first_rank: int, world: int, nccl: bool) -> None:
-        self.llm.collective_rpc(_join_weight_group, args=(host, port, first_rank, world, nccl))
-
-    def receive_weights(self) -> None:
-        self._reload_in_workers(_receive_weights)
-
-    def load_shared_weights(self, path: str, manifest: list, size: int) -> None:
-        self._reload_in_workers(_load_shared_weights, path, manifest, size)
-
-    def _reload_in_workers(self, reload, *args) -> None:
+    def in_weight_workers(self, fn, *args) -> list:
+        # Each tensor-parallel worker takes part (group rank, buffers on its device); vLLM's loaders
+        # keep each worker's shard of the full tensors it receives.
         try:
-            self.llm.collective_rpc(reload, args=args)
+            results = self.llm.collective_rpc(_in_worker, args=(fn, args))
             self._after_reload()
         except Exception as e:
             raise RuntimeError(f"vLLM weight reload failed; this engine's weights are now undefined: {e}") from e
+        return results
 
     def _after_reload(self) -> None:
         if self._needs_repack:

@@ -51,7 +51,7 @@ def main() -> None:
     from rl.config import RunConfig
     from rl.models import resolve_model_path
     from rl.loop.placement import ResourcePlan
-    from rollouts.engine import make_engine
+    from rollouts.registry import make_engine
     from rollouts.pool import RolloutPool
     from rl.core.types import SamplingSpec
 

@@ -122,7 +122,7 @@ def push_only(args: argparse.Namespace) -> None:
     from rl.config import load_config
     from rl.learner.group import LearnerGroup
     from rl.models import resolve_model_path
-    from rl.loop.trainer import init_ray, place
+    from rl.loop.cluster import init_ray, place
     from rl.sync.check import check_weight_sync
     from rl.sync.weight_sync import CollectiveSync, ObjectStoreSync, SharedMemorySync
     from rollouts.pool import RolloutPool
@@ -153,7 +153,7 @@ def push_only(args: argparse.Namespace) -> None:
     def reload_only(engine):
         state = ray.get(state_ref)
         t0 = time.perf_counter()
-        engine.update_weights(state)
+        engine.load_weights(state)
         return time.perf_counter() - t0
 
     rows = []

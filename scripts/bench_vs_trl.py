@@ -60,10 +60,10 @@ def load_cfg():
 def step_prompts(cfg, tokenizer, steps: int) -> list[list[list[int]]]:
     """The prompts the trainer takes at steps 1..steps (same stream, seed and length filter)."""
     from rl.data import PromptStream, load_rows
-    from rl.loop.trainer import _take_prompts
+    from rl.loop.collect import take_prompts
 
     stream = PromptStream(load_rows(cfg.data, cfg.seed), cfg.seed, shuffle=cfg.data.shuffle)
-    return [_take_prompts(stream, cfg.train.prompts_per_step, cfg, tokenizer)[:2] for _ in range(steps)]
+    return [take_prompts(stream, cfg.train.prompts_per_step, cfg, tokenizer)[:2] for _ in range(steps)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # grpo_options runs the paths behind the policy scores (old log-probs for mu > 1, the entropy
 # filter, importance weights) and the reference KL, which the plain GRPO test leaves off.
-METHODS = ("grpo", "grpo_options", "opsd", "igpo", "diffu_grpo")
+METHODS = ("grpo", "grpo_options", "opsd", "igpo", "diffu_grpo", "diffu_grpo_masks")
 GRPO_OPTIONS = ["grpo.kl_coef=0.05", "grpo.updates_per_batch=2", "grpo.entropy_top_fraction=0.5",
                 "grpo.importance_sampling=token"]
 
@@ -59,6 +59,9 @@ def _overrides(method: str, models: Path, out: Path, steps: int) -> tuple[str | 
             "learner.max_grad_norm=1.0", "learner.warmup_steps=0", "learner.micro_batch_size=32", "reward.workers=0",
             "train.prompts_per_step=32", *run,
         ]
+    if method == "diffu_grpo_masks":  # d1's fresh prompt mask per inner update, with reference KL
+        return "diffu_grpo_tiny", ["diffu_grpo.prompt_mask_prob=0.15", "diffu_grpo.updates_per_batch=2",
+                                   "diffu_grpo.kl_coef=0.01", "train.prompts_per_step=64", "learner.lr=3e-4", *run]
     # The end-to-end test runs diffu_grpo from igpo_tiny with algorithm=diffu_grpo; since a recipe
     # carries only its own algorithm's section, diffu_grpo_tiny holds the same settings.
     recipe = "diffu_grpo_tiny" if method == "diffu_grpo" and (PROJECT_ROOT / "recipes/diffu_grpo_tiny.yaml").exists() else "igpo_tiny"

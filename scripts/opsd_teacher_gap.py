@@ -31,7 +31,7 @@ def main(argv: list[str]) -> dict:
     from rl.data import build_prompt, build_teacher_prompt
     from rl.evaluate import _scorer, grade, load_benchmark
     from rl.models import resolve_model_path
-    from rollouts.engine import make_engine
+    from rollouts.registry import make_engine
     from rl.core.types import SamplingSpec
 
     bad = [a for a in argv if "=" not in a]

@@ -10,7 +10,7 @@ what the loop hands back (Rollouts.repair_counts).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel
@@ -58,17 +58,12 @@ class Repair:
 
 @dataclass(frozen=True)
 class Requirements:
-    """What an algorithm needs from the loop and the learner, decided once from its config.
+    """What an algorithm needs built before the first step, decided once from its config.
 
-    reference: the loop fills token_fields["ref_logprobs"] from the frozen initial policy.
+    reference: the learner keeps the frozen initial policy (`Learner.score(..., reference=True)`).
     teacher: the teacher settings (OPSD's TeacherConfig) when batches carry a teacher view; the
         learner then keeps that teacher model. None: no teacher.
-    policy_scores: the loop scores the batch with the learner before the first update (log-probs,
-        and entropies with `entropy`) and hands them to `use_policy_scores`.
-    policy_scores_from_training: instead, `use_policy_scores` gets the log-probs the training
-        forward computed (the policy before the update; entropies None), after the step, for
-        metrics nothing in the loss depends on. The loss passes them on with `out.keep_logprobs`.
-    updates_per_batch: optimizer steps per rollout batch.
+    updates_per_batch: optimizer steps per rollout batch (the learning-rate schedule counts them).
     sampling_rounds: most generation rounds per step while keep_group drops groups.
     prompt_mask_prob: masked-diffusion models: the prompt-masking probability of the one-step
         estimator, which the learner and the engines must apply alike.
@@ -76,24 +71,40 @@ class Requirements:
 
     reference: bool = False
     teacher: Any = None
-    policy_scores: bool = False
-    policy_scores_from_training: bool = False
-    entropy: bool = False
     updates_per_batch: int = 1
     sampling_rounds: int = 1
     prompt_mask_prob: float = 0.0
 
-    def __post_init__(self):
-        if self.policy_scores_from_training and (self.policy_scores or self.updates_per_batch != 1):
-            raise ValueError(
-                "policy_scores_from_training reads the scores of the one training forward: it needs "
-                "updates_per_batch == 1 and policy_scores False (those scores come before the loss)."
-            )
+
+class Learner(Protocol):
+    """The learner as an algorithm sees it: score a batch, train on it. The loop binds the
+    algorithm's loss temperature and records every update (the divergence guard)."""
+
+    def score(self, batch: SequenceBatch, *, reference: bool = False,
+              entropy: bool = False) -> tuple[list[list[float]], list[list[float]] | None]:
+        """Per completion token: log-probs under the current policy (the frozen reference with
+        `reference`), and their entropies with `entropy` (else None)."""
+
+    def train(self, batch: SequenceBatch, loss, *, return_logprobs: bool = False):
+        """One optimizer step on `batch` with `loss`: its metrics, and with `return_logprobs` also the
+        log-probs the training forward computed (the policy before the step)."""
+
+
+@dataclass(frozen=True)
+class Update:
+    """What `Algorithm.update` returns: the last optimizer step's metrics (the learner's sums, loss,
+    grad norm, lr), the algorithm's own metrics, and the batch the weight-sync check re-scores."""
+
+    train_metrics: dict[str, float]
+    metrics: dict[str, float]
+    checked: SequenceBatch
 
 
 class Algorithm:
     """Subclass this, set `name` (the recipe section it reads) and `Config`, set `requirements` and
-    `loss` in __init__(cfg), and implement sampling_spec and build_batch."""
+    `loss` in __init__(cfg), and implement sampling_spec and build_batch. Each step the loop calls
+    build_batch, then prepare (what the updates need from the learner), then update (the
+    optimizer steps); hooks return new values and never edit their arguments."""
 
     name: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
@@ -104,6 +115,11 @@ class Algorithm:
 
     def __init__(self, cfg):
         self.cfg = cfg.algorithm_section
+
+    def provides(self) -> set[str]:
+        """Which of the names the loop's checks read (rl.core.contracts) this algorithm's batches
+        carry or its metrics report; each one missing turns a check off, which the launch names."""
+        return set()
 
     def needs_correctness(self) -> str | None:
         """What of this algorithm reads the correctness signal (SampledRound.correct), as a phrase for
@@ -122,10 +138,17 @@ class Algorithm:
         the correctness reward (empty lists when the reward set has none)."""
         return Repair(sampled)
 
-    def use_policy_scores(self, batch: SequenceBatch, logprobs, entropies) -> tuple[SequenceBatch, dict[str, float]]:
-        """Current-policy logprobs/entropies per completion token, before any update: the batch to
-        train on (a new one when fields change) and metrics."""
+    def prepare(self, batch: SequenceBatch, learner: Learner) -> tuple[SequenceBatch, dict[str, float]]:
+        """Before the step's first update: what the updates need from the learner (reference or
+        old-policy log-probs, entropies), as a new batch, and metrics."""
         return batch, {}
+
+    def update(self, batch: SequenceBatch, learner: Learner) -> Update:
+        """The step's optimizer steps (`requirements.updates_per_batch` of them on the same batch)."""
+        train_metrics: dict[str, float] = {}
+        for _ in range(self.requirements.updates_per_batch):
+            train_metrics = learner.train(batch, self.loss)
+        return Update(train_metrics, {}, batch)
 
     def attach_tokenizer(self, tokenizer) -> None:
         """Called once before training, for algorithms that build prompts of their own."""

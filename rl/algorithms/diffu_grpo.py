@@ -13,11 +13,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from rl.algorithms.base import Repair, Requirements, Rollouts, SampledRound, register_algorithm
-from rl.algorithms.grpo import GRPO, GRPOConfig
+from rl.algorithms.base import Learner, Repair, Requirements, Rollouts, SampledRound, Update, register_algorithm
+from rl.algorithms.grpo import GRPO, GRPOConfig, with_token_fields
 from rl.algorithms.inpainting import is_all_wrong
 from rl.core.batch import SequenceBatch
 from rl.core.types import SamplingSpec
+from rollouts.diffusion import MASK_SEED_FIELD
 
 REPAIR_COUNTS = ("groups", "all_wrong_before", "all_wrong_after", "inpainted", "inpainted_correct", "replaced", "no_reference")
 
@@ -32,7 +33,7 @@ class DiffuGRPOConfig(GRPOConfig):
         description="Mask each prompt token with this probability in the one-step estimator's forward "
         "(d1's 0.15, a regulariser for mu > 1; IGPO's paper drops it: 0). Applied alike wherever the "
         "estimator runs (learner, the diffusion engine's reported log-probs and `score`), with a fresh "
-        "mask for each inner update as d1 draws (rl.learner.prompt_masks): the old-policy and reference "
+        "mask for each inner update as d1 draws (DiffuGRPO.update): the old-policy and reference "
         "log-probs of update j are scored under update j's mask before the step.",
     )
     loss_support: Literal["through_eos", "whole_answer"] = Field(
@@ -60,6 +61,29 @@ class DiffuGRPO(GRPO):
     def _requirements(self) -> Requirements:
         return dataclasses.replace(super()._requirements(), prompt_mask_prob=self.cfg.prompt_mask_prob)
 
+
+    def update(self, batch: SequenceBatch, learner: Learner) -> Update:
+        """d1's prompt masking (arXiv 2504.12216, dllm-reasoning/d1 diffu_grpo_trainer.py): a fresh
+        prompt mask for each of the mu inner updates, whose old-policy and reference log-probs are
+        scored under that mask before any update, so that each ratio compares two estimates under one
+        mask. Update j uses mask seed j (rollouts.diffusion.prompt_mask); update 0's log-probs are the
+        batch's own, as the engines report them, and its batch is the one the weight-sync check
+        re-scores."""
+        mu = self.cfg.updates_per_batch
+        if self.cfg.prompt_mask_prob <= 0 or mu <= 1:
+            return super().update(batch, learner)
+        batches = [_with_mask_seed(batch, 0)]
+        for update in range(1, mu):
+            masked = _with_mask_seed(batch, update)
+            fields = {}
+            if "ref_logprobs" in batch.token_fields:
+                fields["ref_logprobs"], _ = learner.score(masked, reference=True)
+            if "old_logprobs" in batch.token_fields:
+                fields["old_logprobs"], _ = learner.score(masked)
+            batches.append(with_token_fields(masked, **fields))
+        for masked in batches:
+            train_metrics = learner.train(masked, self.loss)
+        return Update(train_metrics, {}, batches[0])
     def sampling_spec(self) -> SamplingSpec:
         return dataclasses.replace(super().sampling_spec(), keep_after_eos=self.cfg.loss_support == "whole_answer")
 
@@ -92,3 +116,7 @@ class DiffuGRPO(GRPO):
                                           if c.hint_mask is not None)),
         })
         return batch, metrics
+
+
+def _with_mask_seed(batch: SequenceBatch, seed: int) -> SequenceBatch:
+    return dataclasses.replace(batch, seq_fields={**batch.seq_fields, MASK_SEED_FIELD: [float(seed)] * len(batch)})

@@ -12,8 +12,8 @@ import torch
 from pydantic import Field, field_validator
 
 from rl.algorithms import advantages, losses, policy_losses
-from rl.core import kernels
-from rl.algorithms.base import Algorithm, Requirements, Rollouts, register_algorithm
+from rl.core import contracts, kernels
+from rl.algorithms.base import Algorithm, Learner, Requirements, Rollouts, Update, register_algorithm
 from rl.algorithms.entropy import top_entropy_mask
 from rl.algorithms.losses import Aggregation, KLKind
 from rl.core.schema import Section
@@ -152,7 +152,7 @@ class PolicyGradientLoss:
 
     def __call__(self, out: PolicyOutputs, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
         fields = mb.token_fields
-        mask = mb.completion_mask * fields["loss_mask"] if "loss_mask" in fields else mb.completion_mask
+        mask = mb.completion_mask * fields[contracts.LOSS_MASK] if contracts.LOSS_MASK in fields else mb.completion_mask
         # Padding skipped; the entropy metric comes from the same logits (no lm_head product of its own).
         logp, entropy = kernels.chunked_token_logprobs_and_entropy(
             out.hidden, out.lm_head_weight, mb.completion_ids, mb.completion_mask, out.temperature, self.chunk_size
@@ -163,7 +163,7 @@ class PolicyGradientLoss:
         # A sequence-level ratio (gspo) spans the whole completion, as GSPO's |y_i| and the IGPO
         # release's (trainer_igpo.py:655-658: all answer positions, hints included); the loss mask
         # only decides which tokens carry the loss.
-        per_token, clipped = self.policy_loss(logp, old, fields["advantages"], mb.completion_mask, self.clip_low, self.clip_high)
+        per_token, clipped = self.policy_loss(logp, old, fields[contracts.ADVANTAGES], mb.completion_mask, self.clip_low, self.clip_high)
         if "pg_mask" in fields:
             per_token = per_token * fields["pg_mask"]
         if self.importance_sampling != "off":
@@ -195,19 +195,40 @@ class GRPO(Algorithm):
 
     def _requirements(self) -> Requirements:
         c = self.cfg
-        entropy = c.entropy_top_fraction is not None
-        # Scores needed BEFORE the loss: old log-probs for mu > 1, the entropy filter, IS weights.
-        policy_scores = c.updates_per_batch > 1 or entropy or c.importance_sampling != "off"
         return Requirements(
             reference=c.kl_coef > 0,
-            policy_scores=policy_scores,
-            # The mismatch statistics alone can wait: at mu = 1 the training forward's own
-            # log-probs are the current policy's, so no extra forward is spent on them.
-            policy_scores_from_training=c.track_mismatch and not policy_scores,
-            entropy=entropy,
             updates_per_batch=c.updates_per_batch,
             sampling_rounds=c.max_sampling_rounds if c.dynamic_sampling else 1,
         )
+
+    def _scores_before_update(self) -> bool:
+        """Whether the loss needs the current policy's scores before the first update: old
+        log-probs for mu > 1, the entropy filter, importance weights."""
+        c = self.cfg
+        return c.updates_per_batch > 1 or self._entropy_before_update() or c.importance_sampling != "off"
+
+    def _entropy_before_update(self) -> bool:
+        return self.cfg.entropy_top_fraction is not None
+
+    def provides(self) -> set[str]:
+        return {contracts.ADVANTAGES, contracts.LOSS_MASK, contracts.ENTROPY} | (
+            {contracts.LOGPROB_GAP} if self.cfg.track_mismatch else set())
+
+    def prepare(self, batch: SequenceBatch, learner: Learner) -> tuple[SequenceBatch, dict[str, float]]:
+        if self.requirements.reference:
+            ref_logprobs, _ = learner.score(batch, reference=True)
+            batch = with_token_fields(batch, ref_logprobs=ref_logprobs)
+        if not self._scores_before_update():
+            return batch, {}
+        return self.use_policy_scores(batch, *learner.score(batch, entropy=self._entropy_before_update()))
+
+    def update(self, batch: SequenceBatch, learner: Learner) -> Update:
+        if self._scores_before_update() or not self.cfg.track_mismatch:
+            return super().update(batch, learner)
+        # mu = 1 without a filter: the mismatch statistics need no forward of their own, the
+        # training forward's log-probs are the current policy's (the loss keeps them).
+        train_metrics, logprobs = learner.train(batch, self.loss, return_logprobs=True)
+        return Update(train_metrics, self.use_policy_scores(batch, logprobs, None)[1], batch)
 
     def loss_temperature(self) -> float:
         return self.rollout_cfg.temperature
@@ -235,7 +256,7 @@ class GRPO(Algorithm):
         from the batch's current loss_mask (call again whenever the loss mask changes)."""
         if self.cfg.loss_agg != "group_token_mean":
             return batch
-        masks = batch.token_fields["loss_mask"]
+        masks = batch.token_fields[contracts.LOSS_MASK]
         weights = losses.group_token_weights(masks, group_sizes)
         return dataclasses.replace(with_token_fields(batch, loss_weight=weights),
                                    loss_normalizer=self.normalizer([], len(masks), len(group_sizes)))
@@ -252,9 +273,9 @@ class GRPO(Algorithm):
             input_ids=[list(p) + list(c.token_ids) for p, c in zip(prompts, completions)],
             prompt_lens=[len(p) for p in prompts],
             token_fields={
-                "advantages": [[a] * n for a, n in zip(advantage, lens)],
+                contracts.ADVANTAGES: [[a] * n for a, n in zip(advantage, lens)],
                 "rollout_logprobs": [list(c.logprobs) for c in completions],
-                "loss_mask": [[float(keep)] * n for keep, n in zip(trained, lens)],
+                contracts.LOSS_MASK: [[float(keep)] * n for keep, n in zip(trained, lens)],
             },
             loss_normalizer=self.normalizer([n for n, keep in zip(lens, trained) if keep], len(lens), len(rollouts.completions)),
         )
@@ -266,7 +287,8 @@ class GRPO(Algorithm):
         return batch, metrics
 
     def use_policy_scores(self, batch: SequenceBatch, logprobs, entropies) -> tuple[SequenceBatch, dict[str, float]]:
-        """Current-policy scores before the update: old logprobs, the entropy filter, mismatch stats."""
+        """The current policy's scores of the batch (before any update): old log-probs for mu > 1,
+        the entropy filter, and the mismatch statistics; a new batch and metrics."""
         fields, metrics = {}, {}
         if self.cfg.updates_per_batch > 1:
             fields["old_logprobs"] = logprobs
@@ -278,11 +300,11 @@ class GRPO(Algorithm):
         learner_lp, mask = padded(logprobs)
         rollout_lp, _ = padded(batch.token_fields["rollout_logprobs"])
         gap = (learner_lp - rollout_lp).abs() * mask
-        metrics["mismatch/logprob_gap_mean"] = float(gap.sum() / mask.sum())
-        metrics["mismatch/logprob_gap_max"] = float(gap.max())
+        metrics[contracts.LOGPROB_GAP] = float(gap.sum() / mask.sum())
+        metrics[contracts.LOGPROB_GAP_MAX] = float(gap.max())
         # The pool hands each engine whole prompts, so a prompt's group comes from one engine: the
         # worst group's mean shows one stale engine among many, which the batch mean dilutes.
-        metrics["mismatch/logprob_gap_group_max"] = max(
+        metrics[contracts.LOGPROB_GAP_GROUP] = max(
             float(gap[unit].sum() / mask[unit].sum().clamp(min=1.0)) for unit in prompt_units(batch, share_prompt=True)
         )
         weights = losses.truncated_is_weights(learner_lp, rollout_lp, mask, "token", self.cfg.importance_cap)

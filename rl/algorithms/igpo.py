@@ -12,10 +12,11 @@ import random
 
 from pydantic import Field
 
-from rl.algorithms.base import Repair, Requirements, Rollouts, SampledRound, register_algorithm
+from rl.algorithms.base import Repair, Rollouts, SampledRound, register_algorithm
 from rl.algorithms.diffu_grpo import DiffuGRPO, DiffuGRPOConfig
 from rl.algorithms.grpo import padded, with_token_fields
 from rl.algorithms.inpainting import HintSettings, build_hints, hint_loss_mask, is_all_wrong, plan_replacements, reasoning_token_ids
+from rl.core import contracts
 from rl.core.batch import SequenceBatch
 
 
@@ -51,15 +52,15 @@ class IGPO(DiffuGRPO):
         self.seed = cfg.seed
         self.tokenizer = None
 
-    def _requirements(self) -> Requirements:
-        r = super()._requirements()
-        # The hint filter needs the old policy's entropies before the update.
-        filters_hints = self.cfg.hint_entropy_fraction < 1
-        policy_scores = r.policy_scores or filters_hints
-        return dataclasses.replace(
-            r, policy_scores=policy_scores, entropy=r.entropy or filters_hints,
-            policy_scores_from_training=self.cfg.track_mismatch and not policy_scores,
-        )
+    def _filters_hints(self) -> bool:
+        return self.cfg.hint_entropy_fraction < 1
+
+    # The hint filter needs the old policy's entropies before the update.
+    def _scores_before_update(self) -> bool:
+        return super()._scores_before_update() or self._filters_hints()
+
+    def _entropy_before_update(self) -> bool:
+        return super()._entropy_before_update() or self._filters_hints()
 
     def attach_tokenizer(self, tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -123,11 +124,11 @@ class IGPO(DiffuGRPO):
             return batch, metrics
         hint, completion_mask = padded(batch.token_fields["hint_mask"])
         entropy, _ = padded(entropies)
-        loss_mask, _ = padded(batch.token_fields["loss_mask"])
+        loss_mask, _ = padded(batch.token_fields[contracts.LOSS_MASK])
         keep = hint_loss_mask(entropy, hint, completion_mask, self.cfg.hint_entropy_fraction) * loss_mask
         lens = [len(r) for r in entropies]
         kept = [int(keep[i, :n].sum()) for i, n in enumerate(lens)]
-        batch = with_token_fields(batch, loss_mask=[keep[i, :n].tolist() for i, n in enumerate(lens)])
+        batch = with_token_fields(batch, **{contracts.LOSS_MASK: [keep[i, :n].tolist() for i, n in enumerate(lens)]})
         # The normaliser counts the tokens that stay in the loss, as when the mask was first built.
         batch = dataclasses.replace(batch, loss_normalizer=self.normalizer([k for k in kept if k], len(lens), len(lens) // self.cfg.group_size))
         # group_token_mean: each group's token count changed with the mask (build_batch's groups of G).

@@ -1,4 +1,4 @@
-"""The algorithm's own config section: the registered (or user) class's `Config`, under its `name`."""
+"""The sections a run carries by what it names: the algorithm's (typed by its class's `Config`, under its `name`) and the rollout engine's (under `rollout.<name>`)."""
 from __future__ import annotations
 
 import difflib
@@ -6,6 +6,7 @@ import difflib
 from pydantic import BaseModel
 
 from rl.algorithms import algorithm_class, registered_algorithms
+from rollouts.registry import engine_class
 
 
 def algorithm_section(ref: str) -> tuple[str | None, type[BaseModel] | None]:
@@ -29,3 +30,13 @@ def stray_key_message(key: str, ref: str, section: str | None, run_cls: type[Bas
     close = difflib.get_close_matches(key, allowed, n=1)
     hint = f" Did you mean `{close[0]}`?" if close else ""
     return f"Unknown config key `{key}`.{hint} Allowed keys here: {', '.join(allowed)}."
+
+
+def engine_section(ref: str) -> tuple[str | None, type[BaseModel] | None]:
+    """(section name under `rollout`, its Config class) of `rollout.engine=<ref>`; (None, None) for
+    an engine without options of its own. Loads a user's `file.py:Class` the first time it is named."""
+    try:
+        cls = engine_class(ref)
+    except (KeyError, ImportError, AttributeError, TypeError) as e:
+        raise ValueError(f"rollout.engine={ref}: {e.args[0] if e.args else e}") from None
+    return (None, None) if cls.Config is None else (cls.name, cls.Config)

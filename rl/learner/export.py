@@ -7,7 +7,7 @@ import os
 import torch
 
 from rl.learner.frozen import FrozenModels
-from rl.learner.lora import merged_lora_state
+from rl.learner.lora import ADAPTER, merged_lora_state
 from rl.learner.model import causal_lm
 from rl.core.rng import rng_state, set_rng_state
 
@@ -21,6 +21,33 @@ class StateExport:
 
     def __init__(self, engine, frozen: FrozenModels, rank: int, lora: bool, model_path: str):
         self.engine, self.frozen, self.rank, self.lora, self.model_path = engine, frozen, rank, lora, model_path
+
+    def engine_weights(self):
+        """(HF name, full tensor) for each weight the engines must load, one at a time; a collective
+        call under ZeRO-3. Each tensor is valid only until the next is asked for.
+
+        Without LoRA: every parameter once (a tied output layer is the input embedding, sent once
+        under its first name, as `named_parameters` gives it). With LoRA: only the adapted layers'
+        merged weights W + (alpha/r) B A, in float32 then rounded once, as in `merged_lora_state`.
+        """
+        import deepspeed
+
+        lm = causal_lm(self.engine.module.lm)
+        if not self.lora:
+            for name, p in lm.named_parameters():
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    yield name, p.detach()
+            return
+        from peft.tuners.lora import LoraLayer
+
+        for name, layer in lm.named_modules():
+            if not isinstance(layer, LoraLayer):
+                continue
+            weight, a, b = layer.base_layer.weight, layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            with deepspeed.zero.GatheredParameters([weight, a, b], modifier_rank=None):
+                delta = (b.float() @ a.float()) * layer.scaling[ADAPTER]
+                delta = delta.T if layer.fan_in_fan_out else delta
+                yield f"{name}.weight", (weight.float() + delta).to(weight.dtype)
 
     def _gather_cpu(self) -> dict[int, torch.Tensor]:
         """Every policy parameter as a CPU tensor on rank 0, by id ({} elsewhere); a collective call.

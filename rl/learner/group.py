@@ -42,8 +42,9 @@ class LearnerGroup:
         lora: LoraConfig | None = None,
         diffusion: DiffusionForward | None = None,
         placement=None,
+        plugins: list[str] | None = None,
     ):
-        """Arguments as LearnerWorker's. `placement` (rl.loop.placement's applied ResourcePlan): rank r runs
+        """Arguments as LearnerWorker's (`plugins`: the config's, imported by every rank first). `placement` (rl.loop.placement's applied ResourcePlan): rank r runs
         in the plan's learner slot r, and the ranks meet at rank 0's node address; without one, each
         rank reserves learner_cpus (and a GPU where the cluster has some) and they meet on this host."""
         import ray
@@ -60,7 +61,7 @@ class LearnerGroup:
         self.workers = [
             ray.remote(**options[rank])(LearnerWorker).remote(
                 model_path, learner_cfg, dtype, rank, n, address, port, seed, total_steps,
-                with_reference, teacher, lora, diffusion,
+                with_reference, teacher, lora, diffusion, list(plugins or []),
             )
             for rank in range(n)
         ]
@@ -118,10 +119,10 @@ class LearnerGroup:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self._wait([w.full_state_dict.remote() for w in self.workers], "full_state_dict")[0]
 
-    def submit(self, fn, *args) -> list:
-        """Start fn(worker, *args) in every rank's actor without waiting (weight export: the
-        collective weight sync, rl.sync.weight_sync); `wait` collects the results in rank order."""
-        return [w.__ray_call__.remote(fn, *args) for w in self.workers]
+    def submit_weight_work(self, fn, *args) -> list:
+        """Start fn(WeightSource, *args) in every rank's actor without waiting (a weight transport's
+        learner side, rl.sync.weight_sync); `wait` collects the results in rank order."""
+        return [w.weight_work.remote(fn, *args) for w in self.workers]
 
     def wait(self, refs: list, what: str) -> list:
         return self._wait(refs, what)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -65,6 +67,18 @@ def _init_distributed(rank: int, world_size: int, master_addr: str, master_port:
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
 
 
+@dataclass
+class WeightSource:
+    """A learner rank as a weight transport sees it (rl.sync.weight_sync): `weights()` walks the
+    weights the engines load, as (HF name, tensor) pairs (a collective call under ZeRO-3: every rank
+    walks them), on `device`; `state` is a dict kept in the rank's process for the transport."""
+
+    rank: int
+    device: torch.device
+    weights: Callable
+    state: dict
+
+
 class LearnerWorker:
     """One data-parallel rank: a DeepSpeed engine over an HF causal LM (optionally with LoRA adapters),
     plus the frozen reference and the teacher copies it is asked for."""
@@ -84,14 +98,19 @@ class LearnerWorker:
         teacher=None,
         lora: LoraConfig | None = None,
         diffusion: DiffusionForward | None = None,
+        plugins: list[str] | None = None,
     ):
         """with_reference: keep the frozen initial policy (`compute_logprobs(reference=True)`).
         teacher: the teacher settings (OPSD's TeacherConfig) when batches carry a teacher view; keep
         what `teacher.kind` needs (frozen: the same reference; ema: an EMA copy; live: nothing).
         With LoRA the frozen model is the policy with adapters disabled.
-        diffusion: the model is a masked-diffusion one, scored as `DiffusionForward` says."""
+        diffusion: the model is a masked-diffusion one, scored as `DiffusionForward` says.
+        plugins: the config's `plugins` (rl.core.plugins), imported first."""
         import deepspeed
 
+        from rl.core.plugins import import_plugins
+
+        import_plugins(list(plugins or []))  # what the config's plug-ins register, in this process too
         if diffusion is not None and teacher is not None:
             raise ValueError("Teacher views (OPSD) are not supported for masked-diffusion models.")
         self.rank = rank
@@ -135,6 +154,7 @@ class LearnerWorker:
         batcher = MicroBatcher(learner_cfg, pad_id, packed, self.device)
         self.steps = StepRunner(self.engine, batcher, self.frozen, teacher_kind, world_size)
         self.state = StateExport(self.engine, self.frozen, rank, self.lora is not None, model_path)
+        self.weight_source = WeightSource(rank, self.device, self.state.engine_weights, {})
 
     @property
     def reference(self):
@@ -152,6 +172,10 @@ class LearnerWorker:
                          reference: bool = False, num_micro_batches: int | None = None):
         """Per completion token log-probs (and entropies) of this rank's shard (`StepRunner.compute_logprobs`)."""
         return self.steps.compute_logprobs(batch, temperature, with_entropy, reference, num_micro_batches)
+
+    def weight_work(self, fn, *args):
+        """fn(WeightSource, *args): a weight transport's learner side (rl.sync.weight_sync)."""
+        return fn(self.weight_source, *args)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The HF weights on rank 0 (`StateExport.full_state_dict`)."""

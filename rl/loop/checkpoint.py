@@ -357,9 +357,10 @@ def _drop_steps_after(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(kept))
 
 
-def resume(run_dir: Path, cfg: RunConfig, learners, pool, stream) -> tuple[TrainerState, tuple | None]:
+def resume(run_dir: Path, cfg: RunConfig, learners, push, stream) -> tuple[TrainerState, tuple | None]:
     """Bring a freshly built run (learners, engines, prompt stream, driver RNG) to the state of the
-    newest complete checkpoint in run_dir; returns its counters and the rollouts it saved ahead
+    newest complete checkpoint in run_dir (`push()` gives the engines the learner's weights, through
+    the run's transport); returns its counters and the rollouts it saved ahead
     (None when it has none). Records of the steps after it (a killed run's partial progress) are
     dropped from metrics.jsonl and reward_failures.jsonl."""
     remove_incomplete(run_dir)
@@ -369,7 +370,7 @@ def resume(run_dir: Path, cfg: RunConfig, learners, pool, stream) -> tuple[Train
     _check_same_run(cfg, checkpoint, json.loads((checkpoint / STATE_FILE).read_text())["config_hash"])
     state = read_state(checkpoint)
     learners.load_checkpoint(str(checkpoint / "learner"))
-    pool.update_weights(learners.full_state_dict())
+    push()
     stream.position = state.data_position
     set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=False))
     for name in ("metrics.jsonl", "reward_failures.jsonl"):

@@ -146,12 +146,13 @@ class GracefulStop:
 
 
 class EngineRecovery:
-    """Runs pool work; when an engine has died or stopped answering, restarts it with the learner's
-    current weights (`weights()`) and runs the work again, at most `max_restarts` times in the run."""
+    """Runs pool work; when an engine has died or stopped answering, restarts it, gives the engines
+    the learner's current weights through the run's own transport (`resync()`), and runs the work
+    again, at most `max_restarts` times in the run."""
 
-    def __init__(self, pool, weights: Callable[[], dict], max_restarts: int, run_dir: Path,
+    def __init__(self, pool, resync: Callable[[], object], max_restarts: int, run_dir: Path,
                  warn: Callable[[str], None]):
-        self.pool, self.weights, self.max_restarts = pool, weights, max_restarts
+        self.pool, self.resync, self.max_restarts = pool, resync, max_restarts
         self.run_dir, self.warn = Path(run_dir), warn
         self.restarts = 0
 
@@ -181,4 +182,4 @@ class EngineRecovery:
                         f"restarting it (restart {self.restarts} of at most {self.max_restarts})."
                     )
                     self.pool.restart(index)
-                self.pool.update_weights(self.weights())
+                self.resync()

@@ -15,7 +15,11 @@
   rank 0 writes them once into an anonymous shared-memory file and each engine reloads from views
   of it: one copy on each side, no socket, no group to join (so a replaced engine simply reads too).
 
-The learner and the engines do not know which backend is in use: the trainer calls `push()`.
+A transport owns both ends: its functions run in learner rank 0's actor through a `WeightSource`
+(rl.learner.worker: the rank's weights as (name, tensor) pairs, its device, a state dict of the
+transport's) and in every engine process through a `WeightWorker` (rollouts.engine: a loader, the
+worker's rank and device, a state dict). Neither side knows which transport is in use: the trainer
+calls `WeightPusher.push()`.
 A bucket travels as three broadcasts: a header [data bytes, metadata bytes], the metadata (JSON:
 name, dtype, shape, offset of each tensor) and the data; a header of zeros ends the stream.
 """
@@ -161,74 +165,61 @@ def read_shared(path: str, manifest: list, size: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# The learner side (run in every learner rank's actor through LearnerGroup.submit)
+# The two ends: the learner side runs in every learner rank's actor (LearnerGroup.submit_weight_work,
+# on a WeightSource), the engine side in every engine process (RolloutPool.submit_weight_work, on a
+# WeightWorker).
 
 
-def _learner_write_shared(worker) -> dict:
+def _learner_write_shared(source) -> dict:
     """Every rank walks the weights (ZeRO-3 gathers are collective); rank 0 writes them into its
     shared-memory file and returns where the engines find it ({} elsewhere)."""
-    weights = iter_engine_weights(worker)
-    if worker.rank != 0:
+    weights = source.weights()
+    if source.rank != 0:
         for _ in weights:
             pass
         return {}
-    if getattr(worker, "weights_fd", None) is None:
+    if "fd" not in source.state:
         # An anonymous file (memfd): its memory goes back to the system when this process ends,
         # however it ends. Processes on this node open it by its /proc path.
-        worker.weights_fd = os.memfd_create("rl-engine-weights")
-    manifest, size = write_shared(worker.weights_fd, weights)
-    return {"path": f"/proc/{os.getpid()}/fd/{worker.weights_fd}", "manifest": manifest, "size": size}
+        source.state["fd"] = os.memfd_create("rl-engine-weights")
+    manifest, size = write_shared(source.state["fd"], weights)
+    return {"path": f"/proc/{os.getpid()}/fd/{source.state['fd']}", "manifest": manifest, "size": size}
 
 
-def _learner_join(worker, host: str, port: int, world: int, nccl: bool) -> None:
-    if worker.rank == 0:
-        worker.weight_device = transfer_device(worker.device, nccl)
-        worker.weight_group = join_group(host, port, 0, world, worker.weight_device)
+def _engine_read_shared(worker, path: str, manifest: list, size: int) -> None:
+    # Every worker (tensor-parallel rank) maps the file; the engine's loader keeps each one's shard.
+    worker.load(read_shared(path, manifest, size))
 
 
-def _learner_open_port(worker) -> tuple[str, int]:
+def _learner_open_port(source) -> tuple[str, int]:
     return open_port()
 
 
-def _learner_send(worker, bucket_bytes: int) -> dict[str, float]:
+def _learner_join(source, host: str, port: int, world: int, nccl: bool) -> None:
+    if source.rank == 0:
+        source.state["device"] = transfer_device(source.device, nccl)
+        source.state["group"] = join_group(host, port, 0, world, source.state["device"])
+
+
+def _engine_join(worker, host: str, port: int, first_rank: int, world: int, nccl: bool) -> None:
+    # Engine weight worker i is group rank first_rank + i; each receives the full tensors.
+    worker.state["device"] = transfer_device(worker.device, nccl)
+    worker.state["group"] = join_group(host, port, first_rank + worker.rank, world, worker.state["device"])
+
+
+def _learner_send(source, bucket_bytes: int) -> dict[str, float]:
     """Every rank walks the weights (ZeRO-3 gathers are collective); rank 0 sends them."""
-    weights = iter_engine_weights(worker)
-    if worker.rank != 0:
+    weights = source.weights()
+    if source.rank != 0:
         for _ in weights:
             pass
         return {}
-    return send_stream(worker.weight_group, weights, bucket_bytes, worker.weight_device)
+    return send_stream(source.state["group"], weights, bucket_bytes, source.state["device"])
 
 
-def iter_engine_weights(worker):
-    """(HF name, full tensor) for each weight the engines must load, one at a time; a collective
-    call under ZeRO-3. Each tensor is valid only until the next is asked for.
-
-    Without LoRA: every parameter once (a tied output layer is the input embedding, sent once
-    under its first name, as `named_parameters` gives it). With LoRA: only the adapted layers'
-    merged weights W + (alpha/r) B A, in float32 then rounded once, as in `merged_lora_state`.
-    """
-    import deepspeed
-
-    from rl.learner.lora import ADAPTER
-    from rl.learner.model import causal_lm
-
-    lm = causal_lm(worker.engine.module.lm)
-    if worker.lora is None:
-        for name, p in lm.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                yield name, p.detach()
-        return
-    from peft.tuners.lora import LoraLayer
-
-    for name, layer in lm.named_modules():
-        if not isinstance(layer, LoraLayer):
-            continue
-        weight, a, b = layer.base_layer.weight, layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-        with deepspeed.zero.GatheredParameters([weight, a, b], modifier_rank=None):
-            delta = (b.float() @ a.float()) * layer.scaling[ADAPTER]
-            delta = delta.T if layer.fan_in_fan_out else delta
-            yield f"{name}.weight", (weight.float() + delta).to(weight.dtype)
+def _engine_receive(worker) -> None:
+    # The loader consumes the stream bucket by bucket as it arrives.
+    worker.load(receive_stream(worker.state["group"], worker.state["device"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +248,7 @@ class ObjectStoreSync(WeightSync):
         t0 = time.perf_counter()
         state = self.learners.full_state_dict()
         t1 = time.perf_counter()
-        self.pool.update_weights(state)
+        self.pool.load_weights(state)
         return {
             "sync_gather_s": t1 - t0, "sync_load_s": time.perf_counter() - t1,
             "sync_bytes": float(sum(t.numel() * t.element_size() for t in state.values())),
@@ -276,24 +267,24 @@ class CollectiveSync(WeightSync):
         super().__init__(pool, learners)
         self.nccl = nccl
         self.bucket_bytes = int(bucket_mb * 2**20)
-        ranks = pool.wait("weight_ranks", pool.submit("weight_ranks"))
+        ranks = pool.weight_workers()
         firsts = [1 + sum(ranks[:i]) for i in range(len(ranks))]
         world = 1 + sum(ranks)
-        host, port = learners.wait(learners.submit(_learner_open_port), "open the weight group")[0]
+        host, port = learners.wait(learners.submit_weight_work(_learner_open_port), "open the weight group")[0]
         # Every member blocks in the rendezvous until all have joined: start them all, then wait.
-        engine_refs = pool.submit("join_weight_group", [(host, port, first, world, nccl) for first in firsts])
-        learner_refs = learners.submit(_learner_join, host, port, world, nccl)
+        engine_refs = pool.submit_weight_work(_engine_join, [(host, port, first, world, nccl) for first in firsts])
+        learner_refs = learners.submit_weight_work(_learner_join, host, port, world, nccl)
         learners.wait(learner_refs, "join the weight group")
-        pool.wait("join_weight_group", engine_refs)
+        pool.wait("join the weight group", engine_refs)
 
     def __str__(self) -> str:
         return f"collective broadcast over {'NCCL' if self.nccl else 'gloo'} in {self.bucket_bytes / 2**20:g} MiB buckets"
 
     def push(self) -> dict[str, float]:
         t0 = time.perf_counter()
-        engine_refs = self.pool.submit("receive_weights")
-        sent = self.learners.wait(self.learners.submit(_learner_send, self.bucket_bytes), "send weights")[0]
-        self.pool.wait("receive_weights", engine_refs)
+        engine_refs = self.pool.submit_weight_work(_engine_receive)
+        sent = self.learners.wait(self.learners.submit_weight_work(_learner_send, self.bucket_bytes), "send weights")[0]
+        self.pool.wait("receive weights", engine_refs)
         return {**sent, "sync_stream_s": time.perf_counter() - t0}
 
 
@@ -307,10 +298,11 @@ class SharedMemorySync(WeightSync):
 
     def push(self) -> dict[str, float]:
         t0 = time.perf_counter()
-        shared = self.learners.wait(self.learners.submit(_learner_write_shared), "write weights to shared memory")[0]
+        shared = self.learners.wait(self.learners.submit_weight_work(_learner_write_shared), "write weights to shared memory")[0]
         t1 = time.perf_counter()
         where = (shared["path"], shared["manifest"], shared["size"])
-        self.pool.wait("load_shared_weights", self.pool.submit("load_shared_weights", [where] * self.pool.num_engines))
+        self.pool.wait("load weights from shared memory",
+                       self.pool.submit_weight_work(_engine_read_shared, [where] * self.pool.num_engines))
         return {"sync_write_s": t1 - t0, "sync_load_s": time.perf_counter() - t1, "sync_bytes": float(shared["size"])}
 
 
@@ -324,3 +316,29 @@ def build_weight_sync(sync_cfg, pool, learners, plan) -> WeightSync:
     if not nccl and sync_cfg.shared_memory and plan.engines_on_learner0_node():
         return SharedMemorySync(pool, learners)
     return CollectiveSync(pool, learners, sync_cfg.bucket_mb, nccl=nccl)
+
+
+class WeightPusher:
+    """The run's weight pushes through the configured transport. Engines replaced after a crash
+    (rl.loop.guards.EngineRecovery) are not members of the old collective group: the next push
+    forms a new one with every engine, so a recovery goes through the configured transport too."""
+
+    def __init__(self, sync_cfg, pool, learners, plan):
+        self.args = (sync_cfg, pool, learners, plan)
+        self.sync = build_weight_sync(*self.args)
+        self.stale = False
+
+    def __str__(self) -> str:
+        return str(self.sync)
+
+    def engines_replaced(self) -> None:
+        self.stale = True
+
+    def push(self) -> dict[str, float]:
+        if self.stale:
+            self.sync.close()
+            self.sync, self.stale = build_weight_sync(*self.args), False
+        return self.sync.push()
+
+    def close(self) -> None:
+        self.sync.close()

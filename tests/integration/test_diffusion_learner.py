@@ -174,7 +174,10 @@ def test_with_prompt_masking_engine_and_learner_estimates_agree(model_dir, mask_
 
 
 def test_two_inner_updates_use_different_prompt_masks(model_dir, mask_id):
-    from rl.learner.prompt_masks import prompt_mask_schedule
+    """diffu-GRPO's update (d1): a fresh prompt mask per inner update, its old-policy log-probs
+    scored under that mask before any update; update 0 keeps the batch's own."""
+    from rl.algorithms.diffu_grpo import DiffuGRPO
+    from rl.config import RunConfig
     from rollouts.diffusion import MASK_SEED_FIELD, prompt_mask
 
     prompt, completion = list(range(7, 27)), [30, 31, 32]
@@ -182,19 +185,39 @@ def test_two_inner_updates_use_different_prompt_masks(model_dir, mask_id):
     settings = DiffusionForward(ANSWER_LEN, mask_id, prompt_mask_prob=0.5)
     worker = LearnerWorker(str(model_dir), config(micro_batch_size=2), "float32", 0, 1, "127.0.0.1", free_port(), 0, 10,
                            diffusion=settings)
+
+    class RecordingLearner:
+        """Scores with the real rank; records what each update would train on."""
+
+        def __init__(self):
+            self.trained = []
+
+        def score(self, batch, *, reference=False, entropy=False):
+            return worker.compute_logprobs(batch, 1.0, entropy, reference)
+
+        def train(self, batch, loss, *, return_logprobs=False):
+            self.trained.append(batch)
+            return {"loss": 0.0}
+
     batch = SequenceBatch([prompt + completion, prompt[:12] + completion], [20, 12])
     old = worker.compute_logprobs(batch)[0]
     batch.token_fields["old_logprobs"] = old
-    masks = prompt_mask_schedule(batch, worker, 1.0, updates=2, diffusion=settings)
-    first, second = masks.per_update[0]["old_logprobs"], masks.per_update[1]["old_logprobs"]
-    assert first == old and second != first  # a fresh mask, scored before any update
-    masks.use(1)
-    assert batch.seq_fields[MASK_SEED_FIELD] == [1.0, 1.0] and batch.token_fields["old_logprobs"] == second
-    assert worker.compute_logprobs(batch)[0] == second  # the update's forward sees that same mask
-    masks.use(0)
-    assert worker.compute_logprobs(batch)[0] == first
-    assert prompt_mask_schedule(batch, worker, 1.0, updates=1, diffusion=settings) is None
-    assert prompt_mask_schedule(batch, worker, 1.0, updates=2, diffusion=None) is None  # causal models
+    algorithm = DiffuGRPO(RunConfig(algorithm="diffu_grpo", model={"kind": "masked_diffusion"},
+                                    rollout={"engine": "diffusion"},
+                                    diffu_grpo={"prompt_mask_prob": 0.5, "updates_per_batch": 2}))
+    learner = RecordingLearner()
+    update = algorithm.update(batch, learner)
+    first, second = learner.trained
+    assert first.seq_fields[MASK_SEED_FIELD] == [0.0, 0.0] and first.token_fields["old_logprobs"] == old
+    assert second.seq_fields[MASK_SEED_FIELD] == [1.0, 1.0] and second.token_fields["old_logprobs"] != old
+    assert worker.compute_logprobs(second)[0] == second.token_fields["old_logprobs"]  # the update's forward sees that mask
+    assert worker.compute_logprobs(first)[0] == old
+    assert update.checked is first and MASK_SEED_FIELD not in batch.seq_fields  # the given batch is left as it was
+    one = DiffuGRPO(RunConfig(algorithm="diffu_grpo", model={"kind": "masked_diffusion"}, rollout={"engine": "diffusion"},
+                              diffu_grpo={"prompt_mask_prob": 0.5, "updates_per_batch": 1}))
+    learner = RecordingLearner()
+    one.update(batch, learner)
+    assert learner.trained == [batch]  # one update: no mask schedule
 
 
 def test_engine_estimates_match_and_follow_weight_pushes(model_dir, mask_id, reference):
@@ -213,7 +236,7 @@ def test_engine_estimates_match_and_follow_weight_pushes(model_dir, mask_id, ref
             with torch.no_grad():
                 expected = reference_logprobs(model, mask_id, c.prompt_ids, c.token_ids)
             torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-5, rtol=0)
-    engine.update_weights(final)
+    engine.load_weights(final)
     model.load_state_dict(final)
     with torch.no_grad():
         moved = [reference_logprobs(model, mask_id, r.prompt_ids, r.token_ids) for r in requests]

@@ -62,14 +62,14 @@ def test_an_engine_that_skips_one_reload_stops_the_run(warmed, ray_session, tmp_
 
     pushes = []
     if transport == "object_store":
-        push = RolloutPool.update_weights
+        push = RolloutPool.load_weights
 
         def skipping_second_push(pool, state_dict):
             pushes.append(len(state_dict))
             if len(pushes) != 2:  # step 2's reload never happens: the engine keeps step 1's weights
                 push(pool, state_dict)
 
-        monkeypatch.setattr(RolloutPool, "update_weights", skipping_second_push)
+        monkeypatch.setattr(RolloutPool, "load_weights", skipping_second_push)
     else:
         sync_class = SharedMemorySync if transport == "shared_memory" else CollectiveSync
         stream = sync_class.push

@@ -277,20 +277,23 @@ def test_resume_restores_counters_and_rng_and_drops_later_records(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
     random.seed(99)
     learners, stream = FakeLearners(), SimpleNamespace(position=0)
-    pool = SimpleNamespace(update_weights=lambda sd: setattr(pool, "weights", sd))
+    pool = SimpleNamespace(weights=None)
 
-    assert checkpoint.resume(tmp_path, cfg, learners, pool, stream) == (TrainerState(2, 16, 200), None)
+    def push():  # the run's transport: the engines get the learner's restored weights
+        pool.weights = learners.full_state_dict()
+
+    assert checkpoint.resume(tmp_path, cfg, learners, push, stream) == (TrainerState(2, 16, 200), None)
     assert stream.position == 16 and random.random() == expected
     assert learners.loaded.endswith("step_000002/learner") and torch.equal(pool.weights["w"], torch.ones(2))
     assert [r["step"] for r in _records(tmp_path)] == [0, 1, 2]
     # Changing the math under a checkpoint is refused, naming what changed; extending it is not.
     with pytest.raises(CheckpointError, match="grpo.kl_coef"):
-        checkpoint.resume(tmp_path, _cfg("grpo.kl_coef=0.1"), learners, pool, stream)
-    checkpoint.resume(tmp_path, _cfg("train.steps=9", "checkpoint.keep_last=5"), learners, pool, stream)
+        checkpoint.resume(tmp_path, _cfg("grpo.kl_coef=0.1"), learners, push, stream)
+    checkpoint.resume(tmp_path, _cfg("train.steps=9", "checkpoint.keep_last=5"), learners, push, stream)
     # Saved before the schema gained an option (so another hash), with nothing changed: resumes.
     state_file = checkpoint.newest(tmp_path) / checkpoint.STATE_FILE
     state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "config_hash": "older schema"}))
-    checkpoint.resume(tmp_path, cfg, learners, pool, stream)
+    checkpoint.resume(tmp_path, cfg, learners, push, stream)
 
 
 def test_resume_config_accepts_only_overrides_that_keep_the_math(tmp_path):

@@ -135,7 +135,7 @@ def test_import_is_light():
 def test_vllm_score_tracks_weight_updates(vllm_pools, tiny_models, which):
     pool = vllm_pools[which]
     learner = load_learner(tiny_models[which])
-    check_score_tracks_updates(pool, learner, lambda m: pool.update_weights(pushed_weights(m)))
+    check_score_tracks_updates(pool, learner, lambda m: pool.load_weights(pushed_weights(m)))
 
 
 @pytest.mark.slow
@@ -147,12 +147,12 @@ def test_vllm_tied_embeddings_need_the_lm_head_repack(vllm_pools, tiny_models):
     # The engine sets _needs_repack for a tied model on CPU; clearing it in the actor skips the repack.
     pool.apply(lambda engine: setattr(engine, "_needs_repack", False))
     try:
-        pool.update_weights(pushed_weights(learner))
+        pool.load_weights(pushed_weights(learner))
         stale = max_gap(pool.score(requests), reference_scores(learner, requests))
     finally:
         pool.apply(lambda engine: setattr(engine, "_needs_repack", True))
     assert stale > 0.3, "without the repack the tied lm_head should keep its old packed weights"
-    pool.update_weights(pushed_weights(learner))
+    pool.load_weights(pushed_weights(learner))
     assert max_gap(pool.score(requests), reference_scores(learner, requests)) < TOL
 
 
@@ -160,7 +160,7 @@ def test_vllm_tied_embeddings_need_the_lm_head_repack(vllm_pools, tiny_models):
 def test_vllm_generate(vllm_pools, tiny_models):
     pool = vllm_pools["tied"]
     learner = load_learner(tiny_models["tied"])
-    pool.update_weights(learner.state_dict())
+    pool.load_weights(learner.state_dict())
     spec = SamplingSpec(n=3, temperature=0.7, max_tokens=6)
     check_completions(pool.generate(PROMPTS, spec), PROMPTS, spec, learner, learner.config.eos_token_id)
     check_top_k_logprobs(pool, learner)
@@ -170,12 +170,12 @@ def test_vllm_generate(vllm_pools, tiny_models):
 def test_vllm_rejects_a_bad_state_dict_and_keeps_working(vllm_pools, tiny_models):
     pool = vllm_pools["tied"]
     learner = load_learner(tiny_models["tied"])
-    with pytest.raises(RolloutEngineError, match=r"vllm engine [01] failed in update_weights.*model\.bogus\.weight"):
-        pool.update_weights({**learner.state_dict(), "model.bogus.weight": torch.zeros(3)})
+    with pytest.raises(RolloutEngineError, match=r"vllm engine [01] failed in load_weights.*model\.bogus\.weight"):
+        pool.load_weights({**learner.state_dict(), "model.bogus.weight": torch.zeros(3)})
     with pytest.raises(RolloutEngineError, match=r"model\.norm\.weight: got \(7,\)"):
-        pool.update_weights({"model.norm.weight": torch.zeros(7)})
+        pool.load_weights({"model.norm.weight": torch.zeros(7)})
     perturb(learner, seed=20)
-    pool.update_weights(learner.state_dict())
+    pool.load_weights(learner.state_dict())
     requests = scoring_requests()
     assert max_gap(pool.score(requests), reference_scores(learner, requests)) < TOL
 
@@ -194,7 +194,7 @@ def test_hf_engine(tiny_models):
     spec = SamplingSpec(n=2, temperature=0.7, max_tokens=5)
     check_completions(engine.generate(PROMPTS, spec), PROMPTS, spec, learner, learner.config.eos_token_id)
     check_top_k_logprobs(engine, learner)
-    check_score_tracks_updates(engine, learner, lambda m: engine.update_weights(pushed_weights(m)), steps=2)
+    check_score_tracks_updates(engine, learner, lambda m: engine.load_weights(pushed_weights(m)), steps=2)
     with pytest.raises(ValueError, match=r"model\.bogus\.weight"):
-        engine.update_weights({"model.bogus.weight": torch.zeros(3)})
+        engine.load_weights({"model.bogus.weight": torch.zeros(3)})
     engine.close()

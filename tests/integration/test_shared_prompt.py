@@ -263,7 +263,7 @@ GRAD_SCALE = 1e4  # gradient elements far above Adam's eps, so the steps compare
 def test_learner_step_and_training_scores_match_across_layouts(tiny_model):
     cfg = RunConfig(grpo={"group_size": 3, "kl_coef": 0.1})
     algo = GRPO(cfg)
-    assert algo.requirements.policy_scores_from_training and not algo.requirements.policy_scores  # no extra forward
+    assert not algo._scores_before_update()  # mu = 1, no filter: the training forward's scores serve (no extra forward)
 
     def step(**learner):
         worker = LearnerWorker(

@@ -60,7 +60,7 @@ def observed(monkeypatch):
     from rollouts.pool import RolloutPool
 
     seen = {"pushes": [], "steps": []}
-    push, step = RolloutPool.update_weights, LearnerGroup.train_step
+    push, step = RolloutPool.load_weights, LearnerGroup.train_step
 
     def recording_push(pool, state_dict):
         seen["pushes"].append({k: v.detach().clone() for k, v in state_dict.items()})
@@ -72,7 +72,7 @@ def observed(monkeypatch):
         seen["steps"].append((batch, dict(metrics)))  # the loop pops keys from its own copy
         return result
 
-    monkeypatch.setattr(RolloutPool, "update_weights", recording_push)
+    monkeypatch.setattr(RolloutPool, "load_weights", recording_push)
     monkeypatch.setattr(LearnerGroup, "train_step", recording_step)
     return seen
 

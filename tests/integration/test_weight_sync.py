@@ -128,7 +128,7 @@ def test_check_catches_an_engine_that_dropped_the_push(ray_session, models):
         assert check_weight_sync(pool, learners, BATCH, 3, 1e-3)["logprob_gap"] < 1e-5
 
         def drop_loads(engine):
-            engine.update_weights = lambda state: None  # receives the stream, loads nothing
+            engine.load_weights = lambda named: None  # receives the stream, loads nothing
 
         ray.get(pool._actors[1].apply.remote(drop_loads))
         learners.train_step(BATCH, pg_loss)

@@ -7,7 +7,7 @@ import pytest
 
 from rl.loop.local_cluster import ClusterError
 from rl.loop.placement import PlacementError, ResourcePlan
-from rl.loop.trainer import check_reachable
+from rl.loop.cluster import check_reachable
 
 
 def plan(**kw) -> ResourcePlan:

@@ -10,7 +10,7 @@ from rl.algorithms import Rollouts
 from rl.algorithms.grpo import GRPO
 from rl.core.batch import MicroBatch, PolicyOutputs, SequenceBatch
 from rl.config import RunConfig
-from rl.loop.trainer import collect_rollouts
+from rl.loop.collect import collect_rollouts
 from rl.core.types import Completion
 
 
