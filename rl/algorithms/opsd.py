@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rl.algorithms import divergences, losses
 from rl.core import kernels
@@ -25,14 +25,29 @@ from rl.core.types import SamplingSpec
 class TeacherConfig(Section):
     """The model that scores a batch's teacher view (OPSD's teacher, arXiv 2601.18734)."""
 
-    kind: Literal["frozen", "live", "ema"] = Field(
+    kind: Literal["frozen", "live", "ema", "model"] = Field(
         "frozen",
         description="frozen: the initial policy (the paper's main setting; a live teacher was unstable "
         "there); with LoRA the same model with adapters disabled, else the frozen reference copy "
         "(ZeRO-3-sharded like the learner). live: the current policy under no_grad. ema: a copy "
         "whose weights follow an exponential moving average of the policy's, updated after every "
         "optimizer step (one more model copy, sharded under ZeRO-3, plus a float32 master of the "
-        "trained weights on every rank for bf16 models; with LoRA only its adapters move).",
+        "trained weights on every rank for bf16 models; with LoRA only its adapters move). model: another "
+        "model (`path`), loaded frozen on every learner rank and sharded like the reference (ZeRO-3); it "
+        "must share the student's tokenizer.",
+    )
+    path: Optional[str] = Field(
+        None,
+        description="For kind=model: the teacher, as model.path names a model (a local HF folder, e.g. the "
+        "output of `python -m rl.sft`; a hub id; or a registered built model). Its tokenizer must be the "
+        "student's (same vocabulary): cross-tokenizer distillation is out of scope.",
+    )
+    privileged: bool = Field(
+        True,
+        description="True: the teacher sees the privileged context (opsd.teacher_template: the problem and the "
+        "reference solution), OPSD. False: the teacher sees the student's own prompt, i.e. plain on-policy "
+        "distillation (OPD); only meaningful with another model (kind=model) or a copy that differs from "
+        "the policy (frozen, ema).",
     )
     ema_decay: float = Field(
         0.999,
@@ -43,6 +58,20 @@ class TeacherConfig(Section):
         "paper gives no value. Over a 100-step run the teacher then stays within ~10% of the initial "
         "policy, close to the paper's frozen teacher.",
     )
+
+    @model_validator(mode="after")
+    def _path_with_model(self):
+        if self.kind == "model" and not self.path:
+            raise ValueError("opsd.teacher.kind=model needs opsd.teacher.path: the teacher model's folder, hub id "
+                             "or registered name.")
+        if self.kind != "model" and self.path:
+            raise ValueError(f"opsd.teacher.path is only read with opsd.teacher.kind=model (kind is {self.kind}): "
+                             "set kind=model to distil from that model, or drop the path.")
+        if self.kind == "live" and not self.privileged:
+            raise ValueError("opsd.teacher.kind=live with privileged=false scores the student's own prompt with "
+                             "the student itself: the divergence is zero and nothing trains. Use kind=model with "
+                             "a teacher path for on-policy distillation, or privileged=true for OPSD.")
+        return self
 
 
 class OPSDConfig(Section):
@@ -98,6 +127,36 @@ class OPSDConfig(Section):
         True, description="Teacher-side chat-template thinking switch (student off, teacher on: the paper's strongest pairing)."
     )
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Which model scores the teacher view.")
+
+
+def vocabulary_mismatch(student_tokenizer, teacher_tokenizer) -> str | None:
+    """Why two tokenizers do not share a vocabulary (None when they do): the same token -> id map."""
+    student, teacher = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if student == teacher:
+        return None
+    differ = sorted(t for t in set(student) | set(teacher) if student.get(t) != teacher.get(t))
+    shown = ", ".join(f"{t!r} ({student.get(t)} vs {teacher.get(t)})" for t in differ[:5])
+    return f"{len(student)} vs {len(teacher)} tokens, {len(differ)} differ in id (e.g. {shown})"
+
+
+def check_teacher_tokenizer(student_tokenizer, teacher_path: str, trust_remote_code: bool = False) -> str:
+    """The teacher's local folder (resolved like model.path), refused (ModelError) when its tokenizer's
+    vocabulary is not the student's."""
+    from transformers import AutoTokenizer
+
+    from rl.models import ModelError, resolve_model_path
+
+    folder = resolve_model_path(teacher_path)
+    teacher_tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    why = vocabulary_mismatch(student_tokenizer, teacher_tokenizer)
+    if why is not None:
+        raise ModelError(
+            f"opsd.teacher.path={teacher_path} does not share the student's tokenizer ({why}). The teacher scores "
+            "the student's own token ids at every position, so both must use the same vocabulary: pick a teacher "
+            "of the student's model family with the same tokenizer (e.g. the student's model after "
+            "`python -m rl.sft`). Cross-tokenizer distillation (aligning two vocabularies) is out of scope."
+        )
+    return folder
 
 
 @dataclass(frozen=True)
@@ -160,8 +219,29 @@ class OPSD(Algorithm):
         self.requirements = Requirements(teacher=self.cfg.teacher)
         self.loss = DistillationLoss.from_config(self.cfg)
         self.tokenizer = None
+        self.trust_remote_code = cfg.model.trust_remote_code
+        if self.cfg.teacher.kind == "model":
+            self._check_teacher_early(cfg.model.path)
+
+    def _check_teacher_early(self, student_path: str) -> None:
+        """At validation (the launch's dry run too): the teacher path names a model, and, when both are
+        local folders, its tokenizer is the student's (else attach_tokenizer checks, after resolving)."""
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+
+        from rl.models import check_model_path
+
+        teacher_path = self.cfg.teacher.path
+        check_model_path(teacher_path)
+        if Path(student_path).expanduser().is_dir() and Path(teacher_path).expanduser().is_dir():
+            student = AutoTokenizer.from_pretrained(str(Path(student_path).expanduser()),
+                                                    trust_remote_code=self.trust_remote_code)
+            check_teacher_tokenizer(student, teacher_path, self.trust_remote_code)
 
     def attach_tokenizer(self, tokenizer) -> None:
+        if self.cfg.teacher.kind == "model":
+            check_teacher_tokenizer(tokenizer, self.cfg.teacher.path, self.trust_remote_code)
         self.tokenizer = tokenizer
 
     def loss_temperature(self) -> float:
@@ -176,7 +256,7 @@ class OPSD(Algorithm):
             raise RuntimeError("OPSD builds teacher prompts with the tokenizer: call attach_tokenizer first.")
         input_ids, prompt_lens, teacher_ids, teacher_lens = [], [], [], []
         for row, prompt, group in zip(rollouts.rows, rollouts.prompt_ids, rollouts.completions):
-            teacher_prompt = build_teacher_prompt(
+            teacher_prompt = list(prompt) if not self.cfg.teacher.privileged else build_teacher_prompt(
                 row, self.data_cfg, self.tokenizer, self.cfg.teacher_template, self.cfg.teacher_instruction,
                 self.cfg.teacher_enable_thinking,
             )

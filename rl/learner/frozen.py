@@ -1,5 +1,6 @@
 """The models a rank scores with besides the policy: the frozen initial policy (the KL reference,
-OPSD's frozen teacher) and the EMA teacher, both kept in step with the policy's sharding."""
+OPSD's frozen teacher), the EMA teacher and another model as teacher (kind "model"), all kept in
+step with the policy's sharding."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -40,10 +41,12 @@ class FrozenModels:
     frozen model is the policy with adapters disabled); `ema` the EMA teacher's copy or None.
     """
 
-    def __init__(self, engine, cfg: LearnerConfig, teacher, lora: bool, reference, ema, rank: int, device: torch.device):
+    def __init__(self, engine, cfg: LearnerConfig, teacher, lora: bool, reference, ema, rank: int, device: torch.device,
+                 external=None):
         # teacher: the algorithm's teacher settings (OPSD's TeacherConfig), None without a teacher.
+        # external: the frozen copy of another model (teacher kind "model"), or None.
         self.engine, self.cfg, self.teacher, self.lora, self.rank, self.device = engine, cfg, teacher, lora, rank, device
-        self.reference, self.ema = reference, ema
+        self.reference, self.ema, self.external = reference, ema, external
         self._ema_masters: dict[str, torch.Tensor] = {}
 
     def _scorer(self, which: str):
@@ -54,6 +57,10 @@ class FrozenModels:
             if self.ema is None:
                 raise ValueError("An ema teacher needs the learner built with teacher settings of kind ema.")
             return self.ema, nullcontext()
+        if which == "model":
+            if self.external is None:
+                raise ValueError("A teacher of kind model needs the learner built with those teacher settings.")
+            return self.external, nullcontext()
         if self.lora:
             return self.engine, self.engine.module.lm.disable_adapter()
         if self.reference is None:
@@ -76,7 +83,7 @@ class FrozenModels:
             module.train(training)
 
     def teacher_head_weight(self) -> torch.Tensor | None:
-        """The teacher's output weight when it is another copy's (frozen or EMA), else None."""
+        """The teacher's output weight when it is another copy's (frozen, EMA or another model), else None."""
         if self.teacher is None:
             raise ValueError(
                 "This batch carries a teacher view, but the learner was built without teacher settings: "

@@ -67,6 +67,21 @@ def _init_distributed(rank: int, world_size: int, master_addr: str, master_port:
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
 
 
+def teacher_model(path: str, dtype: str, vocab_rows: int) -> torch.nn.Module:
+    """Another causal LM as teacher (OPSD's teacher kind "model"): `path` named as model.path names a
+    model, its output layer as many rows as the student's (the launch already compared tokenizers)."""
+    from rl.models import ModelError, resolve_model_path
+
+    lm = load_model(resolve_model_path(path), dtype, None)
+    rows = causal_lm(lm).get_output_embeddings().weight.shape[0]
+    if rows != vocab_rows:
+        raise ModelError(
+            f"The teacher {path} has {rows} output rows, the student {vocab_rows}: the divergence compares their "
+            "distributions entry by entry, so both need the same (padded) vocabulary size."
+        )
+    return lm
+
+
 @dataclass
 class WeightSource:
     """A learner rank as a weight transport sees it (rl.sync.weight_sync): `weights()` walks the
@@ -102,7 +117,8 @@ class LearnerWorker:
     ):
         """with_reference: keep the frozen initial policy (`compute_logprobs(reference=True)`).
         teacher: the teacher settings (OPSD's TeacherConfig) when batches carry a teacher view; keep
-        what `teacher.kind` needs (frozen: the same reference; ema: an EMA copy; live: nothing).
+        what `teacher.kind` needs (frozen: the same reference; ema: an EMA copy; live: nothing; model:
+        a frozen copy of `teacher.path`, sharded like the reference).
         With LoRA the frozen model is the policy with adapters disabled.
         diffusion: the model is a masked-diffusion one, scored as `DiffusionForward` says.
         plugins: the config's `plugins` (rl.core.plugins), imported first."""
@@ -126,6 +142,7 @@ class LearnerWorker:
         ds_config = _deepspeed_config(learner_cfg, dtype, world_size)
         model, pad_id = build_model(model_path, dtype, learner_cfg, self.lora, diffusion)
         packed = packed_layout(learner_cfg, causal_lm(model), diffusion is not None)
+        vocab_rows = causal_lm(model).get_output_embeddings().weight.shape[0] if diffusion is None else None
         teacher_kind = teacher.kind if teacher is not None else None
         ema = copy.deepcopy(model) if teacher_kind == "ema" else None
         policy = wrap(model, diffusion, pad_id)
@@ -149,8 +166,9 @@ class LearnerWorker:
         reference = None
         if (with_reference or teacher_kind == "frozen") and self.lora is None:
             reference = frozen_copy(load_model(model_path, dtype, diffusion))
+        external = None if teacher_kind != "model" else frozen_copy(teacher_model(teacher.path, dtype, vocab_rows))
         self.frozen = FrozenModels(self.engine, learner_cfg, teacher, self.lora is not None, reference,
-                                   None if ema is None else frozen_copy(ema), rank, self.device)
+                                   None if ema is None else frozen_copy(ema), rank, self.device, external)
         batcher = MicroBatcher(learner_cfg, pad_id, packed, self.device)
         self.steps = StepRunner(self.engine, batcher, self.frozen, teacher_kind, world_size)
         self.state = StateExport(self.engine, self.frozen, rank, self.lora is not None, model_path)
