@@ -53,12 +53,10 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def first_boxed(text: str) -> str | None:
-    """Content of the FIRST \\boxed{...}, braces balanced, stripped; None if there is none or it never
-    closes. IGPO's released reward reads this one (facebookresearch/igpo utils/reward_func.py
-    `extract_boxed_answer`), where the other rewards here read the last."""
-    start = text.find("\\boxed{")
-    if start < 0:
+def _balanced_from(text: str, start: int) -> str | None:
+    """The stripped content of the `\\boxed{...}` that starts at `start`, braces balanced; None if
+    `start` is not a `\\boxed{` or the braces never close."""
+    if not text.startswith("\\boxed{", start):
         return None
     depth, i = 1, start + len("\\boxed{")
     for j in range(i, len(text)):
@@ -66,6 +64,13 @@ def first_boxed(text: str) -> str | None:
         if depth == 0:
             return text[i:j].strip()
     return None
+
+
+def first_boxed(text: str) -> str | None:
+    """Content of the FIRST \\boxed{...}, braces balanced, stripped; None if there is none or it never
+    closes. IGPO's released reward reads this one (facebookresearch/igpo utils/reward_func.py
+    `extract_boxed_answer`), where the other rewards here read the last."""
+    return _balanced_from(text, text.find("\\boxed{"))
 
 
 def final_answer(completion: str, fallback: str = "last_number") -> str | None:
@@ -157,19 +162,6 @@ def first_boxed_correct_reward(completion: str, answer: str, **row) -> float:
     (`manual_math_verify`); math-verify is this project's one checker."""
     predicted = first_boxed(completion)
     return 1.0 if predicted and answers_match(predicted, str(answer)) else 0.0
-
-
-def _balanced_from(text: str, start: int) -> str | None:
-    """The stripped content of the `\\boxed{...}` that starts at `start`, braces balanced; None if
-    `start` is not a `\\boxed{` or the braces never close."""
-    if not text.startswith("\\boxed{", start):
-        return None
-    depth, i = 1, start + len("\\boxed{")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j].strip()
-    return None
 
 
 @register_reward("last_boxed_correct", correctness=True)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from rl.cli import UsageError, parse_command_line, tool_arguments
+from rl.core.layers import describe
 
 USAGE = """usage: python -m rl.launch recipe=NAME [key=value ...] [--print-config] [--dry-run] [--verbose]
        python -m rl.launch resume=RUN_DIR [key=value ...] [--print-config] [--dry-run] [--verbose]
@@ -39,7 +40,10 @@ USAGE = """usage: python -m rl.launch recipe=NAME [key=value ...] [--print-confi
 Ctrl-C or SIGTERM stops the run after the current step, saves a checkpoint (unless
 checkpoint.on_interrupt=false) and prints the resume= command; exit code 130 / 143.
 A run stopped by a divergence guard or by engines failing past rollout.max_restarts exits 1.
-"""
+
+The library's layers, from the bottom up (rl/core/layers.py; tests/unit/test_architecture.py
+holds every module to them, imports inside functions included):
+""" + describe()
 
 
 def _fail(message: str) -> None:
@@ -49,15 +53,15 @@ def _fail(message: str) -> None:
 
 def _validate(cfg) -> list[str]:
     """Resolve every name in the config now, so typos cost seconds, not a started cluster; returns
-    notes worth showing (a local data copy missing, the hub standing in)."""
+    notes worth showing (a local data copy missing, the hub standing in, a check that will not run)."""
     from rl.algorithms import build_algorithm
+    from rl.core.contracts import unchecked
     from rl.data import check_local_paths
     from rl.models import check_model_path
     from rewards import get_reward
-
     from rewards.scoring import correctness_index
 
-    build_algorithm(cfg)
+    algorithm = build_algorithm(cfg)
     for spec in cfg.reward.functions:
         get_reward(spec.name)
     check_model_path(cfg.model.path)
@@ -65,6 +69,7 @@ def _validate(cfg) -> list[str]:
     if correctness_index(cfg.reward.functions) is None:
         notes.append("no reward in reward.functions is the correctness signal, so `accuracy` is not logged: mark the "
                      "reward that grades answers `correctness: true` to log it.")
+    notes += [f"algorithm {cfg.algorithm}: {line}" for line in unchecked(algorithm.provides())]
     return notes
 
 
@@ -91,13 +96,23 @@ def main(argv: list[str] | None = None) -> int:
     flags = line.switches
     recipe = line.options.get("recipe")
     resume_dir = Path(line.options["resume"]) if "resume" in line.options else None
-    overrides = line.overrides + (["tracking.verbose=true"] if "--verbose" in flags else [])
     if recipe is not None and resume_dir is not None:
         _fail("give recipe= or resume=, not both: a resumed run keeps the config in its directory.")
+    cfg = _checked_config(recipe, resume_dir, line.overrides + (["tracking.verbose=true"] if "--verbose" in flags else []),
+                          "--dry-run" in flags)
+    if "--print-config" in flags:
+        print(cfg.to_yaml())
+    if "--dry-run" in flags:
+        return 0
+    return _run(cfg, resume_dir)
 
-    from rl.loop import checkpoint
+
+def _checked_config(recipe: str | None, resume_dir: Path | None, overrides: list[str], dry_run: bool):
+    """The run's config, every name in it resolved (and with a dry run the local data read); a
+    problem is one paragraph and exit 2."""
     from rl.config import ConfigError, load_config
     from rl.data import DataError
+    from rl.loop import checkpoint
     from rl.models import ModelError
     from rewards.scoring import RewardError
 
@@ -106,17 +121,30 @@ def main(argv: list[str] | None = None) -> int:
         cfg = checkpoint.resume_config(resume_dir, overrides) if resume_dir else load_config(recipe, overrides)
         notes = _validate(cfg)
         # --dry-run validates everything: a local training set is read as the run will read it.
-        data_checked = _check_data(cfg) if "--dry-run" in flags else None
+        data_checked = _check_data(cfg) if dry_run else None
     except user_errors as e:
         _fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    if "--print-config" in flags:
-        print(cfg.to_yaml())
-    if "--dry-run" in flags:
+    if dry_run:
         print(f"config OK: recipe {cfg.recipe}, algorithm {cfg.algorithm}, model {cfg.model.path}"
               + (f"; {data_checked}" if data_checked else ""), file=sys.stderr)
-        return 0
+    return cfg
+
+
+def _run(cfg, resume_dir: Path | None) -> int:
+    """Train in the run directory; the exit code (0, 1 when a guard stopped it, 130/143 on a signal)."""
+    from rl.data import DataError
+    from rl.loop import checkpoint
+    from rl.loop.guards import GracefulStop
+    from rl.loop.local_cluster import ClusterError
+    from rl.loop.placement import PlacementError
+    from rl.loop.stopped import RunStopped
+    from rl.loop.trainer import train
+    from rl.models import ModelError
+    from rl.sync.check import WeightSyncError
+    from rewards.scoring import RewardError
+    from rollouts.pool import RolloutEngineError
 
     run_name = cfg.tracking.run_name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = resume_dir or Path(cfg.tracking.output_dir) / run_name
@@ -130,15 +158,6 @@ def main(argv: list[str] | None = None) -> int:
         f"engine and learner logs in {run_dir / 'logs'}" + ("" if cfg.tracking.verbose else " (--verbose to show them)"),
         file=sys.stderr,
     )
-
-    from rl.loop.guards import GracefulStop
-    from rl.loop.stopped import RunStopped
-    from rl.loop.local_cluster import ClusterError
-    from rl.loop.placement import PlacementError
-    from rl.loop.trainer import train
-    from rl.sync.check import WeightSyncError
-    from rollouts.pool import RolloutEngineError
-
     started = time.time()
     stop = GracefulStop(announce=lambda message: print(f"\n{message}", file=sys.stderr, flush=True))
     try:
@@ -152,9 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped: {e}" if e.exit_code == 1 else str(e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, wherever the run was
-        from rl.loop.checkpoint import checkpoint_note
-
-        print(f"interrupted: stopped at once, nothing saved now. {checkpoint_note(run_dir)}", file=sys.stderr)
+        print(f"interrupted: stopped at once, nothing saved now. {checkpoint.checkpoint_note(run_dir)}", file=sys.stderr)
         return 130
     summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("reward", "accuracy") if k in metrics)
     print(

@@ -1,4 +1,4 @@
-"""Generation side: rollout engines (vLLM, HF) and the Ray pool that drives them.
+"""Generation side: rollout engines (vLLM, HF, masked diffusion) by name, and the Ray pool that drives them.
 
 Names are resolved lazily so that `import rollouts` pulls in neither vLLM nor Ray.
 """
@@ -6,7 +6,8 @@ from importlib import import_module
 
 _EXPORTS = {
     "RolloutEngine": "rollouts.engine",
-    "make_engine": "rollouts.engine",
+    "make_engine": "rollouts.registry",
+    "register_engine": "rollouts.registry",
     "RolloutPool": "rollouts.pool",
     "RolloutEngineError": "rollouts.pool",
 }

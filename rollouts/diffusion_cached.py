@@ -92,6 +92,23 @@ def cached_diffusion_sample(
     -> [B, W, V]. refresh_every k: in a cached mode, also refresh the cache (a full forward) every
     k-th call of a block (1: every call, which computes what cache "none" computes). record: a list
     that receives (answer indices [B, P], logits [B, P, V]) for every call (for tests)."""
+    _check_options(gen_length, block_length, steps, remasking, cache, threshold, refresh_every)
+    cache_used = cache if cache != "none" and supports_cache(model) else "none"
+    device = getattr(next(model.parameters()), "device", None) if cache_used != "none" else None
+    ids, attention, positions, hint_mask = _layout(prompts, gen_length, pad_id, mask_id, hints, device)
+    sampler = _BlockSampler(model, cache_used, ids, attention, positions, mask_id, temperature, remasking, generator,
+                            threshold, refresh_every, record)
+    blocks = gen_length // block_length
+    for b in range(blocks):
+        sampler.fill_block(b * block_length, (b + 1) * block_length, steps // blocks)
+    rows = torch.arange(len(prompts), device=ids.device)[:, None]
+    committed = (torch.stack(sampler.committed, 1) if sampler.committed
+                 else torch.zeros((len(prompts), 0), dtype=torch.long))
+    return CachedDiffusionSample(ids[rows, positions], committed, hint_mask, sampler.calls_per_block,
+                                 sampler.full_calls, cache_used)
+
+
+def _check_options(gen_length, block_length, steps, remasking, cache, threshold, refresh_every) -> None:
     check_schedule(gen_length, block_length, steps)
     if remasking not in REMASKING:
         raise ValueError(f"diffusion.remasking must be one of {REMASKING}, got {remasking!r}.")
@@ -101,83 +118,94 @@ def cached_diffusion_sample(
         raise ValueError("diffusion.threshold (parallel decoding) needs remasking=low_confidence and 0 < threshold <= 1.")
     if refresh_every is not None and refresh_every < 1:
         raise ValueError(f"refresh_every must be >= 1, got {refresh_every}.")
-    cache_used = cache if cache != "none" and supports_cache(model) else "none"
-    logits_fn = _plain_logits_fn(model)
 
+
+def _layout(prompts, gen_length: int, pad_id: int, mask_id: int, hints, device):
+    """answer_layout's (ids, attention, positions) on `device`, the hints filled in, and the hint mask."""
     ids, attention, positions = answer_layout(prompts, gen_length, pad_id, mask_id)
-    device = getattr(next(model.parameters()), "device", None) if cache_used != "none" else None
     if device is not None:
         ids, attention, positions = ids.to(device), attention.to(device), positions.to(device)
-    B = len(prompts)
-    rows = torch.arange(B, device=ids.device)[:, None]
-    hint_mask = torch.zeros((B, gen_length), dtype=torch.bool, device=ids.device)
+    hint_mask = torch.zeros((len(prompts), gen_length), dtype=torch.bool, device=ids.device)
     for i, hint in enumerate(hints or []):
         for pos, token in hint.items():
             if not 0 <= pos < gen_length:
                 raise ValueError(f"Hint position {pos} of row {i} is outside the answer (length {gen_length}).")
             ids[i, positions[i, pos]] = token
             hint_mask[i, pos] = True
-    blocks = gen_length // block_length
-    per_block = steps // blocks
-    committed: list[torch.Tensor] = []
-    calls_per_block: list[int] = []
-    full_calls = 0
-    neg_inf = torch.tensor(-torch.inf, dtype=torch.float64, device=ids.device)
-    for b in range(blocks):
-        lo, hi = b * block_length, (b + 1) * block_length
-        in_block = torch.zeros(gen_length, dtype=torch.bool, device=ids.device)
+    return ids, attention, positions, hint_mask
+
+
+class _BlockSampler:
+    """Fills the answer one block at a time, editing `ids` in place; counts the calls made."""
+
+    def __init__(self, model, cache_used, ids, attention, positions, mask_id, temperature, remasking, generator,
+                 threshold, refresh_every, record):
+        self.model, self.cache_used, self.logits_fn = model, cache_used, _plain_logits_fn(model)
+        self.ids, self.attention, self.positions, self.mask_id = ids, attention, positions, mask_id
+        self.temperature, self.remasking, self.generator = temperature, remasking, generator
+        self.threshold, self.refresh_every, self.record = threshold, refresh_every, record
+        self.rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
+        self.gen_length = positions.shape[1]
+        self.neg_inf = torch.tensor(-torch.inf, dtype=torch.float64, device=ids.device)
+        self.committed: list[torch.Tensor] = []
+        self.calls_per_block: list[int] = []
+        self.full_calls = 0
+
+    def fill_block(self, lo: int, hi: int, per_block: int) -> None:
+        in_block = torch.zeros(self.gen_length, dtype=torch.bool, device=self.ids.device)
         in_block[lo:hi] = True
-        answer = ids[rows, positions]
-        budget = steps_budget(((answer == mask_id) & in_block).sum(1), per_block)
-        kv = None
-        s = calls = 0
+        budget = steps_budget(((self._answer() == self.mask_id) & in_block).sum(1), per_block)
+        kv, s, calls = None, 0, 0
         while True:
-            answer = ids[rows, positions]
-            masked = answer == mask_id
-            todo = masked & in_block
-            if threshold is None and s >= per_block:
+            answer = self._answer()
+            todo = (answer == self.mask_id) & in_block
+            if (self.threshold is None and s >= per_block) or (self.threshold is not None and not todo.any()):
                 break
-            if threshold is not None and not todo.any():
-                break
-            if cache_used == "none":
-                logits = logits_fn(ids, attention)[rows, positions].float()  # [B, L, V], as diffusion_sample
-                cand = torch.arange(gen_length, device=ids.device).expand(B, gen_length)
-                full_calls += 1
-            else:
-                block_todo = todo[:, lo:hi]
-                n_cand = int(block_todo.sum(1).max())
-                if n_cand == 0:  # nothing left to commit in this block (hints): no call needed
-                    committed.append(torch.zeros(B, dtype=torch.long, device=ids.device))
-                    s += 1
-                    continue
-                # The block's masked positions first, in left-to-right order: [B, n_cand] block-local.
-                local = (~block_todo).long().argsort(dim=1, stable=True)[:, :n_cand]
-                cand = lo + local
-                if kv is None or (refresh_every is not None and s % refresh_every == 0):
-                    out = model.forward_cached(ids, attention, logits_at=positions[rows, cand])
-                    kv = out.cache
-                    full_calls += 1
-                else:
-                    span = positions[:, lo:] if cache_used == "prefix" else positions[:, lo:hi]
-                    out = model.forward_cached(ids, attention, span=span, cache=kv, logits_at=local)
-                logits = out.logits.float()
+            called = self._call(lo, hi, todo, s, kv)
+            if called is None:  # nothing left to commit in this block (hints): no call needed
+                self.committed.append(torch.zeros(self.ids.shape[0], dtype=torch.long, device=self.ids.device))
+                s += 1
+                continue
+            cand, logits, kv = called
             calls += 1
-            if record is not None:
-                record.append((cand.clone(), logits.clone()))
-            predicted = gumbel_argmax(logits, temperature, generator)
-            if remasking == "low_confidence":
-                score = torch.softmax(logits, -1).gather(-1, predicted[..., None]).squeeze(-1)
-            else:
-                score = torch.rand(predicted.shape, generator=generator, device=predicted.device)
-            valid = todo.gather(1, cand)
-            score = torch.where(valid, score.double(), neg_inf)
-            take = _select(score, None if threshold is not None else budget[:, s], threshold)
-            current = answer.gather(1, cand)
-            ids[rows, positions.gather(1, cand)] = torch.where(take, predicted, current)
-            committed.append(take.sum(1))
+            self._commit(cand, logits, answer, todo, None if self.threshold is not None else budget[:, s])
             s += 1
-        calls_per_block.append(calls)
-    return CachedDiffusionSample(
-        ids[rows, positions], torch.stack(committed, 1) if committed else torch.zeros((B, 0), dtype=torch.long),
-        hint_mask, calls_per_block, full_calls, cache_used,
-    )
+        self.calls_per_block.append(calls)
+
+    def _answer(self) -> torch.Tensor:
+        return self.ids[self.rows, self.positions]
+
+    def _call(self, lo: int, hi: int, todo: torch.Tensor, s: int, kv):
+        """(candidate answer indices [B, P], their logits [B, P, V], the cache) of one model call."""
+        ids, attention, positions, rows = self.ids, self.attention, self.positions, self.rows
+        if self.cache_used == "none":
+            self.full_calls += 1
+            logits = self.logits_fn(ids, attention)[rows, positions].float()  # [B, L, V], as diffusion_sample
+            return torch.arange(self.gen_length, device=ids.device).expand(ids.shape[0], self.gen_length), logits, kv
+        block_todo = todo[:, lo:hi]
+        n_cand = int(block_todo.sum(1).max())
+        if n_cand == 0:
+            return None
+        # The block's masked positions first, in left-to-right order: [B, n_cand] block-local.
+        local = (~block_todo).long().argsort(dim=1, stable=True)[:, :n_cand]
+        cand = lo + local
+        if kv is None or (self.refresh_every is not None and s % self.refresh_every == 0):
+            out = self.model.forward_cached(ids, attention, logits_at=positions[rows, cand])
+            self.full_calls += 1
+            return cand, out.logits.float(), out.cache
+        span = positions[:, lo:] if self.cache_used == "prefix" else positions[:, lo:hi]
+        out = self.model.forward_cached(ids, attention, span=span, cache=kv, logits_at=local)
+        return cand, out.logits.float(), kv
+
+    def _commit(self, cand, logits, answer, todo, k) -> None:
+        if self.record is not None:
+            self.record.append((cand.clone(), logits.clone()))
+        predicted = gumbel_argmax(logits, self.temperature, self.generator)
+        if self.remasking == "low_confidence":
+            score = torch.softmax(logits, -1).gather(-1, predicted[..., None]).squeeze(-1)
+        else:
+            score = torch.rand(predicted.shape, generator=self.generator, device=predicted.device)
+        score = torch.where(todo.gather(1, cand), score.double(), self.neg_inf)
+        take = _select(score, k, self.threshold)
+        self.ids[self.rows, self.positions.gather(1, cand)] = torch.where(take, predicted, answer.gather(1, cand))
+        self.committed.append(take.sum(1))

@@ -73,7 +73,7 @@ def main() -> None:
     engine.close()
     del engine
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     cfg = RunConfig()
     plan = ResourcePlan.from_config(cfg, on_gpu=False).apply()
     for name, extra in [("pool_placed", dict(placement=plan)), ("pool_1cpu_actor", dict(engine_cpus=1))]:

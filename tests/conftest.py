@@ -6,10 +6,12 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole test session; tests create and kill their own actors."""
+    """One local Ray for the whole test session; tests create and kill their own actors. Always a new
+    cluster (address="local"): a plain ray.init() would join whatever cluster /tmp/ray names, a dead
+    one included."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -13,7 +13,7 @@ from rl.config.algorithm import algorithm_section, engine_section, stray_key_mes
 from rl.config.errors import ConfigError, error_parts
 from rl.config.run import RolloutConfig, RunConfig
 from rl.core.paths import RECIPES_DIR
-from rl.core.plugins import import_plugins
+from rl.core.plugins import absolute_ref, import_plugins
 
 
 def _check_keys(data: dict, model_cls: type[BaseModel], prefix: str = "") -> None:
@@ -116,10 +116,15 @@ def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = N
     data = _merge(data, parse_overrides(overrides or []))
     plugins = data.get("plugins") or []
     if isinstance(plugins, list):  # first: a plug-in may register what the rest of the config names
+        # Files saved absolute, so that actors and a resume from anywhere import the same ones.
+        plugins = data["plugins"] = [str(Path(p).resolve()) if str(p).endswith(".py") else str(p) for p in plugins]
         try:
-            import_plugins([str(p) for p in plugins])
+            import_plugins(plugins)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    rollout = data.get("rollout")
+    if isinstance(rollout, dict) and isinstance(rollout.get("engine"), str):
+        data["rollout"] = {**rollout, "engine": absolute_ref(rollout["engine"])}
     _check_keys(data, RunConfig)
     try:
         return RunConfig.model_validate(data)

@@ -218,8 +218,15 @@ def _learner_send(source, bucket_bytes: int) -> dict[str, float]:
 
 
 def _engine_receive(worker) -> None:
-    # The loader consumes the stream bucket by bucket as it arrives.
-    worker.load(receive_stream(worker.state["group"], worker.state["device"]))
+    # The loader consumes the stream bucket by bucket as it arrives. Whatever it leaves (a loader that
+    # fails, or skips tensors) is still received: learner rank 0 broadcasts every bucket, and a
+    # member that stops taking part would leave the whole group waiting.
+    stream = receive_stream(worker.state["group"], worker.state["device"])
+    try:
+        worker.load(stream)
+    finally:
+        for _ in stream:
+            pass
 
 
 # ---------------------------------------------------------------------------------------------

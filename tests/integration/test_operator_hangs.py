@@ -115,7 +115,7 @@ _GPU_LAUNCH = """
 import sys
 import ray
 # A cluster that declares 1 GPU it does not have: Ray accounts for it as for a real one.
-ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
 from rl.launch import main
 sys.exit(main(sys.argv[1:]))
 """

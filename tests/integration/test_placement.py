@@ -178,7 +178,7 @@ class _Recorder:
 def _recorders() -> dict:
     import ray
 
-    ray.init(num_cpus=8, num_gpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, num_gpus=8, include_dashboard=False, log_to_driver=False)
     out = {}
     for mode in ("split", "colocate"):
         for g in (1, 2):
@@ -229,7 +229,7 @@ def _real() -> dict:
     from tests.batches import varied_batch
 
     model = str(build_model(tempfile.mkdtemp() + "/m", arch="llama", tied=False))
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
     p = ResourcePlan.build(
         num_engines=1, gpus_per_engine=2, engine_cpus=1, num_learners=2, learner_cpus=1, mode="colocate", on_gpu=True
     ).apply()
