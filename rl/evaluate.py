@@ -17,6 +17,8 @@ Metric keys, for each benchmark B (the same in run(), regrade() and the trainer'
   eval/B/pass@1              mean correctness over all samples: greedy accuracy when k=1
   eval/B/pass@J              unbiased pass@J (Chen et al. 2021) from the k samples, J = 2, 4, ..., k
   eval/B/avg@K               mean over problems of the fraction of the K samples that are correct
+  eval/B/pass@1_se           the standard error of pass@1 over the problems (sd of per-problem means / sqrt(n))
+  eval/B/boxed_rate          share of samples with a non-empty \\boxed{} answer (the format, right or wrong)
   eval/B/response_length     mean completion tokens over all samples
   eval/B/truncated_fraction  samples that hit max_tokens
   eval/B/problems            problems evaluated
@@ -33,7 +35,7 @@ from pathlib import Path
 from rl.cli import UsageError, parse_command_line, tool_arguments
 from rl.config import EVAL_PROTOCOLS, ConfigError, DataConfig, EvalConfig, RunConfig, load_config
 from rl.data import DataError, load_rows, prompt_ids
-from rewards.math import ANSWER_FALLBACKS
+from rewards.math import ANSWER_FALLBACKS, last_boxed
 from rewards.scoring import RewardScorer
 from rl.core.types import SamplingSpec
 
@@ -101,6 +103,12 @@ def benchmark_metrics(records: list[dict]) -> dict[str, float]:
     correct = [sum(r["correct"]) for r in records]
     out: dict[str, float] = {f"pass@{j}": sum(pass_at_k(k, c, j) for c in correct) / n_problems for j in pass_ks(k)}
     out[f"avg@{k}"] = sum(c / k for c in correct) / n_problems
+    # The standard error of pass@1 over problems (their per-problem means vary; the sample sd / sqrt(n)).
+    means = [c / k for c in correct]
+    spread = sum((m - out[f"avg@{k}"]) ** 2 for m in means) / max(n_problems - 1, 1)
+    out["pass@1_se"] = (spread / n_problems) ** 0.5
+    # What a small model learns first: answering in the graded format at all (a non-empty \boxed{}).
+    out["boxed_rate"] = sum(bool((last_boxed(c) or "").strip()) for r in records for c in r["completions"]) / n_samples
     out["response_length"] = sum(t for r in records for t in r["response_tokens"]) / n_samples
     out["truncated_fraction"] = sum(f == "length" for r in records for f in r["finish_reasons"]) / n_samples
     out["problems"] = n_problems

@@ -173,9 +173,13 @@ def _run(cfg, resume_dir: Path | None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, wherever the run was
         print(f"interrupted: stopped at once, nothing saved now. {checkpoint.checkpoint_note(run_dir)}", file=sys.stderr)
         return 130
+    from rl.plot import held_out_summary
+
     summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("reward", "accuracy") if k in metrics)
+    held_out = held_out_summary(run_dir)
     print(
-        f"done in {(time.time() - started) / 60:.1f} min{': last step ' + summary if summary else ''}. Metrics in "
+        f"done in {(time.time() - started) / 60:.1f} min{': last step ' + summary if summary else ''}"
+        f"{'; ' + held_out if held_out else ''}. Metrics in "
         f"{run_dir / 'metrics.jsonl'}, curves in {run_dir / 'curves.png'}"
         + (f", final model in {run_dir / 'final'}" if cfg.train.save_final else ""),
         file=sys.stderr,

@@ -39,6 +39,48 @@ def read_records(run_dir: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def eval_points(run_dir: Path) -> dict[str, list[tuple[float, float, float, float]]]:
+    """Per `eval/<benchmark>/pass@1` in metrics.jsonl: (step, cumulative rollout tokens, value, standard
+    error) of every evaluation, the one before the first step (step 0) included."""
+    points: dict[str, dict[int, tuple]] = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        for key, value in record.items():
+            if key.startswith("eval/") and key.endswith("/pass@1"):
+                se = record.get(key.removesuffix("pass@1") + "pass@1_se", 0.0)
+                points.setdefault(key, {})[record.get("step", 0)] = (
+                    record.get("step", 0), record.get("cumulative_rollout_tokens", math.nan), value, se)
+    return {key: [by_step[s] for s in sorted(by_step)] for key, by_step in points.items()}
+
+
+def held_out_summary(run_dir: Path) -> str | None:
+    """`held-out gsm8k pass@1 0.050 ± 0.022 before -> 0.060 ± 0.024 after (boxed answers 0.31 -> 0.42)`
+    when the run evaluated before its first step and after its last, else None."""
+    records = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if any(k.startswith("eval/") for k in record):
+            records[record.get("step", 0)] = record
+    if 0 not in records or len(records) < 2:
+        return None
+    first, last = records[0], records[max(records)]
+    parts = []
+    for key in sorted(k for k in first if k.endswith("/pass@1") and k in last):
+        base = key.removesuffix("pass@1")
+        line = (f"held-out {base.split('/')[1]} pass@1 {first[key]:.3f} ± {first.get(base + 'pass@1_se', 0):.3f} "
+                f"before -> {last[key]:.3f} ± {last.get(base + 'pass@1_se', 0):.3f} after step {max(records)}")
+        if base + "boxed_rate" in first and base + "boxed_rate" in last:
+            line += f" (boxed answers {first[base + 'boxed_rate']:.2f} -> {last[base + 'boxed_rate']:.2f})"
+        parts.append(line)
+    return "; ".join(parts) or None
+
+
 def draw(run_dir: Path, out: Path | None = None) -> Path:
     """Write the curves of run_dir's metrics.jsonl to `out` (default run_dir/curves.png)."""
     import matplotlib
@@ -53,6 +95,9 @@ def draw(run_dir: Path, out: Path | None = None) -> Path:
         raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no training step yet: nothing to plot.")
     panels = [(title, [n for n in names if any(n in r for r in records)]) for title, names in PANELS]
     panels = [(title, names) for title, names in panels if names]
+    evaluations = eval_points(run_dir)
+    if evaluations:
+        panels.append(("held-out pass@1 (± s.e.)", sorted(evaluations)))
     fig, axes = plt.subplots(len(panels), 2, figsize=(11, 2.4 * len(panels)), squeeze=False, sharex="col")
     steps = [r["step"] for r in records]
     tokens = [r.get("cumulative_rollout_tokens", math.nan) for r in records]
@@ -60,6 +105,11 @@ def draw(run_dir: Path, out: Path | None = None) -> Path:
         for col, xs in enumerate((steps, tokens)):
             ax = axes[row][col]
             for name in names:
+                if name in evaluations:  # evaluation points, the one before the first step included
+                    points = evaluations[name]
+                    ax.errorbar([p[col] for p in points], [p[2] for p in points], yerr=[p[3] for p in points],
+                                marker="o", markersize=3, capsize=3, label=name)
+                    continue
                 ys = [r.get(name, math.nan) for r in records]
                 ax.plot(xs, ys, marker="o", markersize=3, label=name)
             ax.set_ylabel(title if col == 0 else "")

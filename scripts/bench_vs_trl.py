@@ -74,6 +74,8 @@ def phase_ours(args) -> dict:
     total = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "rl.launch", f"recipe={RECIPE}", f"train.steps={total}", "train.save_final=false",
+               # The speed figures keep their own fixed settings: no held-out evaluation in the timed run.
+               "eval.at_start=false", "eval.every_steps=0",
                f"tracking.output_dir={out}", "tracking.run_name=bench"]
         log(f"ours: {' '.join(cmd[1:])}")
         t0 = time.time()
