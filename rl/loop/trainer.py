@@ -118,6 +118,7 @@ class TrainingRun:
         settings = cfg.rollout.engine_settings(
             cfg.model, max_model_len=max(cfg.data.max_prompt_tokens + cfg.rollout.max_tokens, evaluated),
             colocated=colocated, sleep_mode=self.sleeps, prompt_mask_prob=needs.prompt_mask_prob,
+            estimator=needs.estimator, estimator_samples=needs.estimator_samples,
         )
         self.pool = RolloutPool(cfg.rollout.engine, self.model_path, num_engines=cfg.rollout.num_engines, seed=cfg.seed,
                                 engine_cpus=cfg.rollout.engine_cpus, placement=self.plan, timeout_s=cfg.rollout.timeout_s,
@@ -143,8 +144,9 @@ class TrainingRun:
         if cfg.model.kind != "masked_diffusion":
             return None
         mask_id = resolve_mask_id(self.tokenizer, cfg.rollout.diffusion.mask_token_id)
-        return DiffusionForward(cfg.rollout.max_tokens, mask_id, self.algorithm.requirements.prompt_mask_prob,
-                                cfg.model.trust_remote_code)
+        needs = self.algorithm.requirements
+        return DiffusionForward(cfg.rollout.max_tokens, mask_id, needs.prompt_mask_prob, cfg.model.trust_remote_code,
+                                needs.estimator, needs.estimator_samples)
 
     def _build_tracking(self) -> None:
         cfg, run_dir, console = self.cfg, self.run_dir, self.console
@@ -281,7 +283,14 @@ def rollout_metrics(collected: CollectedRollouts, lengths: list[int]) -> dict:
         "prompts_skipped_too_long": collected.skipped_prompts,
         "sampling_rounds": collected.rounds,
         "groups_trained": len(collected.rollouts.rows),
+        **diffusion_metrics(collected.generated),
     }
+
+
+def diffusion_metrics(generated) -> dict:
+    """Masked-diffusion engines: the model calls per block their sampler took (parallel decoding varies it)."""
+    calls = [c.sampler_calls for c, _ in generated if getattr(c, "sampler_calls", None) is not None]
+    return {"rollout/diffusion_calls_per_block": mean(calls)} if calls else {}
 
 
 def learner_metrics(train_metrics: dict) -> dict:
