@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rl.core.schema import Section
 
@@ -227,3 +227,32 @@ class DiffusionSamplerConfig(Section):
     mask_token_id: Optional[int] = Field(
         None, description="The mask token; None takes the tokenizer's (LLaDA's tokenizer has none: 126336)."
     )
+    cache: Literal["none", "prefix", "dual"] = Field(
+        "none",
+        description="Fast-dLLM's block KV cache (arXiv 2505.22618; rollouts.diffusion_cached). none: every "
+        "call is a full forward over [prompt ; answer], LLaDA's sampler as released (the paper recipes: the "
+        "IGPO and d1 releases sample with use_cache=False), bit-identical to the plain sampler. prefix: the "
+        "first call of each block is a full forward that refreshes the cache; the block's later calls compute "
+        "only the current block and the masked suffix after it, reading the prompt's and the finished blocks' "
+        "keys/values from the cache. dual: as prefix, and the masked suffix is read from the cache too, so "
+        "those calls compute the block's positions only. Approximate (the cached keys/values are those of "
+        "the block's first call). Only LLaDA checkpoints get it (the engine then loads them with "
+        "rollouts.llada_model); other models (the tiny BERT test models) are sampled without a cache.",
+    )
+    threshold: Optional[float] = Field(
+        None,
+        description="Fast-dLLM's confidence-threshold parallel decoding: each call commits every masked "
+        "position of the block whose sampled token has probability >= threshold, and at least the most "
+        "confident one, so a block takes 1..block_length calls instead of steps/blocks (logged as "
+        "rollout/diffusion_calls_per_block). None: LLaDA's fixed schedule. 0 < threshold <= 1 (Fast-dLLM: "
+        "0.9), low_confidence remasking only; any model (no cache needed).",
+    )
+
+    @model_validator(mode="after")
+    def _check_threshold(self) -> "DiffusionSamplerConfig":
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise ValueError(f"rollout.diffusion.threshold must be in (0, 1], got {self.threshold}.")
+        if self.threshold is not None and self.remasking != "low_confidence":
+            raise ValueError("rollout.diffusion.threshold (parallel decoding) commits by confidence: it needs "
+                             f"rollout.diffusion.remasking=low_confidence, got {self.remasking}.")
+        return self

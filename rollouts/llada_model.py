@@ -330,3 +330,15 @@ class LLaDAForDiffusion(PreTrainedModel):
 def supports_cache(model) -> bool:
     """True for models offering `forward_cached` (this module's LLaDA and the cached BERT adapter)."""
     return callable(getattr(model, "forward_cached", None))
+
+
+def is_llada_checkpoint(model_path: str) -> bool:
+    """Whether the checkpoint's config.json names the LLaDA architecture (model_type "llada", as the
+    release's and this module's do), read without running the checkpoint's remote code."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(model_path)
+    except (OSError, ValueError):
+        return False
+    return config.get("model_type") == "llada"

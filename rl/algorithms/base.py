@@ -67,6 +67,8 @@ class Requirements:
     sampling_rounds: most generation rounds per step while keep_group drops groups.
     prompt_mask_prob: masked-diffusion models: the prompt-masking probability of the one-step
         estimator, which the learner and the engines must apply alike.
+    estimator, estimator_samples: masked-diffusion models: the likelihood estimator (rollouts.estimators)
+        and its n, which the learner and the engines must use alike.
     """
 
     reference: bool = False
@@ -74,6 +76,8 @@ class Requirements:
     updates_per_batch: int = 1
     sampling_rounds: int = 1
     prompt_mask_prob: float = 0.0
+    estimator: str = "one_step"
+    estimator_samples: int = 1
 
 
 class Learner(Protocol):

@@ -11,7 +11,7 @@ import dataclasses
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from rl.algorithms.base import Learner, Repair, Requirements, Rollouts, SampledRound, Update, register_algorithm
 from rl.algorithms.grpo import GRPO, GRPOConfig, with_token_fields
@@ -43,6 +43,38 @@ class DiffuGRPOConfig(GRPOConfig):
         "positions, the EOS padding after the first EOS included (the IGPO release's loss mask, "
         "trainer_igpo.py masked_token_mask). The reward always reads the text through the first EOS.",
     )
+    estimator: str = Field(
+        "one_step",
+        description="The likelihood estimator (rollouts.estimators, by name): one_step, d1's (one forward, "
+        "every answer position masked; the paper recipes'); mc_elbo, LLaDA's ELBO by Monte Carlo (VRPO, "
+        "SPG); coupled, DiffuCoder's complementary masks. The diffusion engine's reported log-probs and "
+        "`score` compute the same one (rollouts.estimators.rows). Training supports one_step only so far: "
+        "the learner's training forward is one forward per micro-batch (see the error).",
+    )
+    estimator_samples: int = Field(
+        1, ge=1, description="n: random masks (mc_elbo) or mask pairs (coupled) averaged; one_step ignores it."
+    )
+
+    @field_validator("estimator")
+    @classmethod
+    def _known_estimator(cls, name: str) -> str:
+        from rollouts.estimators import ESTIMATORS
+
+        if name not in ESTIMATORS:
+            raise ValueError(f"Unknown estimator {name!r}; registered: {', '.join(sorted(ESTIMATORS))}.")
+        return name
+
+    @model_validator(mode="after")
+    def _trainable_estimator(self) -> "DiffuGRPOConfig":
+        if self.estimator != "one_step":
+            raise ValueError(
+                f"estimator={self.estimator} is not trainable yet: the diffusion engine reports its log-probs "
+                "(rollouts.estimators.rows.estimate_rows) and the learner can compute it without gradients "
+                "(rl.learner.model._DiffusionPolicy.estimate), but the learner's training forward and "
+                "Learner.score run d1's one-step estimator only (one forward per micro-batch, logits at the "
+                "answer positions handed to the loss). Use estimator=one_step."
+            )
+        return self
 
 
 @register_algorithm
@@ -59,7 +91,8 @@ class DiffuGRPO(GRPO):
         super().__init__(cfg)
 
     def _requirements(self) -> Requirements:
-        return dataclasses.replace(super()._requirements(), prompt_mask_prob=self.cfg.prompt_mask_prob)
+        return dataclasses.replace(super()._requirements(), prompt_mask_prob=self.cfg.prompt_mask_prob,
+                                   estimator=self.cfg.estimator, estimator_samples=self.cfg.estimator_samples)
 
 
     def update(self, batch: SequenceBatch, learner: Learner) -> Update:

@@ -220,7 +220,7 @@ class RolloutConfig(Section):
 
     def engine_settings(
         self, model: ModelConfig, max_model_len: int, colocated: bool = False, sleep_mode: bool = False,
-        prompt_mask_prob: float = 0.0,
+        prompt_mask_prob: float = 0.0, estimator: str = "one_step", estimator_samples: int = 1,
     ) -> EngineSettings:
         """What every engine of the run is built with (rollouts.registry.make_engine, RolloutPool): the
         one place the trainer's engines and rl.evaluate's engine get their settings, so that a model is
@@ -237,6 +237,8 @@ class RolloutConfig(Section):
             tensor_parallel_size=self.gpus_per_engine,
             answer_length=self.max_tokens,
             prompt_mask_prob=prompt_mask_prob,
+            estimator=estimator,
+            estimator_samples=estimator_samples,
             options=self.engine_options(),
         )
 

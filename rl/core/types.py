@@ -33,6 +33,9 @@ class Completion:
     finish_reason: str  # "stop" (EOS or stop string) or "length" (hit max_tokens)
     # Masked-diffusion inpainting: True at tokens that were fixed hints, not sampled (None: no hints).
     hint_mask: list[bool] | None = None
+    # Masked-diffusion engines: the model calls per block the sampler took for the batch this
+    # completion was sampled in (varies with parallel decoding); None for other engines.
+    sampler_calls: float | None = None
 
     @property
     def truncated(self) -> bool:
@@ -63,4 +66,6 @@ class EngineSettings:
     tensor_parallel_size: int = 1
     answer_length: int = 256  # rollout.max_tokens (a masked-diffusion engine's estimator span)
     prompt_mask_prob: float = 0.0  # the algorithm's (d1's prompt masking in the estimator)
+    estimator: str = "one_step"  # the algorithm's likelihood estimator (rollouts.estimators), for a diffusion engine
+    estimator_samples: int = 1  # its n (random masks or mask pairs averaged)
     options: dict = field(default_factory=dict)

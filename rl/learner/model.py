@@ -111,12 +111,16 @@ class DiffusionForward:
     """How a masked-diffusion model is scored: `answer_length` masked answer positions after the
     prompt (the rollouts' length, so that the estimator sees what the sampler started from),
     `mask_id`, and d1's random prompt masking with probability `prompt_mask_prob`.
-    `trust_remote_code` loads models that ship their own code (LLaDA)."""
+    `trust_remote_code` loads models that ship their own code (LLaDA). `estimator` (rollouts.estimators)
+    and `estimator_samples`: the algorithm's likelihood estimator; the forward (training and
+    Learner.score) runs one_step only, `_DiffusionPolicy.estimate` any of them without gradients."""
 
     answer_length: int
     mask_id: int
     prompt_mask_prob: float = 0.0
     trust_remote_code: bool = False
+    estimator: str = "one_step"
+    estimator_samples: int = 1
 
 
 def masked_answer_input(mb: MicroBatch, settings: DiffusionForward, pad_id: int):
@@ -156,10 +160,35 @@ class _DiffusionPolicy(torch.nn.Module):
         self.lm, self.settings, self.pad_id = lm, settings, pad_id
 
     def forward(self, *, mb: MicroBatch, fn=None):
+        if self.settings.estimator != "one_step":
+            raise NotImplementedError(
+                f"The learner's forward computes d1's one-step estimator only, not {self.settings.estimator!r} "
+                "(its terms are not the log-softmax of one set of logits); `estimate` computes it without gradients."
+            )
         ids, attention, positions = masked_answer_input(mb, self.settings, self.pad_id)
         logits = causal_lm(self.lm)(input_ids=ids, attention_mask=attention).logits
         answer_logits = logits[torch.arange(ids.shape[0], device=ids.device)[:, None], positions]
         return answer_logits if fn is None else fn(answer_logits, None)
+
+    @torch.no_grad()
+    def estimate(self, mb: MicroBatch) -> list[list[float]]:
+        """The estimator's per-token terms of each completion, as the diffusion engine reports them
+        (rollouts.estimators.rows.estimate_rows: same layout, prompt mask and random draws)."""
+        from rollouts.diffusion import MASK_SEED_FIELD
+        from rollouts.estimators.rows import estimate_rows
+
+        lens = mb.prompt_lens.tolist()
+        prompts = [mb.input_ids[i, :p].tolist() for i, p in enumerate(lens)]
+        completions = [mb.input_ids[i, p : p + int(mb.completion_mask[i].sum())].tolist() for i, p in enumerate(lens)]
+        seeds = mb.seq_fields.get(MASK_SEED_FIELD)
+        seeds = [0] * len(lens) if seeds is None else [int(x) for x in seeds.tolist()]
+        device = mb.input_ids.device
+        lm = causal_lm(self.lm)
+        s = self.settings
+        return estimate_rows(lambda i, a: lm(input_ids=i.to(device), attention_mask=a.to(device)).logits.cpu(),
+                             s.estimator, prompts, completions, answer_length=s.answer_length, pad_id=self.pad_id,
+                             mask_id=s.mask_id, n=s.estimator_samples, mask_seeds=seeds,
+                             prompt_mask_prob=s.prompt_mask_prob)
 
 
 def unwrap(module) -> _Policy:
