@@ -224,3 +224,22 @@ def chunked_divergence(
     if valid is None:
         return per_row.view(leading)
     return per_row.new_zeros(leading.numel()).index_copy(0, valid, per_row).view(leading)
+
+
+def rlsd_token_advantages(
+    advantages: torch.Tensor, log_ratio: torch.Tensor, mix: float = 1.0, clip: float = 0.2
+) -> torch.Tensor:
+    """RLSD (arXiv 2604.03128): the verifiable reward's group advantage A sets each sequence's
+    direction, the teacher's per-token log-ratio sets each token's size:
+
+        w_t = clip(exp(sign(A) * Δ_t), 1 - clip, 1 + clip),   Δ_t = sg[log p_T(y_t) - log p_S(y_t)]
+        Â_t = A * ((1 - mix) + mix * w_t)
+
+    so a token the teacher prefers more than the student gets more credit in a right answer (A > 0)
+    and less blame in a wrong one (A < 0), and w_t > 0 never flips A's sign. The equation could not
+    be checked against the paper here (no access to it); this is the form two independent
+    implementations of the paper state (w_t as above; Â_t with the mix λ).
+    `advantages` and `log_ratio` are [...] per token (A repeated over a sequence's tokens).
+    """
+    weight = torch.exp(torch.sign(advantages) * log_ratio.detach()).clamp(1.0 - clip, 1.0 + clip)
+    return advantages * ((1.0 - mix) + mix * weight)

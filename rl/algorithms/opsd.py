@@ -13,13 +13,16 @@ from typing import Literal, Optional
 import torch
 from pydantic import Field, model_validator
 
-from rl.algorithms import divergences, losses
-from rl.core import kernels
-from rl.algorithms.base import Algorithm, Requirements, Rollouts, register_algorithm
+from rl.algorithms import advantages as group_advantages, distill_metrics, divergences, losses
+from rl.core import contracts, kernels
+from rl.algorithms.base import Algorithm, Requirements, Rollouts, Update, register_algorithm
 from rl.core.schema import Section
 from rl.data import build_teacher_prompt
 from rl.core.batch import MicroBatch, PolicyOutputs, SequenceBatch
 from rl.core.types import SamplingSpec
+
+
+ANSWER_MASK = "answer_mask"  # token field: 1 on the final answer's tokens (the last \\boxed{...}), else 0
 
 
 class TeacherConfig(Section):
@@ -127,6 +130,26 @@ class OPSDConfig(Section):
         True, description="Teacher-side chat-template thinking switch (student off, teacher on: the paper's strongest pairing)."
     )
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Which model scores the teacher view.")
+    mode: Literal["distill", "rlsd"] = Field(
+        "distill",
+        description="distill: the student is pulled toward the teacher at every position (OPSD, OPD). rlsd: RLSD "
+        "(arXiv 2604.03128): the verifiable reward's group advantage A sets each sequence's direction and the "
+        "teacher's per-token log-ratio only its size (rl.algorithms.divergences.rlsd_token_advantages), so a "
+        "privileged teacher cannot pull the student toward its answer; needs group_size > 1.",
+    )
+    group_size: int = Field(1, ge=1, description="Completions sampled per prompt (rlsd: the group of its advantage).")
+    rlsd_mix: float = Field(1.0, ge=0, le=1, description="rlsd: lambda in A * ((1 - lambda) + lambda * w_t); 0 is GRPO.")
+    rlsd_clip: float = Field(0.2, gt=0, lt=1, description="rlsd: w_t is clipped to [1 - clip, 1 + clip].")
+    leak_tokens: int = Field(
+        16, ge=1, description="opsd/leak: the completion's first this many tokens, in which a stated gold answer counts as leaked."
+    )
+
+    @model_validator(mode="after")
+    def _rlsd_needs_groups(self):
+        if self.mode == "rlsd" and self.group_size < 2:
+            raise ValueError("opsd.mode=rlsd takes each sequence's direction from its group advantage (reward minus the "
+                             "group's mean): set opsd.group_size to 2 or more (e.g. 8).")
+        return self
 
 
 def vocabulary_mismatch(student_tokenizer, teacher_tokenizer) -> str | None:
@@ -171,10 +194,30 @@ class DistillationLoss:
     top_k: int
     chunk_size: int
     aggregation: str
+    mode: str = "distill"
+    rlsd_mix: float = 1.0
+    rlsd_clip: float = 0.2
 
     @classmethod
     def from_config(cls, c: OPSDConfig) -> "DistillationLoss":
-        return cls(c.token_loss, c.divergence, c.jsd_beta, c.clip, c.top_k, c.chunk_size, divergences.AGGREGATION[c.aggregation])
+        return cls(c.token_loss, c.divergence, c.jsd_beta, c.clip, c.top_k, c.chunk_size, divergences.AGGREGATION[c.aggregation],
+                   c.mode, c.rlsd_mix, c.rlsd_clip)
+
+    def _sampled_scores(self, out: PolicyOutputs, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(student log-probs of the sampled tokens, with grad in rlsd mode; the student's entropy; the
+        teacher's log-probs of the same tokens, no grad), chunked over positions."""
+        args = (mb.completion_ids, mb.completion_mask, out.temperature, self.chunk_size)
+        teacher_weight = out.lm_head_weight if out.teacher_lm_head_weight is None else out.teacher_lm_head_weight
+        with torch.no_grad():
+            teacher_lp, _ = kernels.chunked_token_logprobs_and_entropy(
+                out.teacher_hidden, None if teacher_weight is None else teacher_weight.detach(), *args)
+        if self.mode == "rlsd":
+            logp, entropy = kernels.chunked_token_logprobs_and_entropy(out.hidden, out.lm_head_weight, *args)
+            return logp, entropy, teacher_lp
+        with torch.no_grad():
+            logp, entropy = kernels.chunked_token_logprobs_and_entropy(
+                out.hidden.detach(), None if out.lm_head_weight is None else out.lm_head_weight.detach(), *args)
+        return logp, entropy, teacher_lp
 
     def _per_token(self, out: PolicyOutputs, mb: MicroBatch) -> torch.Tensor:
         if self.token_loss == "sampled":
@@ -202,9 +245,25 @@ class DistillationLoss:
 
     def __call__(self, out: PolicyOutputs, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
         mask = mb.completion_mask
-        per_token = self._per_token(out, mb)
+        logp, entropy, teacher_lp = self._sampled_scores(out, mb)
+        if self.mode == "rlsd":
+            advantages = divergences.rlsd_token_advantages(
+                mb.token_fields[contracts.ADVANTAGES], teacher_lp - logp.detach(), self.rlsd_mix, self.rlsd_clip)
+            per_token = -advantages * logp  # on-policy (one update per batch): the ratio is 1
+            out.keep_logprobs(logp)
+        else:
+            per_token = self._per_token(out, mb)
         loss = losses.aggregate(per_token, mask, self.aggregation, mb.loss_normalizer)
-        return loss, {"divergence_sum": float((per_token.detach() * mask).sum()), "tokens": float(mask.sum())}
+        # log p_S(y) - log p_T(y) at the sampled token: an unbiased one-sample estimate of KL(p_S || p_T)
+        # there, whatever the token loss; split into the final answer (the last \boxed{...}) and the rest.
+        kl = (logp.detach() - teacher_lp) * mask
+        answer = mb.token_fields.get(ANSWER_MASK, torch.zeros_like(mask)) * mask
+        return loss, {
+            "divergence_sum": float((per_token.detach() * mask).sum()), "tokens": float(mask.sum()),
+            "entropy_sum": float((entropy * mask).sum()),
+            "kl_answer_total": float((kl * answer).sum()), "answer_tokens_total": float(answer.sum()),
+            "kl_reasoning_total": float((kl * (mask - answer)).sum()), "reasoning_tokens_total": float((mask - answer).sum()),
+        }
 
 
 @register_algorithm
@@ -249,28 +308,74 @@ class OPSD(Algorithm):
 
     def sampling_spec(self) -> SamplingSpec:
         r = self.rollout_cfg
-        return SamplingSpec(n=1, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_tokens)
+        return SamplingSpec(n=self.cfg.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                            max_tokens=r.max_tokens)
+
+    def provides(self) -> set[str]:
+        return {contracts.ENTROPY, contracts.ADVANTAGES} if self.cfg.mode == "rlsd" else {contracts.ENTROPY}
+
+    def _teacher_prompt(self, row: dict, prompt: list[int]) -> list[int]:
+        if not self.cfg.teacher.privileged:
+            return list(prompt)  # plain on-policy distillation: the student's own prompt
+        return build_teacher_prompt(row, self.data_cfg, self.tokenizer, self.cfg.teacher_template,
+                                    self.cfg.teacher_instruction, self.cfg.teacher_enable_thinking)
+
+    def _group_advantages(self, rewards: list[list[float]]) -> list[list[float]]:
+        """rlsd: each completion's GRPO advantage in its group, (r - mean) / (std + eps)."""
+        flat = torch.tensor([r for group in rewards for r in group], dtype=torch.float32)
+        adv = group_advantages.group_mean_std(flat, self.cfg.group_size).tolist()
+        return [adv[i : i + len(g)] for i, g in zip(range(0, len(adv), self.cfg.group_size), rewards)]
+
+    def _completion_fields(self, row: dict, token_ids: list[int]) -> tuple[list[float], bool | None]:
+        """(the completion's final-answer token mask, whether it leaks the gold answer or None)."""
+        pieces = [self.tokenizer.decode([t]) for t in token_ids]
+        opening = "".join(pieces[: self.cfg.leak_tokens])
+        leak = distill_metrics.leaks(opening, str(row.get("problem", "")), str(row.get("answer", "")))
+        return distill_metrics.answer_token_mask(pieces), leak
 
     def build_batch(self, rollouts: Rollouts) -> tuple[SequenceBatch, dict[str, float]]:
         if self.tokenizer is None:
             raise RuntimeError("OPSD builds teacher prompts with the tokenizer: call attach_tokenizer first.")
-        input_ids, prompt_lens, teacher_ids, teacher_lens = [], [], [], []
-        for row, prompt, group in zip(rollouts.rows, rollouts.prompt_ids, rollouts.completions):
-            teacher_prompt = list(prompt) if not self.cfg.teacher.privileged else build_teacher_prompt(
-                row, self.data_cfg, self.tokenizer, self.cfg.teacher_template, self.cfg.teacher_instruction,
-                self.cfg.teacher_enable_thinking,
-            )
-            for c in group:
+        rlsd = self.cfg.mode == "rlsd"
+        advantages = self._group_advantages(rollouts.rewards) if rlsd else None
+        input_ids, prompt_lens, teacher_ids, teacher_lens, answer_masks, leaked, adv_rows = [], [], [], [], [], [], []
+        for g, (row, prompt, group) in enumerate(zip(rollouts.rows, rollouts.prompt_ids, rollouts.completions)):
+            teacher_prompt = self._teacher_prompt(row, prompt)
+            for j, c in enumerate(group):
                 input_ids.append(list(prompt) + list(c.token_ids))
                 prompt_lens.append(len(prompt))
                 teacher_ids.append(teacher_prompt + list(c.token_ids))
                 teacher_lens.append(len(teacher_prompt))
+                answer_mask, leak = self._completion_fields(row, list(c.token_ids))
+                answer_masks.append(answer_mask)
+                leaked += [] if leak is None else [float(leak)]
+                if rlsd:
+                    adv_rows.append([advantages[g][j]] * len(c.token_ids))
         lens = [len(x) - p for x, p in zip(input_ids, prompt_lens)]
+        fields = {ANSWER_MASK: answer_masks, **({contracts.ADVANTAGES: adv_rows} if rlsd else {})}
         batch = SequenceBatch(
             input_ids=input_ids,
             prompt_lens=prompt_lens,
+            token_fields=fields,
             loss_normalizer=losses.step_normalizer(lens, self.loss.aggregation),
             teacher_input_ids=teacher_ids,
             teacher_prompt_lens=teacher_lens,
         )
-        return batch, {"teacher_prompt_length": sum(teacher_lens) / len(teacher_lens)}
+        metrics = {"teacher_prompt_length": sum(teacher_lens) / len(teacher_lens),
+                   "opsd/leak": sum(leaked) / len(leaked) if leaked else float("nan")}
+        return batch, metrics
+
+    def update(self, batch: SequenceBatch, learner) -> Update:
+        """One optimizer step; the teacher-student KL estimate split into reasoning and final-answer tokens."""
+        train_metrics = learner.train(batch, self.loss)
+        return Update(train_metrics, split_kl(train_metrics), batch)
+
+
+def split_kl(train_metrics: dict[str, float]) -> dict[str, float]:
+    """opsd/kl_reasoning and opsd/kl_answer: the mean of log p_S(y) - log p_T(y) over each part's tokens
+    (the learner's sums over the step; NaN for a part without tokens)."""
+    out = {}
+    for part in ("reasoning", "answer"):
+        n = train_metrics.get(f"{part}_tokens_total", 0.0)
+        out[f"opsd/kl_{part}"] = train_metrics.get(f"kl_{part}_total", 0.0) / n if n else float("nan")
+    return out

@@ -2,7 +2,8 @@
 
 `DivergenceGuard` watches each update and each step: a non-finite loss or gradient norm means the
 learner skipped the update (see `LearnerWorker.train_step`); a policy whose entropy has risen to
-about ln(vocabulary), or whose gradient is exactly 0 while its advantages are not, has collapsed.
+about ln(vocabulary), or whose gradient is exactly 0 while its advantages are not, or whose entropy
+rises while its completions shrink (the distillation failure, ENTROPY_RISE_FACTOR), has collapsed.
 `GracefulStop` turns Ctrl-C / SIGTERM into a stop at the next step boundary. `EngineRecovery`
 restarts dead or hung rollout engines and retries what they were doing. Each stop is a
 `RunStopped` naming the step and the last checkpoint; the loop then writes no final model.
@@ -24,6 +25,15 @@ UNIFORM_ENTROPY_FRACTION = 0.9
 # ... and it counts as a collapse only for a policy that started well below it: a randomly
 # initialised or barely trained model starts near uniform, and noise there must not stop a run.
 HEALTHY_ENTROPY_FRACTION = 0.75
+# The failure distillation runs report (OPSD/OPD, issue 27): per-token KL on every token makes the
+# policy more uncertain and its reasoning shorter. Taken for a collapse when, against the first
+# step, the entropy per token has risen by half (x1.5) while the mean completion length has fallen
+# by half (x0.5), on this many checked steps in a row (one noisy step is not a trend). Both
+# thresholds are relative, so they hold for any model and task: a healthy run moves either one
+# alone (entropy falls as RL sharpens the policy; length moves with the task), not both this far.
+ENTROPY_RISE_FACTOR = 1.5
+LENGTH_FALL_FACTOR = 0.5
+RISE_AND_FALL_STEPS = 2
 
 
 def has_signal(token_fields: dict) -> bool:
@@ -50,6 +60,22 @@ class DivergenceGuard:
         self.skipped = 0  # in this process's steps
         self.in_a_row = 0
         self.first_entropy: float | None = None
+        self.first_length: float | None = None
+        self.rise_and_fall = 0  # checked steps in a row with entropy up and length down (ENTROPY_RISE_FACTOR)
+
+    def relative(self, metrics: dict) -> dict:
+        """`entropy/vs_first` and `response_length/vs_first`: this step's over the first step's (from
+        the first step that reports each), for the step's metrics."""
+        out = {}
+        for key, first in (("entropy", "first_entropy"), ("response_length", "first_length")):
+            value = metrics.get(key)
+            if value is None or not math.isfinite(value):
+                continue
+            if getattr(self, first) is None:
+                setattr(self, first, value)
+            if getattr(self, first):
+                out[f"{key}/vs_first"] = value / getattr(self, first)
+        return out
 
     def record_update(self, step: int, train_metrics: dict) -> None:
         """After each learner update: count it if the learner skipped it."""
@@ -101,7 +127,25 @@ class DivergenceGuard:
                 )
         if metrics.get("grad_norm") == 0.0 and advantages_nonzero:
             return "its gradient norm is exactly 0 although the advantages are not (dead weights)"
-        return None
+        return self._rising_entropy_falling_length(metrics)
+
+    def _rising_entropy_falling_length(self, metrics: dict) -> str | None:
+        ratios = self.relative(metrics)
+        entropy, length = ratios.get("entropy/vs_first"), ratios.get("response_length/vs_first")
+        if entropy is None or length is None:
+            return None
+        bad = entropy >= ENTROPY_RISE_FACTOR and length <= LENGTH_FALL_FACTOR
+        self.rise_and_fall = self.rise_and_fall + 1 if bad else 0
+        if self.rise_and_fall < RISE_AND_FALL_STEPS:
+            return None
+        return (
+            f"its entropy per token rose to {entropy:.2f}x the first step's ({self.first_entropy:.2f} nats) while its "
+            f"completions shrank to {length:.2f}x their first length ({self.first_length:.1f} tokens), for "
+            f"{self.rise_and_fall} steps in a row: the distillation failure in which KL on every token raises entropy "
+            f"and cuts the reasoning short (limits: entropy >= {ENTROPY_RISE_FACTOR}x and length <= "
+            f"{LENGTH_FALL_FACTOR}x for {RISE_AND_FALL_STEPS} steps); lower learner.lr, clip the divergence "
+            "(opsd.clip) or use opsd.mode=rlsd"
+        )
 
 
 class GracefulStop:

@@ -246,6 +246,7 @@ class TrainingRun:
             metrics.update(self.evaluator.run(self.pool, self.run_dir / "eval" / f"step_{step:06d}"))
         if self.has_correctness:  # the share of this step's sampled completions the correctness reward passed
             metrics["accuracy"] = mean(collected.correct)
+        metrics.update(self.guard.relative(metrics))  # entropy and length against the first step
         self.tracker.log(step, metrics)
         if checkpoint.save_due(cfg, step):
             self._save(step)
