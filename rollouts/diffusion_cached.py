@@ -200,6 +200,11 @@ class _BlockSampler:
     def _commit(self, cand, logits, answer, todo, k) -> None:
         if self.record is not None:
             self.record.append((cand.clone(), logits.clone()))
+        if self.threshold is not None:
+            # A committed mask token would leave its position masked, and a block could then take
+            # calls without end: with a threshold every call commits at least one real token.
+            logits = logits.clone()
+            logits[..., self.mask_id] = -torch.inf
         predicted = gumbel_argmax(logits, self.temperature, self.generator)
         if self.remasking == "low_confidence":
             score = torch.softmax(logits, -1).gather(-1, predicted[..., None]).squeeze(-1)

@@ -131,3 +131,20 @@ def test_threshold_extremes():
     assert one_by_one.calls_per_block == [4, 4] and (one_by_one.committed == 1).all()
     with pytest.raises(ValueError, match="low_confidence"):
         cached_diffusion_sample(model, PROMPTS, threshold=0.9, remasking="random", **kw)
+
+
+def test_threshold_never_commits_the_mask_token():
+    """A model whose top prediction everywhere is the mask token: with a threshold each call still
+    commits one real token, so a block ends within block_length calls."""
+    from rollouts.diffusion_cached import cached_diffusion_sample
+
+    vocab, mask_id = 7, 6
+
+    def logits_fn(ids, attention):
+        logits = torch.zeros(ids.shape + (vocab,), dtype=torch.float64)
+        logits[..., mask_id] = 10.0  # the mask token is by far the likeliest
+        return logits
+
+    out = cached_diffusion_sample(logits_fn, [[1, 2]], mask_id=mask_id, pad_id=0, gen_length=4, block_length=4,
+                                  steps=2, temperature=0.0, threshold=0.9)
+    assert (out.tokens != mask_id).all() and out.calls_per_block == [4]
