@@ -63,6 +63,18 @@ class DivergenceGuard:
         self.first_length: float | None = None
         self.rise_and_fall = 0  # checked steps in a row with entropy up and length down (ENTROPY_RISE_FACTOR)
 
+    def resume_from(self, records: list[dict]) -> None:
+        """A resumed run goes on measuring against its own first step, not the first after the resume:
+        the first values and the rise-and-fall streak from the records kept up to the checkpoint."""
+        for key, first in (("entropy", "first_entropy"), ("response_length", "first_length")):
+            value = next((r[key] for r in records if math.isfinite(r.get(key, math.nan))), None)
+            setattr(self, first, value)
+        self.rise_and_fall = 0
+        for r in records:
+            bad = (r.get("entropy/vs_first", 0.0) >= ENTROPY_RISE_FACTOR
+                   and r.get("response_length/vs_first", math.inf) <= LENGTH_FALL_FACTOR)
+            self.rise_and_fall = self.rise_and_fall + 1 if bad else 0
+
     def relative(self, metrics: dict) -> dict:
         """`entropy/vs_first` and `response_length/vs_first`: this step's over the first step's (from
         the first step that reports each), for the step's metrics."""

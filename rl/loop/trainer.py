@@ -155,6 +155,10 @@ class TrainingRun:
         self._closers.append(("close the trackers", self.tracker.close))
         self.guard = DivergenceGuard(cfg.train.max_skipped_updates, cfg.train.stop_on_collapse,
                                      vocab_size(self.model_path, self.tokenizer), run_dir, warn=console.line)
+        if self.done.step and (run_dir / "metrics.jsonl").exists():  # resumed: against the run's own first step
+            from rl.plot import read_records
+
+            self.guard.resume_from(read_records(run_dir))
         self.recovery = EngineRecovery(self.pool, self._resync, cfg.rollout.max_restarts, run_dir, warn=console.line)
         self.learner = BoundLearner(self.learners, self.algorithm.loss_temperature(),
                                     lambda metrics: self.guard.record_update(self.step, metrics))

@@ -298,3 +298,14 @@ def test_curves_png_is_drawn_and_redrawn_by_rl_plot(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2 and f"Argument `{tmp_path}` is not of the form key=value" in proc.stderr
     assert "usage: python -m rl.plot run=RUN_DIR [out=OUT.png]" in proc.stderr
+
+
+def test_a_resumed_guard_measures_against_the_runs_first_step(tmp_path):
+    guard = DivergenceGuard(3, True, vocab_size=100, run_dir=tmp_path, warn=lambda message: None)
+    records = [{"step": 1, "entropy": 2.0, "response_length": 100.0},
+               {"step": 2, "entropy": 3.2, "response_length": 40.0, "entropy/vs_first": 1.6, "response_length/vs_first": 0.4}]
+    guard.resume_from(records)
+    assert guard.relative({"entropy": 3.0, "response_length": 50.0}) == {"entropy/vs_first": 1.5, "response_length/vs_first": 0.5}
+    assert guard.rise_and_fall == 1  # step 2 was the first of a streak; one more such step stops the run
+    with pytest.raises(RunStopped, match="entropy per token rose"):
+        guard.check(3, {"entropy": 3.0, "response_length": 50.0}, advantages_nonzero=False)
