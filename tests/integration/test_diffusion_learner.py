@@ -197,7 +197,7 @@ def test_two_inner_updates_use_different_prompt_masks(model_dir, mask_id):
 
         def train(self, batch, loss, *, return_logprobs=False):
             self.trained.append(batch)
-            return {"loss": 0.0}
+            return ({"loss": 0.0}, worker.compute_logprobs(batch)[0]) if return_logprobs else {"loss": 0.0}
 
     batch = SequenceBatch([prompt + completion, prompt[:12] + completion], [20, 12])
     old = worker.compute_logprobs(batch)[0]
