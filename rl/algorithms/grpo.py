@@ -147,8 +147,9 @@ class PolicyGradientLoss:
 
     @classmethod
     def from_config(cls, c: GRPOConfig) -> "PolicyGradientLoss":
-        return cls(policy_losses.get_policy_loss(c.policy_loss), c.clip_low, c.clip_high, c.kl_coef, c.kl_kind,
-                   c.loss_agg, c.importance_sampling, c.importance_cap, c.chunk_size)
+        return cls(policy_loss=policy_losses.get_policy_loss(c.policy_loss), clip_low=c.clip_low, clip_high=c.clip_high,
+                   kl_coef=c.kl_coef, kl_kind=c.kl_kind, loss_agg=c.loss_agg, importance_sampling=c.importance_sampling,
+                   importance_cap=c.importance_cap, chunk_size=c.chunk_size)
 
     def __call__(self, out: PolicyOutputs, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
         fields = mb.token_fields

@@ -200,8 +200,9 @@ class DistillationLoss:
 
     @classmethod
     def from_config(cls, c: OPSDConfig) -> "DistillationLoss":
-        return cls(c.token_loss, c.divergence, c.jsd_beta, c.clip, c.top_k, c.chunk_size, divergences.AGGREGATION[c.aggregation],
-                   c.mode, c.rlsd_mix, c.rlsd_clip)
+        return cls(token_loss=c.token_loss, divergence=c.divergence, jsd_beta=c.jsd_beta, clip=c.clip, top_k=c.top_k,
+                   chunk_size=c.chunk_size, aggregation=divergences.AGGREGATION[c.aggregation], mode=c.mode,
+                   rlsd_mix=c.rlsd_mix, rlsd_clip=c.rlsd_clip)
 
     def _sampled_scores(self, out: PolicyOutputs, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(student log-probs of the sampled tokens, with grad in rlsd mode; the student's entropy; the

@@ -84,7 +84,8 @@ def load(folder, state=None):
 
 
 def distill(token_loss: str, clip=0.05) -> DistillationLoss:
-    return DistillationLoss(token_loss, "forward_kl", 0.5, clip, 5, 3, "token_mean")
+    return DistillationLoss(token_loss=token_loss, divergence="forward_kl", jsd_beta=0.5, clip=clip, top_k=5, chunk_size=3,
+                            aggregation="token_mean")
 
 
 def test_external_teacher_loss_matches_its_own_logits(pair):
