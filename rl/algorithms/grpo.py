@@ -229,7 +229,7 @@ class GRPO(Algorithm):
         # mu = 1 without a filter: the mismatch statistics need no forward of their own, the
         # training forward's log-probs are the current policy's (the loss keeps them).
         train_metrics, logprobs = learner.train(batch, self.loss, return_logprobs=True)
-        return Update(train_metrics, self.use_policy_scores(batch, logprobs, None)[1], batch)
+        return Update(train_metrics, self.mismatch_metrics(batch, logprobs), batch)
 
     def loss_temperature(self) -> float:
         return self.rollout_cfg.temperature
@@ -288,9 +288,9 @@ class GRPO(Algorithm):
         return batch, metrics
 
     def use_policy_scores(self, batch: SequenceBatch, logprobs, entropies) -> tuple[SequenceBatch, dict[str, float]]:
-        """The current policy's scores of the batch (before any update): old log-probs for mu > 1,
-        the entropy filter, and the mismatch statistics; a new batch and metrics."""
-        fields, metrics = {}, {}
+        """The current policy's scores of the batch before any update: the fields the loss reads (old
+        log-probs for mu > 1, the entropy filter's mask) as a new batch, and metrics."""
+        fields, metrics = {}, self.mismatch_metrics(batch, logprobs)
         if self.cfg.updates_per_batch > 1:
             fields["old_logprobs"] = logprobs
         if self.cfg.entropy_top_fraction is not None:
@@ -298,16 +298,22 @@ class GRPO(Algorithm):
             keep = top_entropy_mask(entropy, mask, self.cfg.entropy_top_fraction, self.cfg.entropy_scope)
             fields["pg_mask"] = [keep[i, : len(r)].tolist() for i, r in enumerate(entropies)]
             metrics["entropy_filter_kept_fraction"] = float(keep.sum() / mask.sum())
+        return (with_token_fields(batch, **fields) if fields else batch), metrics
+
+    def mismatch_metrics(self, batch: SequenceBatch, logprobs) -> dict[str, float]:
+        """The engine-vs-learner log-prob gap of the sampled tokens (mean, max, worst prompt group)
+        and the mean importance weight, from the learner's log-probs of the policy that sampled."""
         learner_lp, mask = padded(logprobs)
         rollout_lp, _ = padded(batch.token_fields["rollout_logprobs"])
         gap = (learner_lp - rollout_lp).abs() * mask
-        metrics[contracts.LOGPROB_GAP] = float(gap.sum() / mask.sum())
-        metrics[contracts.LOGPROB_GAP_MAX] = float(gap.max())
-        # The pool hands each engine whole prompts, so a prompt's group comes from one engine: the
-        # worst group's mean shows one stale engine among many, which the batch mean dilutes.
-        metrics[contracts.LOGPROB_GAP_GROUP] = max(
-            float(gap[unit].sum() / mask[unit].sum().clamp(min=1.0)) for unit in prompt_units(batch, share_prompt=True)
-        )
         weights = losses.truncated_is_weights(learner_lp, rollout_lp, mask, "token", self.cfg.importance_cap)
-        metrics["mismatch/is_weight_mean"] = float(weights.sum() / mask.sum())
-        return (with_token_fields(batch, **fields) if fields else batch), metrics
+        return {
+            contracts.LOGPROB_GAP: float(gap.sum() / mask.sum()),
+            contracts.LOGPROB_GAP_MAX: float(gap.max()),
+            # The pool hands each engine whole prompts, so a prompt's group comes from one engine: the
+            # worst group's mean shows one stale engine among many, which the batch mean dilutes.
+            contracts.LOGPROB_GAP_GROUP: max(
+                float(gap[unit].sum() / mask[unit].sum().clamp(min=1.0)) for unit in prompt_units(batch, share_prompt=True)
+            ),
+            "mismatch/is_weight_mean": float(weights.sum() / mask.sum()),
+        }
