@@ -81,6 +81,23 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Gen
     return (logits.double() / temperature + gumbel).argmax(-1)
 
 
+def layout_with_hints(prompts: list[list[int]], gen_length: int, pad_id: int, mask_id: int,
+                      hints: list[dict[int, int]] | None, device=None):
+    """answer_layout's (ids, attention, positions), on `device` if given, with the hints (answer
+    position -> token, per row) filled in, and the hint mask [B, gen_length]."""
+    ids, attention, positions = answer_layout(prompts, gen_length, pad_id, mask_id)
+    if device is not None:
+        ids, attention, positions = ids.to(device), attention.to(device), positions.to(device)
+    hint_mask = torch.zeros((len(prompts), gen_length), dtype=torch.bool, device=ids.device)
+    for i, hint in enumerate(hints or []):
+        for pos, token in hint.items():
+            if not 0 <= pos < gen_length:
+                raise ValueError(f"Hint position {pos} of row {i} is outside the answer (length {gen_length}).")
+            ids[i, positions[i, pos]] = token
+            hint_mask[i, pos] = True
+    return ids, attention, positions, hint_mask
+
+
 @torch.no_grad()
 def diffusion_sample(
     logits_fn: LogitsFn,
@@ -103,15 +120,8 @@ def diffusion_sample(
     check_schedule(gen_length, block_length, steps)
     if remasking not in REMASKING:
         raise ValueError(f"diffusion.remasking must be one of {REMASKING}, got {remasking!r}.")
-    ids, attention, positions = answer_layout(prompts, gen_length, pad_id, mask_id)
+    ids, attention, positions, hint_mask = layout_with_hints(prompts, gen_length, pad_id, mask_id, hints)
     rows = torch.arange(len(prompts))[:, None]
-    hint_mask = torch.zeros((len(prompts), gen_length), dtype=torch.bool)
-    for i, hint in enumerate(hints or []):
-        for pos, token in hint.items():
-            if not 0 <= pos < gen_length:
-                raise ValueError(f"Hint position {pos} of row {i} is outside the answer (length {gen_length}).")
-            ids[i, positions[i, pos]] = token
-            hint_mask[i, pos] = True
     blocks = gen_length // block_length
     per_block = steps // blocks
     committed = torch.zeros((len(prompts), steps), dtype=torch.long)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rollouts.diffusion import REMASKING, answer_layout, check_schedule, gumbel_argmax, steps_budget
+from rollouts.diffusion import REMASKING, check_schedule, gumbel_argmax, layout_with_hints, steps_budget
 from rollouts.llada_model import supports_cache
 
 CACHES = ("none", "prefix", "dual")
@@ -95,7 +95,7 @@ def cached_diffusion_sample(
     _check_options(gen_length, block_length, steps, remasking, cache, threshold, refresh_every)
     cache_used = cache if cache != "none" and supports_cache(model) else "none"
     device = getattr(next(model.parameters()), "device", None) if cache_used != "none" else None
-    ids, attention, positions, hint_mask = _layout(prompts, gen_length, pad_id, mask_id, hints, device)
+    ids, attention, positions, hint_mask = layout_with_hints(prompts, gen_length, pad_id, mask_id, hints, device)
     sampler = _BlockSampler(model, cache_used, ids, attention, positions, mask_id, temperature, remasking, generator,
                             threshold, refresh_every, record)
     blocks = gen_length // block_length
@@ -118,21 +118,6 @@ def _check_options(gen_length, block_length, steps, remasking, cache, threshold,
         raise ValueError("diffusion.threshold (parallel decoding) needs remasking=low_confidence and 0 < threshold <= 1.")
     if refresh_every is not None and refresh_every < 1:
         raise ValueError(f"refresh_every must be >= 1, got {refresh_every}.")
-
-
-def _layout(prompts, gen_length: int, pad_id: int, mask_id: int, hints, device):
-    """answer_layout's (ids, attention, positions) on `device`, the hints filled in, and the hint mask."""
-    ids, attention, positions = answer_layout(prompts, gen_length, pad_id, mask_id)
-    if device is not None:
-        ids, attention, positions = ids.to(device), attention.to(device), positions.to(device)
-    hint_mask = torch.zeros((len(prompts), gen_length), dtype=torch.bool, device=ids.device)
-    for i, hint in enumerate(hints or []):
-        for pos, token in hint.items():
-            if not 0 <= pos < gen_length:
-                raise ValueError(f"Hint position {pos} of row {i} is outside the answer (length {gen_length}).")
-            ids[i, positions[i, pos]] = token
-            hint_mask[i, pos] = True
-    return ids, attention, positions, hint_mask
 
 
 class _BlockSampler:
