@@ -49,6 +49,17 @@ class StateExport:
                 delta = delta.T if layer.fan_in_fan_out else delta
                 yield f"{name}.weight", (weight.float() + delta).to(weight.dtype)
 
+    def checkpoint_bytes(self) -> int:
+        """What a checkpoint holds of the learner, from the state itself (every rank sees every
+        parameter's full size): each trained parameter in its dtype, plus AdamW's float32 master copy
+        and two float32 moments (12 bytes a parameter), plus the EMA teacher's float32 copy."""
+        trained = [p for p in self.engine.module.parameters() if p.requires_grad]
+        numel = [getattr(p, "ds_numel", None) or p.numel() for p in trained]  # ZeRO-3 partitions report ds_numel
+        total = sum(n * (p.element_size() + 12) for n, p in zip(numel, trained))
+        if getattr(self.frozen, "ema", None) is not None:
+            total += 4 * sum(numel)
+        return total
+
     def _gather_cpu(self) -> dict[int, torch.Tensor]:
         """Every policy parameter as a CPU tensor on rank 0, by id ({} elsewhere); a collective call.
 

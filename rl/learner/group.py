@@ -130,6 +130,12 @@ class LearnerGroup:
     def save_hf(self, out_dir: str, adapter: bool = False) -> None:
         self._wait([w.save_hf.remote(out_dir, adapter) for w in self.workers], "save_hf")
 
+    def checkpoint_bytes(self, timeout_s: float | None = None) -> int:
+        """The estimated size of the learner's part of a checkpoint (rank 0's count: every rank
+        sees every parameter's full size); `timeout_s` bounds the wait on a stuck rank."""
+        refs = [w.checkpoint_bytes.remote() for w in self.workers]
+        return gather(refs, "checkpoint size", lambda r: f"learner rank {r}", LearnerRankError, timeout_s)[0]
+
     def save_checkpoint(self, out_dir: str) -> None:
         """Every rank's training state into out_dir (LearnerWorker.save_checkpoint)."""
         self._wait([w.save_checkpoint.remote(out_dir) for w in self.workers], "save_checkpoint")

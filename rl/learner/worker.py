@@ -191,6 +191,10 @@ class LearnerWorker:
         """Per completion token log-probs (and entropies) of this rank's shard (`StepRunner.compute_logprobs`)."""
         return self.steps.compute_logprobs(batch, temperature, with_entropy, reference, num_micro_batches)
 
+    def checkpoint_bytes(self) -> int:
+        """The estimated size of this rank's share of a checkpoint (`StateExport.checkpoint_bytes`)."""
+        return self.state.checkpoint_bytes()
+
     def weight_work(self, fn, *args):
         """fn(WeightSource, *args): a weight transport's learner side (rl.sync.weight_sync)."""
         return fn(self.weight_source, *args)

@@ -270,30 +270,16 @@ def save(run_dir: Path, cfg: RunConfig, learners, state: TrainerState, ahead: tu
     return final
 
 
-def _rank_state_bytes(worker) -> int:
-    """What a checkpoint holds of the learner, from the state itself (run on each rank; every rank
-    sees every parameter's full size): each trained parameter in its dtype, plus AdamW's float32
-    master copy and two float32 moments (12 bytes a parameter), plus the EMA teacher's float32 copy."""
-    trained = [p for p in worker.engine.module.parameters() if p.requires_grad]
-    numel = [getattr(p, "ds_numel", None) or p.numel() for p in trained]  # ZeRO-3 partitions report ds_numel
-    total = sum(n * (p.element_size() + 12) for n, p in zip(numel, trained))
-    if getattr(worker.frozen, "ema", None) is not None:
-        total += 4 * sum(numel)
-    return total
-
-
 def _needed_bytes(learners, ahead_bytes: int) -> int | None:
     """The estimated size of one checkpoint (None when the learners cannot say: test stand-ins)."""
-    submit = getattr(learners, "submit", None)
-    if submit is None:
+    measure = getattr(learners, "checkpoint_bytes", None)
+    if measure is None:
         return None
-    from rl.core.actors import gather
-
     try:  # a rank stuck in the failed save's collective must not hang the report
-        sizes = gather(submit(_rank_state_bytes), "checkpoint size", lambda r: f"learner rank {r}", RuntimeError, timeout_s=30)
+        learner_bytes = measure(timeout_s=30)
     except Exception:
         return None
-    return sizes[0] + ahead_bytes + 64 * 1024  # + the driver's RNG states, config and counters
+    return learner_bytes + ahead_bytes + 64 * 1024  # + the driver's RNG states, config and counters
 
 
 def _is_out_of_space(error: BaseException) -> bool:
