@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from rl.core.kernels import chunk_logits, lm_logits, log_softmax_, upcast
+from rl.core.kernels import chunk_logits, log_softmax_, upcast
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 AGGREGATION = {"paper": "seq_mean_token_mean", "code": "token_mean"}

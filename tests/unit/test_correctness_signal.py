@@ -4,7 +4,6 @@ Each shipped recipe's own reward set grades a well-formatted wrong answer as wro
 as right; algorithms that read correctness refuse a reward set without a correctness reward; IGPO's
 all-wrong trigger and its replacements follow the correctness reward, not the total.
 """
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +12,7 @@ from rl.config import load_config
 from rl.core.paths import RECIPES_DIR
 from rewards import register_reward
 from rewards.scoring import RewardError, RewardScorer, correctness_index
-from tests.unit.test_igpo import FakeLoop, G, completion, igpo, sampled_round
+from tests.unit.test_igpo import FakeLoop, G, igpo, sampled_round
 
 # Completions in the format each recipe's prompt asks for, answering 5 where the gold is 7 (wrong)
 # or 7 (right): a format bonus must not make the wrong one right.

@@ -4,7 +4,6 @@ mean over the step, or the releases' token mean per group averaged over the grou
 
 Numbers are checked against plain loops written here.
 """
-import dataclasses
 import random
 
 import pytest

@@ -7,7 +7,6 @@ values we match; `Differs` rows are deliberate differences, pinned to our value 
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
