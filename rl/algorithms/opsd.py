@@ -374,9 +374,11 @@ class OPSD(Algorithm):
 
 def split_kl(train_metrics: dict[str, float]) -> dict[str, float]:
     """opsd/kl_reasoning and opsd/kl_answer: the mean of log p_S(y) - log p_T(y) over each part's tokens
-    (the learner's sums over the step; NaN for a part without tokens)."""
+    (the learner's sums over the step); a part without tokens this step is not logged (no boxed
+    answer in any completion: no final-answer tokens)."""
     out = {}
     for part in ("reasoning", "answer"):
         n = train_metrics.get(f"{part}_tokens_total", 0.0)
-        out[f"opsd/kl_{part}"] = train_metrics.get(f"kl_{part}_total", 0.0) / n if n else float("nan")
+        if n:
+            out[f"opsd/kl_{part}"] = train_metrics.get(f"kl_{part}_total", 0.0) / n
     return out

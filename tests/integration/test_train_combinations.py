@@ -146,7 +146,7 @@ def test_lora_with_two_updates_per_batch(warmed, ray_session, tmp_path, observed
 
 
 def test_opsd_qwen_recipe_in_bf16_with_lora_lowers_divergence(tiny_model, ray_session, tmp_path, observed):
-    """opsd_qwen as it stands (forward KL clipped at 0.05 per entry, paper aggregation, frozen
+    """opsd_qwen as it stands (forward KL clipped at 0.05 per entry, the release's token-mean aggregation, frozen
     teacher, LoRA, bf16, T 1.1 / top-p 0.95 / top-k 20) with the model, data and sizes of a tiny
     run: the bf16 run of the recipes, and OPSD with the clip on, end to end."""
     model, data = tiny_model, tmp_path / "train.jsonl"
@@ -161,7 +161,7 @@ def test_opsd_qwen_recipe_in_bf16_with_lora_lowers_divergence(tiny_model, ray_se
         "sync.backend=object_store",  # pushes observed where the object store receives them
     ])
     assert (cfg.opsd.divergence, cfg.opsd.clip, cfg.opsd.aggregation, cfg.opsd.teacher.kind, cfg.model.dtype,
-            cfg.model.lora.enabled) == ("forward_kl", 0.05, "paper", "frozen", "bfloat16", True)
+            cfg.model.lora.enabled) == ("forward_kl", 0.05, "code", "frozen", "bfloat16", True)
     _, records = _run(cfg, tmp_path)
     div = [r["divergence"] for r in records]
     print("clipped divergence per step:", [round(d, 4) for d in div])

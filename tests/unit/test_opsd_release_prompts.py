@@ -31,6 +31,9 @@ class RecordingTokenizer:
         self.calls.append((messages, extra.get("enable_thinking")))
         return [len(self.calls)]
 
+    def decode(self, ids, skip_special_tokens=False):  # OPSD's leak metric reads the completion's text
+        return " ".join(map(str, ids))
+
 
 ROW = {"problem": "What is {solution} in 1+1?", "solution": "1+1=2, so \\boxed{2}.", "answer": "2"}
 
