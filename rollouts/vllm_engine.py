@@ -107,6 +107,10 @@ class VLLMEngine(RolloutEngine):
             if self.on_cuda
             else {"kv_cache_memory_bytes": int(kv_cache_gb * 2**30)}
         )
+        if not self.on_cuda and hasattr(torch.cpu, "_init_amx"):
+            # On CPUs with AMX, vLLM's bf16 attention uses AMX tiles, which Linux grants only to a
+            # process that asked (arch_prctl); without the request the engine dies of SIGILL.
+            torch.cpu._init_amx()
         self.sleep_mode = sleep_mode and self.on_cuda
         self._needs_repack = tied and not self.on_cuda
         # The seed goes to the engine: SamplingParams(seed=...) with T > 0 crashes on CPU.
