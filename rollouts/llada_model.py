@@ -267,13 +267,6 @@ class LLaDAForDiffusion(PreTrainedModel):
 
         return MaskedLMOutput(logits=self.forward_cached(input_ids, attention_mask, use_cache=False).logits)
 
-    def new_cache(self, batch: int, width: int, dtype: torch.dtype | None = None) -> KVCache:
-        c = self.config
-        p = next(self.parameters())
-        shape = (batch, width, c.kv_heads, c.head_dim)
-        return KVCache([torch.zeros(shape, dtype=dtype or p.dtype, device=p.device) for _ in range(c.n_layers)],
-                       [torch.zeros(shape, dtype=dtype or p.dtype, device=p.device) for _ in range(c.n_layers)])
-
     def forward_cached(
         self,
         input_ids: torch.Tensor,

@@ -34,10 +34,6 @@ def engine_class(ref: str) -> type[RolloutEngine]:
     return cls
 
 
-def registered_engines() -> list[str]:
-    return sorted(ENGINES)
-
-
 def make_engine(kind: str, model_path: str, *, seed: int, settings: EngineSettings | None = None,
                 **setting_fields) -> RolloutEngine:
     """Build engine `kind` for `model_path` with `settings` (or EngineSettings' fields as keywords)."""
