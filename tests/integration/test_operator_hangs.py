@@ -16,6 +16,7 @@ import pytest
 
 from rl.core.paths import PROJECT_ROOT
 from rl.demo.tiny import addition_rows
+from rl.loop.local_cluster import session_members
 
 pytestmark = pytest.mark.slow
 
@@ -42,17 +43,6 @@ def _env(**extra):
     return {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "RAY_ADDRESS": "local", **extra}
 
 
-def _session(sid):
-    """The processes whose session id is `sid` (never looked up by name)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                if os.getsid(int(entry)) == sid:
-                    found.append(int(entry))
-    return found
-
-
 def _descendants(pid):
     """pid's children, their children, ...: from /proc/PID/task/*/children."""
     out, todo = [], [pid]
@@ -70,7 +60,7 @@ def _descendants(pid):
 def _kill_sessions(sids):
     """Only if a test failed: never leave a run behind."""
     for sid in sids:
-        for pid in _session(sid):
+        for pid in session_members(sid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -86,7 +76,7 @@ def _launch_to_end(cmd, env, timeout_s, cwd=PROJECT_ROOT):
         out = ""
     finally:
         deadline = time.time() + 10  # what the launch started stops with it
-        while (left := _running(_session(proc.pid))) and time.time() < deadline:
+        while (left := _running(session_members(proc.pid))) and time.time() < deadline:
             time.sleep(0.5)
         _kill_sessions([proc.pid])
     assert proc.returncode is not None, f"still running after {timeout_s} s: it hangs"
@@ -163,12 +153,12 @@ def test_sigkilled_launcher_leaves_no_process_of_its_cluster(task, tmp_path):
         for pid in run:
             with contextlib.suppress(OSError):
                 sessions.add(os.getsid(pid))
-        run |= {pid for sid in sessions for pid in _session(sid)}
+        run |= {pid for sid in sessions for pid in session_members(sid)}
         assert len(run) >= 4, run  # the Ray processes, the engine and the learner rank at least
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         deadline = time.time() + 20
-        while (left := _running(run | {p for sid in sessions for p in _session(sid)})) and time.time() < deadline:
+        while (left := _running(run | {p for sid in sessions for p in session_members(sid)})) and time.time() < deadline:
             time.sleep(0.5)
         assert left == [], [_cmdline(p) for p in left]
     finally:
@@ -213,7 +203,7 @@ def test_joined_cluster_outlives_a_sigkilled_launcher_but_its_actors_go(task, tm
         while not _answers(port):
             assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
             time.sleep(0.5)
-        cluster = set(_session(head.pid))
+        cluster = set(session_members(head.pid))
         cmd = [sys.executable, "-m", "rl.launch", *_args(task, tmp_path, "train.steps=200", f"ray.address=127.0.0.1:{port}")]
         with log_path.open("w") as log:
             proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -226,7 +216,7 @@ def test_joined_cluster_outlives_a_sigkilled_launcher_but_its_actors_go(task, tm
         time.sleep(1)
         # The workers Ray started for this run: new in the cluster's session, each in a process group
         # of its own (the GCS, the raylet and its agents share the `ray start` process's group).
-        actors = {p for p in set(_session(head.pid)) - cluster if _pgid(p) not in (None, head.pid)}
+        actors = {p for p in set(session_members(head.pid)) - cluster if _pgid(p) not in (None, head.pid)}
         assert len(actors) >= 2, actors  # an engine and a learner rank at least
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()

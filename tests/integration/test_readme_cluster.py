@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from rl.core.paths import PROJECT_ROOT
+from rl.loop.local_cluster import session_members
 
 pytestmark = pytest.mark.slow
 
@@ -66,24 +67,14 @@ def _free_port() -> int:
             return port
 
 
-def _session(sid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                if os.getsid(int(entry)) == sid:
-                    found.append(int(entry))
-    return found
-
-
 def _stop_session(sid: int) -> None:
     """Every process a node's shell started (Ray's daemons keep the shell's session)."""
     for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 15)):
-        for pid in _session(sid):
+        for pid in session_members(sid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.time() + grace
-        while any(not _zombie(p) for p in _session(sid)) and time.time() < deadline:
+        while any(not _zombie(p) for p in session_members(sid)) and time.time() < deadline:
             time.sleep(0.3)
 
 
@@ -174,5 +165,5 @@ def test_readme_scale_out_commands_start_a_two_node_token_cluster(tmp_path):
         for sid in sessions:
             _stop_session(sid)
         shutil.rmtree(homes, ignore_errors=True)
-    assert all(_zombie(p) for sid in sessions for p in _session(sid))  # nothing of the cluster is left
+    assert all(_zombie(p) for sid in sessions for p in session_members(sid))  # nothing of the cluster is left
     assert _ray_address_file() != address  # `ray.init()` elsewhere on this machine is not pointed at it
