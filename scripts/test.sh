@@ -5,4 +5,4 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py=$(bash "$root/scripts/setup_env.sh")
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 cd "$root"
-exec "$py" -m pytest -q "$@"
+exec "$py" -m pytest -q --durations=30 "$@"

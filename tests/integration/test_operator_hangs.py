@@ -214,10 +214,12 @@ def test_joined_cluster_outlives_a_sigkilled_launcher_but_its_actors_go(task, tm
             assert time.time() < deadline, "the run never started"
             time.sleep(0.2)
         time.sleep(1)
-        # The workers Ray started for this run: new in the cluster's session, each in a process group
-        # of its own (the GCS, the raylet and its agents share the `ray start` process's group).
-        actors = {p for p in set(session_members(head.pid)) - cluster if _pgid(p) not in (None, head.pid)}
-        assert len(actors) >= 2, actors  # an engine and a learner rank at least
+        # The run's actors: new workers in the cluster's session, each in a process group of its own (the
+        # GCS, the raylet and its agents share the `ray start` process's group), named `ray::<Actor class>`.
+        # A `ray::IDLE` worker is the raylet's pool, which it keeps for the next job: the cluster's, not ours.
+        workers = {p for p in set(session_members(head.pid)) - cluster if _pgid(p) not in (None, head.pid)}
+        actors = {p for p in workers if _title(p).startswith("ray::") and _title(p) != "ray::IDLE"}
+        assert len(actors) >= 2, [_cmdline(p) for p in workers]  # an engine and a learner rank at least
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         deadline = time.time() + 20
@@ -229,6 +231,13 @@ def test_joined_cluster_outlives_a_sigkilled_launcher_but_its_actors_go(task, tm
         assert head.poll() is None and _answers(port)
     finally:
         _kill_sessions([head.pid] + ([proc.pid] if proc else []))
+
+
+def _title(pid):
+    """The process title Ray sets on a worker (`ray::IDLE`, `ray::EngineActor.generate`, ...)."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline") as f:
+        return f.read().replace(chr(0), " ").strip()
+    return ""
 
 
 def _pgid(pid):
