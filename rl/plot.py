@@ -39,9 +39,9 @@ def read_records(run_dir: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def eval_points(run_dir: Path) -> dict[str, list[tuple[float, float, float, float]]]:
-    """Per `eval/<benchmark>/pass@1` in metrics.jsonl: (step, cumulative rollout tokens, value, standard
-    error) of every evaluation, the one before the first step (step 0) included."""
+def eval_points(run_dir: Path, metric: str = "pass@1") -> dict[str, list[tuple[float, float, float, float]]]:
+    """Per `eval/<benchmark>/<metric>` in metrics.jsonl: (step, cumulative rollout tokens, value, standard
+    error; 0 for a metric without one) of every evaluation, the one before the first step (step 0) included."""
     points: dict[str, dict[int, tuple]] = {}
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         try:
@@ -49,8 +49,8 @@ def eval_points(run_dir: Path) -> dict[str, list[tuple[float, float, float, floa
         except json.JSONDecodeError:
             continue
         for key, value in record.items():
-            if key.startswith("eval/") and key.endswith("/pass@1"):
-                se = record.get(key.removesuffix("pass@1") + "pass@1_se", 0.0)
+            if key.startswith("eval/") and key.endswith(f"/{metric}"):
+                se = record.get(key + "_se", 0.0)
                 points.setdefault(key, {})[record.get("step", 0)] = (
                     record.get("step", 0), record.get("cumulative_rollout_tokens", math.nan), value, se)
     return {key: [by_step[s] for s in sorted(by_step)] for key, by_step in points.items()}
@@ -93,11 +93,18 @@ def draw(run_dir: Path, out: Path | None = None) -> Path:
     records = read_records(run_dir)
     if not records:
         raise ValueError(f"{run_dir / 'metrics.jsonl'} holds no training step yet: nothing to plot.")
-    panels = [(title, [n for n in names if any(n in r for r in records)]) for title, names in PANELS]
+    reward_parts = sorted({k for r in records for k in r if k.startswith("reward/")})  # reward/<function>
+    panels = [(title, [n for n in names if any(n in r for r in records)] + (reward_parts if title == "reward" else []))
+              for title, names in PANELS]
     panels = [(title, names) for title, names in panels if names]
     evaluations = eval_points(run_dir)
     if evaluations:
         panels.append(("held-out pass@1 (± s.e.)", sorted(evaluations)))
+    # What a small model learns first: the answer format (a non-empty \boxed{}, right or wrong).
+    boxed = eval_points(run_dir, "boxed_rate")
+    if boxed:
+        panels.append(("held-out boxed answers", sorted(boxed)))
+    evaluations.update(boxed)
     fig, axes = plt.subplots(len(panels), 2, figsize=(11, 2.4 * len(panels)), squeeze=False, sharex="col")
     steps = [r["step"] for r in records]
     tokens = [r.get("cumulative_rollout_tokens", math.nan) for r in records]

@@ -36,7 +36,11 @@ def test_summary_and_curves_show_before_and_after(tmp_path):
     assert held_out_summary(tmp_path) == ("held-out gsm8k pass@1 0.050 ± 0.020 before -> 0.080 ± 0.030 after step 2 "
                                           "(boxed answers 0.30 -> 0.50)")
     assert eval_points(tmp_path) == {"eval/gsm8k/pass@1": [(0, 0, 0.05, 0.02), (2, 200, 0.08, 0.03)]}
-    assert draw(tmp_path).stat().st_size > 0
+    assert eval_points(tmp_path, "boxed_rate") == {"eval/gsm8k/boxed_rate": [(0, 0, 0.3, 0.0), (2, 200, 0.5, 0.0)]}
+    from matplotlib.image import imread
+
+    # Three rows of panels, 2.4 inches each at 90 dpi: reward, held-out pass@1, held-out boxed answers.
+    assert imread(draw(tmp_path)).shape[0] == round(3 * 2.4 * 90)
     # Without an evaluation before the first step there is no before/after to report.
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines[1:]))
     assert held_out_summary(tmp_path) is None
