@@ -84,7 +84,8 @@ def step_prompts(cfg, tokenizer, steps: int) -> list[list[list[int]]]:
 def phase_ours(args) -> dict:
     total = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "rl.launch", f"recipe={RECIPE}", *BENCH_SETTINGS, f"train.steps={total}", "train.save_final=false",
+        cmd = [sys.executable, "-m", "rl.launch", f"recipe={RECIPE}", *BENCH_SETTINGS, f"train.steps={total}",
+               "train.save_final=false",
                # The speed figures keep their own fixed settings: no held-out evaluation in the timed run.
                "eval.at_start=false", "eval.every_steps=0",
                f"tracking.output_dir={out}", "tracking.run_name=bench"]
@@ -403,7 +404,8 @@ def main() -> None:
                                str(args.warmup), "--out", str(args.out)], cwd=ROOT, env=env).returncode
         log(f"phase {name} {'done' if code == 0 else f'FAILED (exit {code})'} in {(time.time() - t0) / 60:.1f} min")
     res = {k: json.loads((args.out / f"{k}.json").read_text()) for k in PHASES if (args.out / f"{k}.json").exists()}
-    res["settings"] = {"recipe": RECIPE, "overrides": BENCH_SETTINGS, "cpus": os.cpu_count(), "load_average": os.getloadavg(), "machine": machine_info(),
+    res["settings"] = {"recipe": RECIPE, "overrides": BENCH_SETTINGS, "cpus": os.cpu_count(),
+                       "load_average": os.getloadavg(), "machine": machine_info(),
                        "note": "machine shared with other jobs; medians over each phase's measured steps"}
     lines = report(res)
     print("\n".join(lines))

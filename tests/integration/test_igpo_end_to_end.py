@@ -52,8 +52,8 @@ def test_igpo_repairs_all_wrong_groups_and_raises_reward(tmp_path, ray_session):
     # per-problem change in avg@8 between the first and the last evaluation holds the sampling
     # noise of both evaluations and the problems' spread. Measured on the first 256 problems (one
     # run): se 0.017; +0.035 after 10 steps (2.1 se), +0.067 after 20 (3.8 se), +0.082 after 30
-    # (4.7 se). 400 problems bring the se to about 0.014: about 4.8 se at the 20 steps run here
-    # (30 cost a minute more of the suite's time for a margin it does not need).
+    # (4.7 se). On 400 problems, at the 20 steps run here: +0.068, se 0.0155 (4.4 se; 2026-12-07);
+    # 30 steps cost 40 s more of the suite's time for a margin it does not need.
     start, end = igpo[0][f"{EVAL}/avg@8"], igpo[-1][f"{EVAL}/avg@8"]
     diffs = [b - a for a, b in zip(per_problem_avg(tmp_path, 0), per_problem_avg(tmp_path, STEPS))]
     se = statistics.stdev(diffs) / math.sqrt(len(diffs))

@@ -179,9 +179,7 @@ def _alive(pid):
 
 
 def _cmdline(pid):
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline") as f:
-        return f"{pid}: {f.read().replace(chr(0), ' ')[:120]}"
-    return f"{pid}: gone"
+    return f"{pid}: {_title(pid)[:120] or 'gone'}"
 
 
 def test_joined_cluster_outlives_a_sigkilled_launcher_but_its_actors_go(task, tmp_path):

@@ -230,7 +230,8 @@ def test_hung_engine_is_restarted_after_its_timeout(task, ray_session, tmp_path,
 
     def collect(stream, pool, *args):
         if not stopped and stream.position > 0:  # step 2: the engine freezes
-            pool.timeout_s = 8.0  # short for the test (a step generates in under a second); the run starts with the default
+            # Short for the test (a step generates in under a second); the run starts with the default.
+            pool.timeout_s = 8.0
             stopped.append(pool.apply(lambda engine: os.getpid())[0])
             os.kill(stopped[0], signal.SIGSTOP)
         return real_collect(stream, pool, *args)
