@@ -26,7 +26,7 @@ USAGE = """usage: python -m rl.launch recipe=NAME [key=value ...] [--print-confi
                    eval.every_steps, sync.check_sequences, reward.workers, rollout.max_restarts,
                    rollout.timeout_s, train.max_skipped_updates, train.stop_on_collapse,
                    checkpoint.on_interrupt
-  --print-config   print the resolved config
+  --print-config   print the resolved config, then run (add --dry-run to stop there)
   --dry-run        resolve and validate everything (config, algorithm, rewards, data source,
                    model path) without loading models or downloading anything, then exit;
                    every local path named (data files, model folder, reward files) must
