@@ -64,10 +64,12 @@ class RolloutPool:
         placement=None,
         settings: EngineSettings | None = None,
         plugins: list[str] | None = None,
+        wait: bool = True,
         **setting_fields,
     ):
         """`settings` (or its fields as keywords): what every engine is built with; `plugins`: the
-        config's, imported by every engine actor before its engine is built."""
+        config's, imported by every engine actor before its engine is built. `wait=False` returns
+        once the actors are asked for; `wait_started` then waits for them."""
         from rollouts.registry import engine_class
 
         self.kind = kind
@@ -77,8 +79,13 @@ class RolloutPool:
         self._model_path, self._seed, self._engine_cpus = model_path, seed, engine_cpus
         self._settings, self._plugins = settings or EngineSettings(**setting_fields), list(plugins or [])
         self._actors = [self._spawn(i) for i in range(num_engines)]
+        if wait:
+            self.wait_started()
+
+    def wait_started(self) -> None:
+        """Until every engine is built. Construction errors (bad path, no memory) surface here, not
+        at the first generate."""
         try:
-            # Construction errors (bad path, no memory) surface here, not at the first generate.
             self._gather("start", [a.ready.remote() for a in self._actors])
         except RolloutEngineError:
             self._kill()

@@ -43,8 +43,10 @@ class LearnerGroup:
         diffusion: DiffusionForward | None = None,
         placement=None,
         plugins: list[str] | None = None,
+        wait: bool = True,
     ):
-        """Arguments as LearnerWorker's (`plugins`: the config's, imported by every rank first). `placement` (rl.loop.placement's applied ResourcePlan): rank r runs
+        """Arguments as LearnerWorker's (`plugins`: the config's, imported by every rank first;
+        `wait=False`: return once the ranks are asked for, `wait_started` waits for them). `placement` (rl.loop.placement's applied ResourcePlan): rank r runs
         in the plan's learner slot r, and the ranks meet at rank 0's node address; without one, each
         rank reserves learner_cpus (and a GPU where the cluster has some) and they meet on this host."""
         import ray
@@ -65,6 +67,10 @@ class LearnerGroup:
             )
             for rank in range(n)
         ]
+        if wait:
+            self.wait_started()
+
+    def wait_started(self) -> None:
         # Actors are constructed concurrently; DeepSpeed's init returns once all ranks joined.
         self._wait([w.__ray_ready__.remote() for w in self.workers], "init")
 

@@ -120,17 +120,23 @@ class TrainingRun:
             colocated=colocated, sleep_mode=self.sleeps, prompt_mask_prob=needs.prompt_mask_prob,
             estimator=needs.estimator, estimator_samples=needs.estimator_samples,
         )
+        # Engines and learner ranks start side by side (their first seconds are imports of vLLM and
+        # DeepSpeed), except colocated on GPUs, where vLLM sizes its cache from the memory it finds free.
+        side_by_side = not (colocated and self.plan.on_gpu)
         self.pool = RolloutPool(cfg.rollout.engine, self.model_path, num_engines=cfg.rollout.num_engines, seed=cfg.seed,
                                 engine_cpus=cfg.rollout.engine_cpus, placement=self.plan, timeout_s=cfg.rollout.timeout_s,
-                                settings=settings, plugins=cfg.plugins)
+                                settings=settings, plugins=cfg.plugins, wait=not side_by_side)
         self._closers.append(("stop the rollout engines", self.pool.close))
         self.learners = LearnerGroup(
             self.model_path, cfg.learner, cfg.model.dtype, seed=cfg.seed,
             total_steps=cfg.train.steps * needs.updates_per_batch, with_reference=needs.reference,
             teacher=needs.teacher, lora=cfg.model.lora, diffusion=self._diffusion_forward(), placement=self.plan,
-            plugins=cfg.plugins,
+            plugins=cfg.plugins, wait=not side_by_side,
         )
         self._closers.append(("stop the learner ranks", self.learners.close))
+        if side_by_side:
+            self.pool.wait_started()
+            self.learners.wait_started()
         self.weights = WeightPusher(cfg.sync, self.pool, self.learners, self.plan)
         print(f"weight sync: {self.weights}", file=sys.stderr, flush=True)
         self.sync_check = SyncCheck(cfg, self.pool, self.learners)
