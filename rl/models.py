@@ -149,3 +149,14 @@ def vocab_size(model_dir: str, tokenizer=None) -> int:
     except (OSError, ValueError):
         size = None
     return int(size) if size else len(tokenizer)
+
+
+def context_length(model_dir: str, default: int = 4096) -> int:
+    """The model's longest context (config.json's max_position_embeddings or n_positions), else `default`."""
+    import json
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return default
+    return int(config.get("max_position_embeddings") or config.get("n_positions") or default)

@@ -65,17 +65,21 @@ class RolloutPool:
         settings: EngineSettings | None = None,
         plugins: list[str] | None = None,
         wait: bool = True,
+        slots: list | None = None,
         **setting_fields,
     ):
         """`settings` (or its fields as keywords): what every engine is built with; `plugins`: the
         config's, imported by every engine actor before its engine is built. `wait=False` returns
-        once the actors are asked for; `wait_started` then waits for them."""
+        once the actors are asked for; `wait_started` then waits for them. `slots`: the placement's
+        slots the engines take (default: its rollout engines'; another model's scoring engines take
+        some of `placement.scorers`)."""
         from rollouts.registry import engine_class
 
         self.kind = kind
         self.engine_class = engine_class(kind)
         self.timeout_s = timeout_s
         self.placement = placement
+        self._slots = slots if slots is not None or placement is None else placement.engines
         self._model_path, self._seed, self._engine_cpus = model_path, seed, engine_cpus
         self._settings, self._plugins = settings or EngineSettings(**setting_fields), list(plugins or [])
         self._actors = [self._spawn(i) for i in range(num_engines)]
@@ -99,7 +103,7 @@ class RolloutPool:
         if self.placement is None:
             options = dict(num_cpus=self._engine_cpus)
         else:
-            options = self.placement.actor_options(self.placement.engines[index])
+            options = self.placement.actor_options(self._slots[index])
         actor = ray.remote(**options)(_EngineHost)
         return actor.remote(self.kind, self._model_path, self._seed + index, self._settings, self._plugins)
 

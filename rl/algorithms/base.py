@@ -57,6 +57,19 @@ class Repair:
 
 
 @dataclass(frozen=True)
+class ScoringEngines:
+    """Engines of their own in the Ray pool that hold another, frozen model and score the loop's
+    sequences (`RolloutPool.score`): a teacher too large to sit beside the student on the learner
+    ranks. `name` tells an algorithm's several such models apart."""
+
+    name: str
+    model_path: str
+    num_engines: int = 1
+    gpus_per_engine: int = 1
+    max_model_len: int | None = None  # None: the model's own context, at most 4096
+
+
+@dataclass(frozen=True)
 class Requirements:
     """What an algorithm needs built before the first step, decided once from its config.
 
@@ -69,6 +82,8 @@ class Requirements:
         estimator, which the learner and the engines must apply alike.
     estimator, estimator_samples: masked-diffusion models: the likelihood estimator (rollouts.estimators)
         and its n, which the learner and the engines must use alike.
+    scoring_engines: engines the loop starts for other models (one ScoringEngines each) and hands
+        to `Algorithm.attach_scoring_engines` before the first step. Empty: none.
     """
 
     reference: bool = False
@@ -78,6 +93,7 @@ class Requirements:
     prompt_mask_prob: float = 0.0
     estimator: str = "one_step"
     estimator_samples: int = 1
+    scoring_engines: tuple[ScoringEngines, ...] = ()
 
 
 class Learner(Protocol):
@@ -156,6 +172,11 @@ class Algorithm:
 
     def attach_tokenizer(self, tokenizer) -> None:
         """Called once before training, for algorithms that build prompts of their own."""
+
+    def attach_scoring_engines(self, engines) -> None:
+        """Called once before training when `requirements.scoring_engines` asks for engines: {name:
+        rollouts.pool.RolloutPool}, each pool's `score(requests)` giving the log-probs of given tokens."""
+        raise NotImplementedError(f"{type(self).__name__} asks for scoring engines but does not take them.")
 
     def loss_temperature(self) -> float:
         """The learner divides logits by this before the loss (the sampling temperature for

@@ -7,6 +7,7 @@ still computed, for the accuracy curve).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -15,14 +16,17 @@ from pydantic import Field, model_validator
 
 from rl.algorithms import advantages as group_advantages, distill_metrics, divergences, losses
 from rl.core import contracts, kernels
-from rl.algorithms.base import Algorithm, Requirements, Rollouts, Update, register_algorithm
+from rl.algorithms.base import Algorithm, Requirements, Rollouts, ScoringEngines, Update, register_algorithm
 from rl.core.schema import Section
 from rl.data import build_teacher_prompt
 from rl.core.batch import MicroBatch, PolicyOutputs, SequenceBatch
-from rl.core.types import SamplingSpec
+from rl.core.types import SamplingSpec, ScoringRequest
 
 
 ANSWER_MASK = "answer_mask"  # token field: 1 on the final answer's tokens (the last \\boxed{...}), else 0
+# Token field: the teacher's log-prob of each sampled token, from teacher engines (opsd.teacher.runs_on=engines).
+TEACHER_LOGPROBS = "teacher_logprobs"
+TEACHER_INDEX = "teacher_index"  # sequence field: which of several teachers (opsd.teacher.by_tag) scores it
 
 
 class TeacherConfig(Section):
@@ -52,6 +56,28 @@ class TeacherConfig(Section):
         "distillation (OPD); only meaningful with another model (kind=model) or a copy that differs from "
         "the policy (frozen, ema).",
     )
+    runs_on: Literal["learner", "engines"] = Field(
+        "learner",
+        description="For kind=model: learner: the teacher sits on every learner rank, frozen and sharded like the "
+        "reference (ZeRO-3), and every token loss works. engines: a teacher too large to sit beside the student "
+        "runs on engines of its own in the Ray pool (rollout.engine, `num_engines` x `gpus_per_engine`, in the "
+        "resource plan) and scores the student's sampled tokens (vLLM's prompt log-probs), so only "
+        "opsd.token_loss=sampled is possible (and mode=rlsd, which reads the same log-probs).",
+    )
+    num_engines: int = Field(1, ge=1, description="runs_on=engines: how many teacher engines (each scores a share of the batch).")
+    gpus_per_engine: int = Field(1, ge=1, description="runs_on=engines: GPUs per teacher engine (tensor parallel on GPU; ignored on CPU).")
+    max_model_len: Optional[int] = Field(
+        None, ge=1, description="runs_on=engines: the longest teacher view (prompt, reference solution, completion) "
+        "an engine takes. None: the teacher's own context length, at most 4096.",
+    )
+    by_tag: dict[str, str] = Field(
+        {},
+        description="Several teachers, one per data source (multi-teacher OPD): {tag: model path}; a row whose "
+        "`tag_key` column holds a listed tag is scored by that teacher, any other row by `path`. Needs "
+        "runs_on=engines: each teacher gets `num_engines` engines of its own. Every teacher must share the "
+        "student's tokenizer.",
+    )
+    tag_key: str = Field("source", description="The row column whose value picks the row's teacher in `by_tag`.")
     ema_decay: float = Field(
         0.999,
         gt=0,
@@ -70,6 +96,13 @@ class TeacherConfig(Section):
         if self.kind != "model" and self.path:
             raise ValueError(f"opsd.teacher.path is only read with opsd.teacher.kind=model (kind is {self.kind}): "
                              "set kind=model to distil from that model, or drop the path.")
+        if self.runs_on == "engines" and self.kind != "model":
+            raise ValueError(f"opsd.teacher.runs_on=engines puts another model on engines of its own, but kind is "
+                             f"{self.kind} (the policy itself, which lives on the learner ranks): set "
+                             "opsd.teacher.kind=model with opsd.teacher.path, or runs_on=learner.")
+        if self.by_tag and self.runs_on != "engines":
+            raise ValueError("opsd.teacher.by_tag routes rows to several teachers, each on engines of its own: set "
+                             "opsd.teacher.runs_on=engines (the learner ranks hold at most one teacher).")
         if self.kind == "live" and not self.privileged:
             raise ValueError("opsd.teacher.kind=live with privileged=false scores the student's own prompt with "
                              "the student itself: the divergence is zero and nothing trains. Use kind=model with "
@@ -151,6 +184,25 @@ class OPSDConfig(Section):
                              "group's mean): set opsd.group_size to 2 or more (e.g. 8).")
         return self
 
+    @model_validator(mode="after")
+    def _engine_teacher_scores_sampled_tokens(self):
+        if self.teacher.runs_on != "engines":
+            return self
+        if self.mode == "distill" and self.token_loss != "sampled":
+            raise ValueError(
+                f"opsd.teacher.runs_on=engines: the teacher's engines return the log-probs of the student's sampled "
+                f"tokens only, not its distribution over the vocabulary that token_loss={self.token_loss} compares. "
+                "Set opsd.token_loss=sampled, or opsd.teacher.runs_on=learner to keep the teacher on the learner "
+                "ranks (every token loss)."
+            )
+        if self.scale_logits_by_temperature:
+            raise ValueError(
+                "opsd.teacher.runs_on=engines: the engines score at temperature 1, so the teacher's logits cannot be "
+                "divided by rollout.temperature (opsd.scale_logits_by_temperature). Turn it off, or keep the teacher "
+                "on the learner ranks (opsd.teacher.runs_on=learner)."
+            )
+        return self
+
 
 def vocabulary_mismatch(student_tokenizer, teacher_tokenizer) -> str | None:
     """Why two tokenizers do not share a vocabulary (None when they do): the same token -> id map."""
@@ -208,11 +260,14 @@ class DistillationLoss:
         """(student log-probs of the sampled tokens, with grad in rlsd mode; the student's entropy; the
         teacher's log-probs of the same tokens, no grad), chunked over positions."""
         args = (mb.completion_ids, mb.completion_mask, out.temperature, self.chunk_size)
-        teacher_weight = out.lm_head_weight if out.teacher_lm_head_weight is None else out.teacher_lm_head_weight
-        with torch.no_grad():
-            teacher_lp, _ = kernels.chunked_token_logprobs_and_entropy(
-                out.teacher_hidden, None if teacher_weight is None else teacher_weight.detach(), *args)
-        if self.mode == "rlsd":
+        if TEACHER_LOGPROBS in mb.token_fields:  # scored by the teacher's engines
+            teacher_lp = mb.token_fields[TEACHER_LOGPROBS]
+        else:
+            teacher_weight = out.lm_head_weight if out.teacher_lm_head_weight is None else out.teacher_lm_head_weight
+            with torch.no_grad():
+                teacher_lp, _ = kernels.chunked_token_logprobs_and_entropy(
+                    out.teacher_hidden, None if teacher_weight is None else teacher_weight.detach(), *args)
+        if self.mode == "rlsd" or TEACHER_LOGPROBS in mb.token_fields:
             logp, entropy = kernels.chunked_token_logprobs_and_entropy(out.hidden, out.lm_head_weight, *args)
             return logp, entropy, teacher_lp
         with torch.no_grad():
@@ -220,7 +275,9 @@ class DistillationLoss:
                 out.hidden.detach(), None if out.lm_head_weight is None else out.lm_head_weight.detach(), *args)
         return logp, entropy, teacher_lp
 
-    def _per_token(self, out: PolicyOutputs, mb: MicroBatch) -> torch.Tensor:
+    def _per_token(self, out: PolicyOutputs, mb: MicroBatch, logp: torch.Tensor, teacher_lp: torch.Tensor) -> torch.Tensor:
+        if TEACHER_LOGPROBS in mb.token_fields:  # logp has its gradient (chunked, no [B, T, V] tensor)
+            return divergences.sampled_token_loss(logp, teacher_lp)
         if self.token_loss == "sampled":
             # Cheap in compute, not in memory: both logit sets are materialised here.
             teacher_logits = kernels.chunk_logits(
@@ -251,14 +308,15 @@ class DistillationLoss:
             advantages = divergences.rlsd_token_advantages(
                 mb.token_fields[contracts.ADVANTAGES], teacher_lp - logp.detach(), self.rlsd_mix, self.rlsd_clip)
             per_token = -advantages * logp  # on-policy (one update per batch): the ratio is 1
-            out.keep_logprobs(logp)
         else:
-            per_token = self._per_token(out, mb)
+            per_token = self._per_token(out, mb, logp, teacher_lp)
         loss = losses.aggregate(per_token, mask, self.aggregation, mb.loss_normalizer)
         # log p_S(y) - log p_T(y) at the sampled token: an unbiased one-sample estimate of KL(p_S || p_T)
         # there, whatever the token loss; split into the final answer (the last \boxed{...}) and the rest.
         kl = (logp.detach() - teacher_lp) * mask
         answer = mb.token_fields.get(ANSWER_MASK, torch.zeros_like(mask)) * mask
+        if logp.requires_grad:
+            out.keep_logprobs(logp)
         return loss, {
             "divergence_sum": float((per_token.detach() * mask).sum()), "tokens": float(mask.sum()),
             "entropy_sum": float((entropy * mask).sum()),
@@ -276,8 +334,19 @@ class OPSD(Algorithm):
         super().__init__(cfg)
         self.data_cfg = cfg.data
         self.rollout_cfg = cfg.rollout
-        self.requirements = Requirements(teacher=self.cfg.teacher)
+        teacher = self.cfg.teacher
+        on_engines = teacher.runs_on == "engines"
+        # With the teacher on engines: one scoring model per teacher, the default (`path`) first.
+        self.teacher_paths = ({"opsd.teacher.path": teacher.path,
+                               **{f"opsd.teacher.by_tag.{tag}": path for tag, path in teacher.by_tag.items()}}
+                              if on_engines else {})
+        self.requirements = Requirements(
+            teacher=None if on_engines else teacher,
+            scoring_engines=tuple(ScoringEngines(name, path, teacher.num_engines, teacher.gpus_per_engine,
+                                                 teacher.max_model_len) for name, path in self.teacher_paths.items()),
+        )
         self.loss = DistillationLoss.from_config(self.cfg)
+        self.teacher_engines = None
         self.tokenizer = None
         self.trust_remote_code = cfg.model.trust_remote_code
         if self.cfg.teacher.kind == "model":
@@ -292,17 +361,32 @@ class OPSD(Algorithm):
 
         from rl.models import check_model_path
 
-        teacher_path = self.cfg.teacher.path
-        check_model_path(teacher_path)
-        if Path(student_path).expanduser().is_dir() and Path(teacher_path).expanduser().is_dir():
-            student = AutoTokenizer.from_pretrained(str(Path(student_path).expanduser()),
-                                                    trust_remote_code=self.trust_remote_code)
-            check_teacher_tokenizer(student, teacher_path, self.trust_remote_code)
+        student = None
+        for teacher_path in self._teacher_model_paths():
+            check_model_path(teacher_path)
+            if Path(student_path).expanduser().is_dir() and Path(teacher_path).expanduser().is_dir():
+                student = student or AutoTokenizer.from_pretrained(str(Path(student_path).expanduser()),
+                                                                   trust_remote_code=self.trust_remote_code)
+                check_teacher_tokenizer(student, teacher_path, self.trust_remote_code)
+
+    def _teacher_model_paths(self) -> list[str]:
+        return [self.cfg.teacher.path, *self.cfg.teacher.by_tag.values()]
 
     def attach_tokenizer(self, tokenizer) -> None:
         if self.cfg.teacher.kind == "model":
-            check_teacher_tokenizer(tokenizer, self.cfg.teacher.path, self.trust_remote_code)
+            for path in self._teacher_model_paths():
+                check_teacher_tokenizer(tokenizer, path, self.trust_remote_code)
         self.tokenizer = tokenizer
+
+    def attach_scoring_engines(self, engines: dict) -> None:
+        self.teacher_engines = [engines[name] for name in self.teacher_paths]
+
+    def _teacher_index(self, row: dict) -> int:
+        """Which teacher scores this row: the position in teacher_paths of its tag's (0: the default)."""
+        tag = row.get(self.cfg.teacher.tag_key)
+        names = list(self.teacher_paths)
+        name = f"opsd.teacher.by_tag.{tag}"
+        return names.index(name) if tag is not None and name in names else 0
 
     def loss_temperature(self) -> float:
         return self.rollout_cfg.temperature if self.cfg.scale_logits_by_temperature else 1.0
@@ -340,6 +424,7 @@ class OPSD(Algorithm):
         rlsd = self.cfg.mode == "rlsd"
         advantages = self._group_advantages(rollouts.rewards) if rlsd else None
         input_ids, prompt_lens, teacher_ids, teacher_lens, answer_masks, leaked, adv_rows = [], [], [], [], [], [], []
+        teacher_index = []
         for g, (row, prompt, group) in enumerate(zip(rollouts.rows, rollouts.prompt_ids, rollouts.completions)):
             teacher_prompt = self._teacher_prompt(row, prompt)
             for j, c in enumerate(group):
@@ -348,6 +433,7 @@ class OPSD(Algorithm):
                 teacher_ids.append(teacher_prompt + list(c.token_ids))
                 teacher_lens.append(len(teacher_prompt))
                 answer_mask, leak = self._completion_fields(row, list(c.token_ids))
+                teacher_index.append(float(self._teacher_index(row)) if self.teacher_paths else 0.0)
                 answer_masks.append(answer_mask)
                 leaked += [] if leak is None else [float(leak)]
                 if rlsd:
@@ -359,12 +445,28 @@ class OPSD(Algorithm):
             prompt_lens=prompt_lens,
             token_fields=fields,
             loss_normalizer=losses.step_normalizer(lens, self.loss.aggregation),
+            seq_fields={TEACHER_INDEX: teacher_index} if len(self.teacher_paths) > 1 else {},
             teacher_input_ids=teacher_ids,
             teacher_prompt_lens=teacher_lens,
         )
         metrics = {"teacher_prompt_length": sum(teacher_lens) / len(teacher_lens),
                    "opsd/leak": sum(leaked) / len(leaked) if leaked else float("nan")}
         return batch, metrics
+
+    def prepare(self, batch: SequenceBatch, learner) -> tuple[SequenceBatch, dict[str, float]]:
+        """With the teacher on engines of its own: its log-prob of every sampled token in the teacher view,
+        as a token field; the learner then runs no teacher forward."""
+        if self.teacher_engines is None:
+            return batch, {}
+        requests = [ScoringRequest(ids[:n], ids[n:]) for ids, n in zip(batch.teacher_input_ids, batch.teacher_prompt_lens)]
+        which = [int(i) for i in batch.seq_fields.get(TEACHER_INDEX, [0] * len(batch))]
+        scored: list = [None] * len(batch)
+        for index, engines in enumerate(self.teacher_engines):
+            rows = [i for i, w in enumerate(which) if w == index]
+            for i, logprobs in zip(rows, engines.score([requests[i] for i in rows]) if rows else []):
+                scored[i] = logprobs
+        fields = {**batch.token_fields, TEACHER_LOGPROBS: scored}
+        return dataclasses.replace(batch, token_fields=fields, teacher_input_ids=None, teacher_prompt_lens=None), {}
 
     def update(self, batch: SequenceBatch, learner) -> Update:
         """One optimizer step; the teacher-student KL estimate split into reasoning and final-answer tokens."""

@@ -88,8 +88,23 @@ def parse_overrides(items: list[str]) -> dict:
         key = key.strip()
         if not key:
             raise ConfigError(f"Override `{item}` has an empty key.")
-        _set_dotted(data, key, yaml.safe_load(raw) if raw != "" else "")
+        _set_dotted(data, key, _override_value(item, raw))
     return data
+
+
+def _override_value(item: str, raw: str):
+    """An override's value read as YAML (numbers, booleans, lists, mappings), refused in one line when
+    it is not YAML: most often a string that starts with `{` or `[`, which YAML reads as a mapping or list."""
+    if raw == "":
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"Override `{item}`: its value is not valid YAML ({getattr(e, 'problem', None) or e}). A value starting "
+            "with `{` or `[` is read as a mapping or a list: for a string, quote it in YAML "
+            f"(`{item.split('=', 1)[0]}='{raw}'`, and on a shell command line wrap that in double quotes)."
+        ) from None
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -9,7 +9,7 @@ import torch
 
 from rl.config import LearnerConfig
 from rl.core.batch import MicroBatch
-from rl.learner.model import unwrap
+from rl.learner.model import is_diffusion, unwrap
 
 
 def freeze(policy: torch.nn.Module, cfg: LearnerConfig, ds_config: dict, device: torch.device):
@@ -90,7 +90,9 @@ class FrozenModels:
                 "pass the algorithm's teacher (its Requirements.teacher) as `teacher=`."
             )
         module, _ = self._scorer(self.teacher.kind)
-        return None if module is self.engine else _full_weight(unwrap(module).output_weight)
+        if module is self.engine or is_diffusion(module):  # a diffusion model's forward gives logits
+            return None
+        return _full_weight(unwrap(module).output_weight)
 
     @torch.no_grad()
     def update_ema(self) -> None:

@@ -191,8 +191,13 @@ class _DiffusionPolicy(torch.nn.Module):
                              prompt_mask_prob=s.prompt_mask_prob)
 
 
-def unwrap(module) -> _Policy:
-    return module if isinstance(module, _Policy) else module.module
+def unwrap(module) -> _Policy | _DiffusionPolicy:
+    """The policy module inside a DeepSpeed engine (or the module itself)."""
+    return module if isinstance(module, (_Policy, _DiffusionPolicy)) else module.module
+
+
+def is_diffusion(module) -> bool:
+    return isinstance(unwrap(module), _DiffusionPolicy)
 
 
 def load_model(model_path: str, dtype: str, diffusion: DiffusionForward | None) -> torch.nn.Module:

@@ -67,13 +67,15 @@ def _init_distributed(rank: int, world_size: int, master_addr: str, master_port:
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
 
 
-def teacher_model(path: str, dtype: str, vocab_rows: int) -> torch.nn.Module:
-    """Another causal LM as teacher (OPSD's teacher kind "model"): `path` named as model.path names a
-    model, its output layer as many rows as the student's (the launch already compared tokenizers)."""
-    from rl.models import ModelError, resolve_model_path
+def teacher_model(path: str, dtype: str, vocab_rows: int, diffusion: DiffusionForward | None = None) -> torch.nn.Module:
+    """Another model as teacher (OPSD's teacher kind "model"), of the student's kind (a masked-diffusion
+    one with `diffusion`): `path` named as model.path names a model, its output layer as many rows as
+    the student's (the launch already compared tokenizers)."""
+    from rl.models import ModelError, resolve_model_path, vocab_size
 
-    lm = load_model(resolve_model_path(path), dtype, None)
-    rows = causal_lm(lm).get_output_embeddings().weight.shape[0]
+    folder = resolve_model_path(path)
+    lm = load_model(folder, dtype, diffusion)
+    rows = vocab_size(folder) if diffusion is not None else causal_lm(lm).get_output_embeddings().weight.shape[0]
     if rows != vocab_rows:
         raise ModelError(
             f"The teacher {path} has {rows} output rows, the student {vocab_rows}: the divergence compares their "
@@ -120,15 +122,15 @@ class LearnerWorker:
         what `teacher.kind` needs (frozen: the same reference; ema: an EMA copy; live: nothing; model:
         a frozen copy of `teacher.path`, sharded like the reference).
         With LoRA the frozen model is the policy with adapters disabled.
-        diffusion: the model is a masked-diffusion one, scored as `DiffusionForward` says.
+        diffusion: the model is a masked-diffusion one, scored as `DiffusionForward` says; a teacher view is
+        then scored the same way (its prompt, then the masked answer), by a teacher of the same kind.
         plugins: the config's `plugins` (rl.core.plugins), imported first."""
         import deepspeed
 
         from rl.core.plugins import import_plugins
+        from rl.models import vocab_size
 
         import_plugins(list(plugins or []))  # what the config's plug-ins register, in this process too
-        if diffusion is not None and teacher is not None:
-            raise ValueError("Teacher views (OPSD) are not supported for masked-diffusion models.")
         self.rank = rank
         self.lora = lora if lora is not None and lora.enabled else None
         _init_distributed(rank, world_size, master_addr, master_port)
@@ -142,7 +144,7 @@ class LearnerWorker:
         ds_config = _deepspeed_config(learner_cfg, dtype, world_size)
         model, pad_id = build_model(model_path, dtype, learner_cfg, self.lora, diffusion)
         packed = packed_layout(learner_cfg, causal_lm(model), diffusion is not None)
-        vocab_rows = causal_lm(model).get_output_embeddings().weight.shape[0] if diffusion is None else None
+        vocab_rows = causal_lm(model).get_output_embeddings().weight.shape[0] if diffusion is None else vocab_size(model_path)
         teacher_kind = teacher.kind if teacher is not None else None
         ema = copy.deepcopy(model) if teacher_kind == "ema" else None
         policy = wrap(model, diffusion, pad_id)
@@ -166,7 +168,7 @@ class LearnerWorker:
         reference = None
         if (with_reference or teacher_kind == "frozen") and self.lora is None:
             reference = frozen_copy(load_model(model_path, dtype, diffusion))
-        external = None if teacher_kind != "model" else frozen_copy(teacher_model(teacher.path, dtype, vocab_rows))
+        external = None if teacher_kind != "model" else frozen_copy(teacher_model(teacher.path, dtype, vocab_rows, diffusion))
         self.frozen = FrozenModels(self.engine, learner_cfg, teacher, self.lora is not None, reference,
                                    None if ema is None else frozen_copy(ema), rank, self.device, external)
         batcher = MicroBatcher(learner_cfg, pad_id, packed, self.device)

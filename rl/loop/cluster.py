@@ -10,8 +10,9 @@ from rl.config import RunConfig
 from rl.core.paths import PROJECT_ROOT
 
 
-def init_ray(cfg: RunConfig) -> None:
-    """Join the cluster `ray.address` (or RAY_ADDRESS) names, else start one on this machine."""
+def init_ray(cfg: RunConfig, scoring=()) -> None:
+    """Join the cluster `ray.address` (or RAY_ADDRESS) names, else start one on this machine (sized
+    for the plan, with the algorithm's `scoring` engines)."""
     import ray
 
     from rl.loop.local_cluster import ClusterError, LocalCluster
@@ -40,7 +41,7 @@ def init_ray(cfg: RunConfig) -> None:
     from rl.loop.placement import ResourcePlan
 
     # Refused before anything starts if the plan needs more CPUs than this machine can share out.
-    num_cpus = ResourcePlan.from_config(cfg, on_gpu=False).local_cpus(len(os.sched_getaffinity(0)))
+    num_cpus = ResourcePlan.from_config(cfg, on_gpu=False, scoring=scoring).local_cpus(len(os.sched_getaffinity(0)))
     # A cluster that dies with this process, whatever ends it (rl/loop/local_cluster.py).
     global _local_cluster
     if _local_cluster is not None:  # one this process started before and disconnected from
@@ -73,12 +74,13 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def place(cfg: RunConfig):
-    """The run's resource plan, checked against the cluster and reserved; printed."""
+def place(cfg: RunConfig, scoring=()):
+    """The run's resource plan (with the algorithm's `scoring` engines), checked against the cluster
+    and reserved; printed."""
     import ray
 
     from rl.loop.placement import ResourcePlan
 
-    plan = ResourcePlan.from_config(cfg, on_gpu=ray.cluster_resources().get("GPU", 0) > 0).apply()
+    plan = ResourcePlan.from_config(cfg, on_gpu=ray.cluster_resources().get("GPU", 0) > 0, scoring=scoring).apply()
     print(plan.table(), file=sys.stderr, flush=True)
     return plan

@@ -13,6 +13,9 @@ each engine and learner rank will run and every actor can be told its threads an
   plan pins them itself (CUDA_VISIBLE_DEVICES from the probe): the engine sees all g, learner
   rank i*g+j sees the j-th. On GPU vLLM sleeps while the learners train.
   Ranks beyond num_engines*g get bundles of their own.
+- Scoring engines (a teacher on engines of its own, opsd.teacher.runs_on=engines) always get
+  bundles of their own, after the others, in either mode: such a teacher is there because it is
+  too large to share.
 - On a cluster with no GPU the same code places CPU bundles (engine_cpus / learner_cpus each).
 
 Threads follow the placement: generation and training take turns, so an actor uses all the cores
@@ -44,7 +47,7 @@ class PlacementError(RuntimeError):
 class Slot:
     """Where one actor goes: its bundle and what it asks Ray for inside it."""
 
-    role: str  # "engine" or "learner"
+    role: str  # "engine", "learner" or "scorer"
     rank: int
     bundle: int
     num_gpus: float
@@ -70,6 +73,7 @@ class ResourcePlan:
     engines: list[Slot]
     learners: list[Slot]
     strategy: str = "PACK"
+    scorers: list[Slot] = field(default_factory=list)
     # Engines and learners work at the same time (train.max_staleness >= 1): they share the cores.
     overlap: bool = False
     # Filled by apply():
@@ -91,7 +95,9 @@ class ResourcePlan:
         on_gpu: bool,
         strategy: str = "PACK",
         overlap: bool = False,
+        scorer_gpus: tuple[int, ...] = (),
     ) -> "ResourcePlan":
+        """`scorer_gpus`: one entry per scoring engine (another model's: a teacher on engines), its GPUs."""
         if mode not in (SPLIT, COLOCATE):
             raise ValueError(f"placement must be '{SPLIT}' or '{COLOCATE}', got {mode!r}")
         g = gpus_per_engine if on_gpu else 0
@@ -124,10 +130,13 @@ class ResourcePlan:
             first_alone = num_engines * per_group
         for r in range(first_alone, num_learners):
             learners.append(Slot("learner", r, bundle(learner_cpus, 1 if on_gpu else 0), 1.0 if on_gpu else 0.0, learner_cpus))
-        return cls(mode, on_gpu, bundles, engines, learners, strategy, overlap)
+        scorers = [Slot("scorer", i, bundle(engine_cpus, g if on_gpu else 0), float(g if on_gpu else 0), engine_cpus)
+                   for i, g in enumerate(scorer_gpus)]
+        return cls(mode, on_gpu, bundles, engines, learners, strategy, overlap, scorers)
 
     @classmethod
-    def from_config(cls, cfg, on_gpu: bool) -> "ResourcePlan":
+    def from_config(cls, cfg, on_gpu: bool, scoring=()) -> "ResourcePlan":
+        """`scoring`: the algorithm's Requirements.scoring_engines."""
         return cls.build(
             num_engines=cfg.rollout.num_engines,
             gpus_per_engine=cfg.rollout.gpus_per_engine,
@@ -138,6 +147,7 @@ class ResourcePlan:
             on_gpu=on_gpu,
             strategy=cfg.ray.strategy,
             overlap=cfg.train.max_staleness > 0,
+            scorer_gpus=tuple(s.gpus_per_engine for s in scoring for _ in range(s.num_engines)),
         )
 
     # ------------------------------------------------------------------ checking and applying
@@ -179,7 +189,7 @@ class ResourcePlan:
         allowed = max(LOCAL_MIN_CPUS, LOCAL_CPUS_PER_CORE * cores)
         if need > allowed + 1e-9:
             parts = [f"{len(s)} {role} x {s[0].num_cpus:g} CPU" for role, s in
-                     (("engines", self.engines), ("learner ranks", self.learners)) if s]
+                     (("engines", self.engines), ("learner ranks", self.learners), ("teacher engines", self.scorers)) if s]
             raise PlacementError(
                 f"The resource plan does not fit this machine. It needs {need:g} CPU ({' + '.join(parts)}: "
                 "rollout.num_engines x rollout.engine_cpus + learner.num_learners x learner.learner_cpus), and a Ray "
@@ -242,7 +252,8 @@ class ResourcePlan:
         time: those of its own role when roles take turns, every engine and learner with overlap
         (more threads than cores would make both roles spin against each other)."""
         node = self.info[slot.bundle].node_id
-        peers = self.engines + self.learners if self.overlap else (self.engines if slot.role == "engine" else self.learners)
+        by_role = {"engine": self.engines, "learner": self.learners, "scorer": self.scorers}
+        peers = self.engines + self.learners if self.overlap and slot.role != "scorer" else by_role[slot.role]
         same = [s for s in peers if self.info[s.bundle].node_id == node]
         return max(1, self.info[slot.bundle].cores // len(same))
 
@@ -288,11 +299,11 @@ class ResourcePlan:
         kind = "GPU" if self.on_gpu else "CPU"
         head = f"resource plan: placement={self.mode}, {kind} bundles [{self.describe_bundles()}]"
         lines = [head]
-        for s in sorted(self.engines, key=lambda s: s.rank) + sorted(self.learners, key=lambda s: s.rank):
+        for s in [*sorted(self.engines, key=lambda s: s.rank), *sorted(self.learners, key=lambda s: s.rank), *self.scorers]:
             info = self.info[s.bundle]
             gpus = ",".join(map(str, self.gpu_ids(s))) if self.on_gpu else "-"
             lines.append(
-                f"  {s.role:<7} {s.rank:>2}  node {info.node_ip} ({info.node_id[:8]})  bundle {s.bundle}  "
+                f"  {'teacher' if s.role == 'scorer' else s.role:<7} {s.rank:>2}  node {info.node_ip} ({info.node_id[:8]})  bundle {s.bundle}  "
                 f"GPU {gpus}  threads {self.threads(s)}"
             )
         return "\n".join(lines)

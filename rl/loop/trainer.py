@@ -6,6 +6,7 @@ loop never looks at what it computes, only at the names rl.core.contracts declar
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 import time
@@ -24,7 +25,7 @@ from rl.loop.guards import DivergenceGuard, EngineRecovery, GracefulStop, has_si
 from rl.loop.overlap import RolloutsAhead
 from rl.loop.stopped import RunStopped
 from rl.loop.tracking import Console, Tracker, keep_actor_logs
-from rl.models import resolve_model_path, vocab_size
+from rl.models import context_length, resolve_model_path, vocab_size
 from rl.sync.check import SyncCheck
 from rl.sync.weight_sync import WeightPusher
 from rewards.scoring import RewardScorer, correctness_index, log_failures
@@ -75,8 +76,9 @@ class TrainingRun:
         self.cfg, self.run_dir = cfg, run_dir
         self._closers: list[tuple[str, object]] = []
         self._build_data_and_algorithm()  # in seconds, before the cluster starts
-        init_ray(cfg)
-        self.plan = place(cfg)
+        scoring = self.algorithm.requirements.scoring_engines
+        init_ray(cfg, scoring)
+        self.plan = place(cfg, scoring)
         self._closers.append(("release the placement group", self.plan.release))
         self._build_workers()
         self.done, saved = (checkpoint.resume(run_dir, cfg, self.learners, self.weights.push, self.stream) if resume
@@ -134,12 +136,35 @@ class TrainingRun:
             plugins=cfg.plugins, wait=not side_by_side,
         )
         self._closers.append(("stop the learner ranks", self.learners.close))
+        scorers = self._start_scoring_engines(settings)
         if side_by_side:
             self.pool.wait_started()
             self.learners.wait_started()
+        if scorers:
+            for pool in scorers.values():
+                pool.wait_started()
+            self.algorithm.attach_scoring_engines(scorers)
         self.weights = WeightPusher(cfg.sync, self.pool, self.learners, self.plan)
         print(f"weight sync: {self.weights}", file=sys.stderr, flush=True)
         self.sync_check = SyncCheck(cfg, self.pool, self.learners)
+
+    def _start_scoring_engines(self, settings) -> dict:
+        """The engines of the algorithm's other models (teachers too large for the learner ranks), by
+        name, each in bundles of its own in the plan, not yet waited for."""
+        from rollouts.pool import RolloutPool
+
+        pools, first = {}, 0
+        for scoring in self.algorithm.requirements.scoring_engines:
+            path = resolve_model_path(scoring.model_path)
+            context = scoring.max_model_len or min(4096, context_length(path))
+            pools[scoring.name] = RolloutPool(
+                self.cfg.rollout.engine, path, num_engines=scoring.num_engines, seed=self.cfg.seed, placement=self.plan,
+                slots=self.plan.scorers[first : first + scoring.num_engines], timeout_s=self.cfg.rollout.timeout_s,
+                settings=dataclasses.replace(settings, max_model_len=context, tensor_parallel_size=scoring.gpus_per_engine),
+                plugins=self.cfg.plugins, wait=False)
+            self._closers.append((f"stop the engines of {scoring.name}", pools[scoring.name].close))
+            first += scoring.num_engines
+        return pools
 
     def _diffusion_forward(self):
         """The learner's one-step estimator settings for a masked-diffusion model (None: causal)."""

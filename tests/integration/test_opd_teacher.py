@@ -49,17 +49,17 @@ def make_batch(seed: int) -> SequenceBatch:
                          teacher_input_ids=tids, teacher_prompt_lens=tlens)
 
 
-def completion_logits(model, ids, prompt_len) -> torch.Tensor:
+def completion_logits(model, ids, prompt_len, temperature: float) -> torch.Tensor:
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits[0, prompt_len - 1 : len(ids) - 1]
-    return logits.double() / TEMPERATURE
+    return logits.double() / temperature
 
 
-def reference_sum(student, teacher, batch: SequenceBatch, loss: DistillationLoss) -> float:
+def reference_sum(student, teacher, batch: SequenceBatch, loss: DistillationLoss, temperature=TEMPERATURE) -> float:
     """The step's summed per-token loss, written out in float64 from both models' full logits."""
     total = 0.0
     for ids, p, tids, tp in zip(batch.input_ids, batch.prompt_lens, batch.teacher_input_ids, batch.teacher_prompt_lens):
-        s, t = completion_logits(student, ids, p), completion_logits(teacher, tids, tp)
+        s, t = completion_logits(student, ids, p, temperature), completion_logits(teacher, tids, tp, temperature)
         if loss.token_loss == "sampled":
             tokens = torch.tensor(ids[p:])[:, None]
             ls, lt = s.log_softmax(-1).gather(-1, tokens), t.log_softmax(-1).gather(-1, tokens)
@@ -138,3 +138,112 @@ def test_a_teacher_with_another_vocabulary_is_refused(pair, tmp_path):
     algo = build_algorithm(load_config("opsd_smollm2", [f"model.path={student_dir}", "opsd.teacher.kind=model",
                                                         f"opsd.teacher.path={teacher_dir}"]))
     assert algo.requirements.teacher.kind == "model"
+
+
+def test_a_teacher_on_engines_of_its_own_scores_what_the_learner_would(ray_session, pair, tmp_path):
+    """opsd.teacher.runs_on=engines: vLLM engines holding the teacher score the teacher views
+    (OPSD.prepare puts the log-probs in the batch), and the learner, which holds no teacher, runs
+    the sampled-token loss on them: the same sum as the float64 reference from both models' logits."""
+    from rl.algorithms.opsd import OPSD, TEACHER_LOGPROBS
+    from rollouts.pool import RolloutPool
+
+    student_dir, teacher_dir = pair
+    cfg = load_config(None, [f"model.path={student_dir}", "algorithm=opsd", "opsd.token_loss=sampled",
+                             "opsd.aggregation=code", "opsd.teacher.kind=model", f"opsd.teacher.path={teacher_dir}",
+                             "opsd.teacher.runs_on=engines"])
+    algo = OPSD(cfg)
+    assert algo.requirements.teacher is None
+    assert [(e.name, e.model_path) for e in algo.requirements.scoring_engines] == [("opsd.teacher.path", str(teacher_dir))]
+    engines = RolloutPool("vllm", str(teacher_dir), num_engines=1, max_model_len=64, kv_cache_gb=0.05)
+    try:
+        algo.attach_scoring_engines({"opsd.teacher.path": engines})
+        batch = make_batch(5)
+        prepared, _ = algo.prepare(batch, learner=None)
+    finally:
+        engines.close()
+    assert prepared.teacher_input_ids is None and [len(x) for x in prepared.token_fields[TEACHER_LOGPROBS]] == [
+        c for _, c, _ in SHAPES]
+    worker = LearnerWorker(str(student_dir), LearnerConfig(lr=1e-2, micro_batch_size=2, warmup_steps=0), "float32",
+                           0, 1, "127.0.0.1", free_port(), 0, 10)
+    metrics = worker.train_step(prepared, algo.loss, 1.0, num_micro_batches=2)
+    want = reference_sum(load(student_dir), load(teacher_dir), batch, algo.loss, temperature=1.0)  # engines score at T 1
+    assert metrics["divergence_sum"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+def test_opd_with_the_teacher_on_engines_trains_like_the_teacher_on_the_learner(ray_session, tiny_model,
+                                                                                warmed_addition_model, tmp_path, capfd):
+    """train() end to end, plain OPD from the warmed model into the random one: the teacher on an
+    engine of its own (in the resource plan) gives the same losses as the teacher on the learner rank."""
+    import json
+
+    from rl.demo.tiny import addition_rows
+    from rl.loop.trainer import train
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in addition_rows(64, seed=2)))
+
+    def run(where: str) -> list[dict]:
+        cfg = load_config(None, [
+            f"model.path={tiny_model}", f"data.train={data}", "data.prompt_format=plain", "data.max_prompt_tokens=16",
+            "algorithm=opsd", "opsd.token_loss=sampled", "opsd.teacher.kind=model",
+            f"opsd.teacher.path={warmed_addition_model}", "opsd.teacher.privileged=false", f"opsd.teacher.runs_on={where}",
+            "rollout.max_tokens=6", "rollout.kv_cache_gb=0.25", "train.steps=3", "train.prompts_per_step=8",
+            "learner.micro_batch_size=8", "learner.lr=1e-3", "train.save_final=false",
+            f"tracking.output_dir={tmp_path}", f"tracking.run_name={where}"])
+        (tmp_path / where).mkdir()
+        train(cfg, tmp_path / where)
+        return [json.loads(line) for line in (tmp_path / where / "metrics.jsonl").read_text().splitlines()]
+
+    on_engines = run("engines")
+    plan = capfd.readouterr().err
+    assert "  teacher  0  node" in plan and "bundles [{CPU: 1}, {CPU: 1}, {CPU: 1}]" in plan, plan
+    on_learner = run("learner")
+    assert "teacher  0" not in capfd.readouterr().err
+    for a, b in zip(on_engines, on_learner):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3, abs=1e-5)
+        assert a["opsd/kl_reasoning"] == pytest.approx(b["opsd/kl_reasoning"], rel=1e-3, abs=1e-5)
+    assert on_engines[0]["opsd/kl_reasoning"] > 0.05  # the two models disagree: there is something to distil
+
+
+def test_several_teachers_by_tag_each_score_their_own_rows(ray_session, pair, tmp_path):
+    """opsd.teacher.by_tag: rows tagged `b` go to teacher B's engine, every other row to the default
+    teacher's; each completion's teacher log-probs are its own teacher's, and the two teachers
+    disagree, so routing a row to the wrong one would show."""
+    from transformers import AutoTokenizer
+
+    from rl.algorithms import Rollouts
+    from rl.algorithms.opsd import OPSD, TEACHER_INDEX, TEACHER_LOGPROBS
+    from rl.core.types import Completion
+    from rollouts.pool import RolloutPool
+
+    student_dir, teacher_a = pair
+    teacher_b = build_model(tmp_path / "teacher_b", arch="llama", tied=False, hidden=96, seed=11)
+    cfg = load_config(None, [f"model.path={student_dir}", "algorithm=opsd", "opsd.token_loss=sampled",
+                             "opsd.teacher.kind=model", f"opsd.teacher.path={teacher_a}", "opsd.teacher.runs_on=engines",
+                             "opsd.teacher.privileged=false", f"opsd.teacher.by_tag={{b: {teacher_b}}}"])
+    algo = OPSD(cfg)
+    assert [e.model_path for e in algo.requirements.scoring_engines] == [str(teacher_a), str(teacher_b)]
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    algo.attach_tokenizer(tok)
+    rows = [{"problem": f"{i}+{i}=", "answer": str(2 * i), "source": tag} for i, tag in enumerate(["a", "b", None, "b"])]
+    prompts = [tok.encode(r["problem"]) for r in rows]
+    completions = [[Completion(p, tok.encode(f"{i} {i} =")[:4], "", [], "stop")] for i, p in enumerate(prompts)]
+    batch, _ = algo.build_batch(Rollouts(rows, prompts, completions, [[0.0]] * 4))
+    assert batch.seq_fields[TEACHER_INDEX] == [0.0, 1.0, 0.0, 1.0]
+    pools = {name: RolloutPool("vllm", path, max_model_len=64, kv_cache_gb=0.05)
+             for name, path in [("opsd.teacher.path", teacher_a), ("opsd.teacher.by_tag.b", teacher_b)]}
+    try:
+        algo.attach_scoring_engines(pools)
+        prepared, _ = algo.prepare(batch, learner=None)
+    finally:
+        for pool in pools.values():
+            pool.close()
+    models = {"a": load(teacher_a), "b": load(teacher_b)}
+    for i, (ids, p) in enumerate(zip(batch.input_ids, batch.prompt_lens)):
+        tokens = torch.tensor(ids[p:])[:, None]
+        own, other = ("b", "a") if rows[i]["source"] == "b" else ("a", "b")
+        want = completion_logits(models[own], ids, p, 1.0).log_softmax(-1).gather(-1, tokens).squeeze(-1)
+        wrong = completion_logits(models[other], ids, p, 1.0).log_softmax(-1).gather(-1, tokens).squeeze(-1)
+        got = torch.tensor(prepared.token_fields[TEACHER_LOGPROBS][i], dtype=torch.float64)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert (got - wrong).abs().max() > 0.1  # the teachers disagree

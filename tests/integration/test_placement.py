@@ -34,6 +34,13 @@ def test_plan_shapes():
     assert co.needs()["GPU"] == 3 and all(s.num_gpus == 0 for s in co.engines)
     cpu = plan(on_gpu=False)
     assert "GPU" not in cpu.needs() and cpu.needs()["CPU"] == 4
+    # A teacher on engines of its own: bundles after the others, in either mode.
+    for mode, learners in (("split", 2), ("colocate", 2)):
+        taught = plan(mode=mode, num_learners=learners, scorer_gpus=(2, 2))
+        assert [s.bundle for s in taught.scorers] == [len(taught.bundles) - 2, len(taught.bundles) - 1]
+        assert all(taught.bundles[s.bundle] == {"CPU": 1, "GPU": 2.0} for s in taught.scorers)
+        others = {s.bundle for s in taught.engines + taught.learners}
+        assert others.isdisjoint(s.bundle for s in taught.scorers)
 
 
 def test_plan_that_does_not_fit_is_refused():
@@ -132,6 +139,17 @@ def test_engines_and_learners_get_their_gpus(recorded, mode, gpus_per_engine):
     assert "placement=" + mode in case["table"] and case["table"].count("engine") == len(engines)
 
 
+def test_a_teacher_on_engines_gets_gpus_of_its_own(recorded):
+    """Colocated engines and learners on GPUs 0-1 of a plan that also holds a 2-GPU teacher engine:
+    the teacher's GPUs are its own, and the printed plan names them."""
+    case = recorded["teacher"]
+    teacher = case["scorers"][0]
+    assert len(_visible(teacher)) == 2 and _visible(teacher) == {str(g) for g in teacher["plan_gpus"]}
+    others = set().union(*(_visible(r) for r in case["engines"] + case["learners"]))
+    assert others and not others & _visible(teacher)
+    assert "teacher  0  node" in case["table"] and f"GPU {','.join(map(str, teacher['plan_gpus']))}" in case["table"]
+
+
 def test_threads_follow_the_node_cores(recorded):
     case = recorded["split-1"]
     cores = case["cores"]
@@ -200,6 +218,18 @@ def _recorders() -> dict:
             for a in actors:
                 ray.kill(a)
             p.release()
+    p = ResourcePlan.build(num_engines=1, gpus_per_engine=2, engine_cpus=1, num_learners=2, learner_cpus=0.5,
+                           mode="colocate", on_gpu=True, scorer_gpus=(2,)).apply()
+    slots = p.engines + p.learners + p.scorers
+    actors = [ray.remote(**p.actor_options(s))(_Recorder).remote(s.role, s.rank) for s in slots]
+    records = ray.get([a.record.remote() for a in actors])
+    for r, s in zip(records, slots):
+        r["plan_gpus"] = p.gpu_ids(s)
+    out["teacher"] = {role: [r for r in records if r["role"] == role[:-1]] for role in ("engines", "learners", "scorers")}
+    out["teacher"]["table"] = p.table()
+    for a in actors:
+        ray.kill(a)
+    p.release()
     try:
         ResourcePlan.build(
             num_engines=2, gpus_per_engine=2, engine_cpus=1, num_learners=1, learner_cpus=1, mode="split", on_gpu=True

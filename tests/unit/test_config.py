@@ -23,6 +23,14 @@ def test_dotted_overrides_are_typed_and_applied():
     assert cfg.data.max_rows is None
 
 
+def test_an_override_that_is_not_yaml_says_how_to_quote_it():
+    with pytest.raises(ConfigError, match=r"Override `opsd.teacher_template=\{solution\} \{problem\}`: its value is not "
+                                          r"valid YAML .* quote it in YAML \(`opsd.teacher_template='\{solution\} \{problem\}'`"):
+        load_config("opsd_smollm2", ["opsd.teacher_template={solution} {problem}"])
+    cfg = load_config("opsd_smollm2", ["opsd.teacher_template='{solution} {problem}'"])
+    assert cfg.opsd.teacher_template == "{solution} {problem}"
+
+
 def test_unknown_key_names_key_and_choices():
     with pytest.raises(ConfigError, match="grpo.kl_coeff") as e:
         load_config("grpo_smollm2", ["grpo.kl_coeff=0.1"])

@@ -1,0 +1,67 @@
+"""A teacher on engines of its own (opsd.teacher.runs_on=engines): what the config refuses, and the
+loss on the engines' log-probs against a plain reference and against the same loss with the
+teacher's hidden states on the learner."""
+import pytest
+import torch
+
+from rl.algorithms.opsd import TEACHER_LOGPROBS, DistillationLoss, OPSDConfig
+from rl.core.batch import MicroBatch, PolicyOutputs, SequenceBatch
+
+LENS = [3, 5, 1]
+HIDDEN, VOCAB = 5, 11
+ENGINES = {"kind": "model", "path": "teacher", "runs_on": "engines"}
+
+
+@pytest.mark.parametrize("settings, says", [
+    ({"token_loss": "full"}, "Set opsd.token_loss=sampled"),
+    ({"token_loss": "top_k"}, "Set opsd.token_loss=sampled"),
+    ({"token_loss": "sampled", "scale_logits_by_temperature": True}, "engines score at temperature 1"),
+    ({"token_loss": "sampled", "teacher": {"kind": "frozen", "runs_on": "engines"}}, "set opsd.teacher.kind=model"),
+    ({"teacher": {"kind": "model", "path": "t", "by_tag": {"b": "u"}}}, "set opsd.teacher.runs_on=engines"),
+])
+def test_what_a_teacher_on_engines_cannot_do_is_refused(settings, says):
+    with pytest.raises(ValueError, match=says):
+        OPSDConfig(**{"teacher": ENGINES, **settings})
+    OPSDConfig(teacher=ENGINES, token_loss="sampled")
+    OPSDConfig(teacher=ENGINES, mode="rlsd", group_size=4)  # RLSD reads only the sampled tokens' log-probs
+
+
+def test_the_loss_on_engine_log_probs_equals_the_loss_on_the_teachers_hidden_states():
+    g = torch.Generator().manual_seed(1)
+    tokens = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in LENS]
+    hidden = torch.randn(len(LENS), max(LENS), HIDDEN, generator=g, dtype=torch.float64)
+    weight = torch.randn(VOCAB, HIDDEN, generator=g, dtype=torch.float64)
+    t_hidden = torch.randn(hidden.shape, generator=g, dtype=torch.float64)
+    t_weight = torch.randn(weight.shape, generator=g, dtype=torch.float64)
+    teacher_lp = [[torch.log_softmax(t_weight @ t_hidden[i, t], -1)[tok].item() for t, tok in enumerate(toks)]
+                  for i, toks in enumerate(tokens)]
+    loss_fn = DistillationLoss.from_config(OPSDConfig(teacher=ENGINES, token_loss="sampled", chunk_size=2, aggregation="code"))
+
+    def run(fields, teacher):
+        batch = SequenceBatch([[1] + t for t in tokens], [1] * len(LENS), token_fields=fields,
+                              loss_normalizer=float(sum(LENS)))
+        mb = MicroBatch.from_sequences(batch)
+        mb.token_fields = {k: v.double() for k, v in mb.token_fields.items()}
+        h = hidden.clone().requires_grad_(True)
+        loss, metrics = loss_fn(PolicyOutputs(h, weight, 1.0, *teacher), mb)
+        loss.backward()
+        return loss, h.grad, metrics
+
+    loss, grad, metrics = run({TEACHER_LOGPROBS: teacher_lp}, ())
+    on_learner, learner_grad, _ = run({}, (t_hidden, t_weight))
+    # Plain reference: -sum_t (log p_T(y_t) - log p_S(y_t)).detach() * log p_S(y_t), over all tokens.
+    rh = hidden.clone().requires_grad_(True)
+    total = 0.0
+    for i, toks in enumerate(tokens):
+        for t, tok in enumerate(toks):
+            s_lp = torch.log_softmax(weight @ rh[i, t], -1)[tok]
+            total = total - (teacher_lp[i][t] - s_lp.detach()) * s_lp
+    (total / sum(LENS)).backward()
+    assert loss.item() == pytest.approx(total.item() / sum(LENS), rel=1e-6)
+    torch.testing.assert_close(grad, rh.grad, atol=1e-6, rtol=1e-5)
+    assert loss.item() == pytest.approx(on_learner.item(), rel=1e-6)
+    torch.testing.assert_close(grad, learner_grad, atol=1e-6, rtol=1e-5)
+    assert metrics["kl_reasoning_total"] == pytest.approx(
+        sum(-lp for row in teacher_lp for lp in row) + float(sum(
+            torch.log_softmax(weight @ hidden[i, t], -1)[tok] for i, toks in enumerate(tokens) for t, tok in enumerate(toks))),
+        rel=1e-5)
