@@ -101,7 +101,7 @@ def test_opsd_trains_a_diffusion_student_end_to_end(ray_session, models, tmp_pat
         "algorithm=opsd", "plugins=[rl.demo.tiny]", f"model.path={student_dir}", "model.kind=masked_diffusion",
         "data.train=synthetic:chain_addition", "data.prompt_format=plain", "data.max_prompt_tokens=16",
         "rollout.engine=diffusion", "rollout.max_tokens=16", "rollout.diffusion.block_length=8", "rollout.diffusion.steps=4",
-        "opsd.teacher.kind=frozen", "opsd.clip=null", "opsd.teacher_template={solution} {problem}",
+        "opsd.teacher.kind=frozen", "opsd.clip=null", "opsd.teacher_template='{solution} {problem}'",
         "reward.functions=[{name: math_verify}]", "train.steps=2", "train.prompts_per_step=8",
         "learner.micro_batch_size=8", "learner.lr=1e-3", "train.save_final=false",
         f"tracking.output_dir={tmp_path}", "tracking.run_name=run"])
