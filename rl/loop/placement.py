@@ -132,7 +132,7 @@ class ResourcePlan:
             learners.append(Slot("learner", r, bundle(learner_cpus, 1 if on_gpu else 0), 1.0 if on_gpu else 0.0, learner_cpus))
         scorers = [Slot("scorer", i, bundle(engine_cpus, g if on_gpu else 0), float(g if on_gpu else 0), engine_cpus)
                    for i, g in enumerate(scorer_gpus)]
-        return cls(mode, on_gpu, bundles, engines, learners, strategy, overlap, scorers)
+        return cls(mode, on_gpu, bundles, engines, learners, strategy=strategy, overlap=overlap, scorers=scorers)
 
     @classmethod
     def from_config(cls, cfg, on_gpu: bool, scoring=()) -> "ResourcePlan":

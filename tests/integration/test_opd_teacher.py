@@ -230,7 +230,7 @@ def test_several_teachers_by_tag_each_score_their_own_rows(ray_session, pair, tm
     completions = [[Completion(p, tok.encode(f"{i} {i} =")[:4], "", [], "stop")] for i, p in enumerate(prompts)]
     batch, _ = algo.build_batch(Rollouts(rows, prompts, completions, [[0.0]] * 4))
     assert batch.seq_fields[TEACHER_INDEX] == [0.0, 1.0, 0.0, 1.0]
-    pools = {name: RolloutPool("vllm", path, max_model_len=64, kv_cache_gb=0.05)
+    pools = {name: RolloutPool("vllm", str(path), max_model_len=64, kv_cache_gb=0.05)
              for name, path in [("opsd.teacher.path", teacher_a), ("opsd.teacher.by_tag.b", teacher_b)]}
     try:
         algo.attach_scoring_engines(pools)
