@@ -1,6 +1,8 @@
-"""IGPO versus diffu-GRPO on the tiny masked-diffusion chain-arithmetic task (recipes igpo_tiny, diffu_grpo_tiny).
+"""IGPO versus diffu-GRPO on the tiny masked-diffusion chain-arithmetic task (recipes igpo_tiny, diffu_grpo_tiny),
+or IGPO with the plain sampler versus IGPO with parallel decoding (`igpo_fast`: rollout.diffusion.threshold=0.9).
 
     PYTHONPATH=. python scripts/experiment_igpo_tiny.py [--out /tmp/igpo_tiny] [--seeds 0,1] [--steps 40]
+        [--methods igpo,diffu_grpo | igpo,igpo_fast]
 
 Both methods start from the same built model (`tiny-dllm-chain-addition`, SFT-warmed to about 30%
 accuracy) and see the same prompts at every step for a given seed (the data order depends on the
@@ -19,7 +21,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("igpo", "diffu_grpo")
+# Method name -> (recipe, extra overrides).
+METHODS = {
+    "igpo": ("igpo_tiny", []),
+    "diffu_grpo": ("diffu_grpo_tiny", []),
+    "igpo_fast": ("igpo_tiny", ["rollout.diffusion.threshold=0.9"]),  # Fast-dLLM's parallel decoding
+}
 EVAL_METRIC = "eval/synthetic:chain_addition/pass@1"
 
 
@@ -29,8 +36,9 @@ def launch(out: Path, method: str, seed: int, steps: int) -> Path:
     if (run_dir / "final").exists():
         print(f"[experiment] {name}: done before, reusing", flush=True)
         return run_dir
+    recipe, extra = METHODS[method]
     args = [
-        f"recipe={method}_tiny", f"seed={seed}", f"train.steps={steps}", "learner.lr=3e-4",
+        f"recipe={recipe}", *extra, f"seed={seed}", f"train.steps={steps}", "learner.lr=3e-4",
         "train.prompts_per_step=64", "eval.every_steps=10", "eval.at_start=true",
         "eval.benchmarks=[synthetic:chain_addition]", "eval.limit=256",
         f"tracking.output_dir={out}", f"tracking.run_name={name}",
@@ -67,6 +75,8 @@ def summarise(runs: dict[tuple[str, int], Path]) -> dict:
             "sampled_accuracy_last5": mean(acc[-5:]),
             "greedy_heldout": evals,
             "rollout_tokens": steps[-1]["cumulative_rollout_tokens"],
+            "generation_s_per_step": mean(r["time/generation"] for r in steps),
+            "calls_per_block": mean(r.get("rollout/diffusion_calls_per_block", float("nan")) for r in steps),
             "per_step": {k: [r[k] for r in steps] for k in ("accuracy", "igpo/all_wrong_fraction_before",
                                                              "igpo/all_wrong_fraction_after", "cumulative_rollout_tokens")},
         }
@@ -80,13 +90,13 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {"igpo": "tab:blue", "diffu_grpo": "tab:orange"}
+    colors = {"igpo": "tab:blue", "diffu_grpo": "tab:orange", "igpo_fast": "tab:green"}
     for name, s in summary.items():
         method = name.rsplit("_seed", 1)[0]
         steps = range(1, len(s["per_step"]["accuracy"]) + 1)
         axes[0].plot(steps, s["per_step"]["igpo/all_wrong_fraction_after"], color=colors[method], alpha=0.8,
                      label=f"{name} (trained groups)")
-        if method == "igpo":
+        if method.startswith("igpo"):
             axes[0].plot(steps, s["per_step"]["igpo/all_wrong_fraction_before"], color=colors[method], alpha=0.4,
                          linestyle="--", label=f"{name} (before inpainting)")
         x, y = zip(*s["greedy_heldout"])
@@ -105,22 +115,30 @@ def main() -> int:
     parser.add_argument("--out", default="/tmp/igpo_tiny")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--methods", default="igpo,diffu_grpo", help=f"two or more of {', '.join(METHODS)}")
     args = parser.parse_args()
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
-    runs = {(m, s): launch(out, m, s, args.steps) for s in seeds for m in METHODS}
+    runs = {(m, s): launch(out, m, s, args.steps) for s in seeds for m in methods}
     summary = summarise(runs)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, out / "all_wrong.png")
+    labels = ",".join(m for m, _ in runs)  # both IGPO variants are algorithm igpo: label them by method
     subprocess.run([sys.executable, "-m", "rl.compare", "runs=" + ",".join(map(str, runs.values())), f"metric={EVAL_METRIC}",
-                    f"out={out}"], cwd=ROOT, check=True)
-    print("| run | all-wrong before | all-wrong trained | replaced/step | sampled acc first 5 -> last 5 | greedy held-out |")
-    print("| --- | --- | --- | --- | --- | --- |")
+                    f"labels={labels}", f"out={out}"], cwd=ROOT, check=True)
+    print("| run | all-wrong before | all-wrong trained | replaced/step | sampled acc first 5 -> last 5 | greedy held-out "
+          "| calls/block | generation s/step |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, s in summary.items():
         greedy = " -> ".join(f"{v:.3f}" for _, v in s["greedy_heldout"])
         print(f"| {name} | {s['all_wrong_before']:.3f} | {s['all_wrong_after']:.3f} | {s['replaced_per_step']:.1f} | "
-              f"{s['sampled_accuracy_first5']:.3f} -> {s['sampled_accuracy_last5']:.3f} | {greedy} |")
+              f"{s['sampled_accuracy_first5']:.3f} -> {s['sampled_accuracy_last5']:.3f} | {greedy} | "
+              f"{s['calls_per_block']:.2f} | {s['generation_s_per_step']:.1f} |")
     print(f"results in {out}")
     return 0
 
