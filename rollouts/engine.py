@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from rl.core.types import Completion, EngineSettings, SamplingSpec, ScoringRequest
+from rl.core.types import Completion, EngineSettings, SamplingSpec, ScoringRequest, TopK
 
 NamedTensors = Iterable[tuple[str, Any]]
 
@@ -71,6 +71,13 @@ class RolloutEngine(ABC):
     @abstractmethod
     def score(self, requests: list[ScoringRequest]) -> list[list[float]]:
         """log p(token_ids[t] | prompt_ids + token_ids[:t]) at temperature 1, one list per request."""
+
+    def score_top_k(self, requests: list[ScoringRequest], k: int) -> list[TopK]:
+        """Per request, at each of its token_ids' positions: the k most likely token ids at temperature 1,
+        most likely first, their log-probs, and the log-prob of the token itself (what `score` gives):
+        a teacher on engines with opsd.token_loss=top_k."""
+        raise NotImplementedError(f"The {type(self).__name__} engine does not give top-k log-probs: use the vllm or "
+                                  "hf engine for a teacher with opsd.token_loss=top_k, or token_loss=sampled.")
 
     @abstractmethod
     def load_weights(self, named_tensors: NamedTensors | Mapping) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from rl.core.types import Completion, EngineSettings, SamplingSpec, ScoringRequest
+from rl.core.types import Completion, EngineSettings, SamplingSpec, ScoringRequest, TopK
 from rollouts.engine import TorchModelEngine, refuse_hints
 
 _SCORE_BATCH = 8  # bounds the [batch, length, vocab] logits held at once
@@ -103,6 +103,20 @@ class HFEngine(TorchModelEngine):
             if stop and any(s in self.tokenizer.decode(tokens[: t + 1], skip_special_tokens=True) for s in stop):
                 return t + 1, "stop"
         return len(tokens), "length"
+
+    @torch.no_grad()
+    def score_top_k(self, requests: list[ScoringRequest], k: int) -> list[TopK]:
+        result = []
+        for r in requests:  # one at a time: a teacher's scoring, not the hot path of this fallback engine
+            seq = r.prompt_ids + r.token_ids
+            self._check_lengths([len(seq)])
+            logits = self.model(input_ids=torch.tensor([seq], device=self.device)).logits[0].float()
+            first = len(r.prompt_ids) - 1
+            logp = logits[first : first + len(r.token_ids)].log_softmax(-1)
+            top = logp.topk(k, dim=-1)
+            own = logp.gather(-1, torch.tensor(r.token_ids, device=logp.device)[:, None])[:, 0]
+            result.append(TopK(top.indices.tolist(), top.values.tolist(), own.tolist()))
+        return result
 
     @torch.no_grad()
     def score(self, requests: list[ScoringRequest]) -> list[list[float]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from rl.core.actors import even_bounds, gather
-from rl.core.types import Completion, EngineSettings, SamplingSpec, ScoringRequest
+from rl.core.types import Completion, EngineSettings, SamplingSpec, ScoringRequest, TopK
 
 
 class RolloutEngineError(RuntimeError):
@@ -148,6 +148,9 @@ class RolloutPool:
 
     def score(self, requests: list[ScoringRequest]) -> list[list[float]]:
         return self._spread("score", requests)
+
+    def score_top_k(self, requests: list[ScoringRequest], k: int) -> list[TopK]:
+        return self._spread("score_top_k", requests, k)
 
     def score_each_engine(self, requests: list[ScoringRequest]) -> list[list[list[float]]]:
         """Every engine scores every request: the per-engine check after a weight push."""

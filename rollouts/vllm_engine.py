@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from rl.core.types import Completion, EngineSettings, SamplingSpec, ScoringRequest
+from rl.core.types import Completion, EngineSettings, SamplingSpec, ScoringRequest, TopK
 from rollouts.engine import RolloutEngine, check_state_dict, named_items, refuse_hints
 
 
@@ -171,6 +171,22 @@ class VLLMEngine(RolloutEngine):
             [out.prompt_logprobs[t][seq[t]].logprob for t in range(len(r.prompt_ids), len(seq))]
             for r, seq, out in zip(requests, seqs, outputs)
         ]
+
+    def score_top_k(self, requests: list[ScoringRequest], k: int) -> list[TopK]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        # prompt_logprobs=k gives, at each position, the k most likely tokens (by rank) and the actual one.
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k)
+        seqs = [r.prompt_ids + r.token_ids for r in requests]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
+        result = []
+        for r, seq, out in zip(requests, seqs, outputs):
+            positions = [out.prompt_logprobs[t] for t in range(len(r.prompt_ids), len(seq))]
+            tops = [sorted((lp.rank, tok, lp.logprob) for tok, lp in at.items() if lp.rank <= k) for at in positions]
+            result.append(TopK([[tok for _, tok, _ in top] for top in tops], [[lp for _, _, lp in top] for top in tops],
+                               [at[tok].logprob for at, tok in zip(positions, r.token_ids)]))
+        return result
 
     def load_weights(self, named_tensors) -> None:
         state = dict(named_items(named_tensors))

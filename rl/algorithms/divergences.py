@@ -226,6 +226,40 @@ def chunked_divergence(
     return per_row.new_zeros(leading.numel()).index_copy(0, valid, per_row).view(leading)
 
 
+def top_k_divergence_from_ids(
+    student_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor | None,
+    top_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    clip: float | None = None,
+    chunk_size: int = 512,
+) -> torch.Tensor:
+    """Per-position divergence [...] over a teacher's top-k entries given as ids [..., k] and their
+    log-probs [..., k] (what a teacher engine returns), both distributions renormalised over them, as
+    `divergence(..., top_k=k)` does with full teacher logits. The student's logits exist only at those
+    ids (hidden [..., H] @ the k rows of `lm_head_weight`; with `lm_head_weight=None` the hidden states
+    are logits), chunk by chunk of positions, recomputed in the backward (checkpoint)."""
+    from torch.utils.checkpoint import checkpoint
+
+    check_divergence(kind, beta)
+    k = top_ids.shape[-1]
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    ids, teacher = top_ids.reshape(-1, k).long(), teacher_logprobs.reshape(-1, k).detach()
+    parts = [
+        checkpoint(_top_k_chunk, hidden[rows], lm_head_weight, ids[rows], teacher[rows], kind, beta, clip, use_reentrant=False)
+        for rows in (slice(start, start + chunk_size) for start in range(0, hidden.shape[0], chunk_size))
+    ]
+    return torch.cat(parts).view(top_ids.shape[:-1])
+
+
+def _top_k_chunk(hidden, weight, ids, teacher_logprobs, kind, beta, clip):
+    student = hidden.gather(-1, ids) if weight is None else torch.einsum("ckh,ch->ck", weight[ids], hidden)
+    return divergence(student, teacher_logprobs, kind=kind, beta=beta, clip=clip)
+
+
 def rlsd_token_advantages(
     advantages: torch.Tensor, log_ratio: torch.Tensor, mix: float = 1.0, clip: float = 0.2
 ) -> torch.Tensor:

@@ -27,6 +27,8 @@ ANSWER_MASK = "answer_mask"  # token field: 1 on the final answer's tokens (the 
 # Token field: the teacher's log-prob of each sampled token, from teacher engines (opsd.teacher.runs_on=engines).
 TEACHER_LOGPROBS = "teacher_logprobs"
 TEACHER_INDEX = "teacher_index"  # sequence field: which of several teachers (opsd.teacher.by_tag) scores it
+# Token fields of k values a token: the teacher engines' top-k ids and their log-probs (token_loss=top_k).
+TEACHER_TOP_IDS, TEACHER_TOP_LOGPROBS = "teacher_top_ids", "teacher_top_logprobs"
 
 
 class TeacherConfig(Section):
@@ -61,8 +63,9 @@ class TeacherConfig(Section):
         description="For kind=model: learner: the teacher sits on every learner rank, frozen and sharded like the "
         "reference (ZeRO-3), and every token loss works. engines: a teacher too large to sit beside the student "
         "runs on engines of its own in the Ray pool (rollout.engine, `num_engines` x `gpus_per_engine`, in the "
-        "resource plan) and scores the student's sampled tokens (vLLM's prompt log-probs), so only "
-        "opsd.token_loss=sampled is possible (and mode=rlsd, which reads the same log-probs).",
+        "resource plan) and scores the student's sampled tokens (vLLM's prompt log-probs, with their top k for "
+        "token_loss=top_k), so opsd.token_loss=sampled or top_k (and mode=rlsd, which reads the sampled tokens' "
+        "log-probs); not full.",
     )
     num_engines: int = Field(1, ge=1, description="runs_on=engines: how many teacher engines (each scores a share of the batch).")
     gpus_per_engine: int = Field(1, ge=1, description="runs_on=engines: GPUs per teacher engine (tensor parallel on GPU; ignored on CPU).")
@@ -188,11 +191,11 @@ class OPSDConfig(Section):
     def _engine_teacher_scores_sampled_tokens(self):
         if self.teacher.runs_on != "engines":
             return self
-        if self.mode == "distill" and self.token_loss != "sampled":
+        if self.mode == "distill" and self.token_loss == "full":
             raise ValueError(
-                f"opsd.teacher.runs_on=engines: the teacher's engines return the log-probs of the student's sampled "
-                f"tokens only, not its distribution over the vocabulary that token_loss={self.token_loss} compares. "
-                "Set opsd.token_loss=sampled, or opsd.teacher.runs_on=learner to keep the teacher on the learner "
+                "opsd.teacher.runs_on=engines: the teacher's engines return log-probs of the sampled tokens and of their "
+                "top k, not the whole distribution over the vocabulary that token_loss=full compares. Set "
+                "opsd.token_loss=sampled or top_k, or opsd.teacher.runs_on=learner to keep the teacher on the learner "
                 "ranks (every token loss)."
             )
         if self.scale_logits_by_temperature:
@@ -267,7 +270,7 @@ class DistillationLoss:
             with torch.no_grad():
                 teacher_lp, _ = kernels.chunked_token_logprobs_and_entropy(
                     out.teacher_hidden, None if teacher_weight is None else teacher_weight.detach(), *args)
-        if self.mode == "rlsd" or TEACHER_LOGPROBS in mb.token_fields:
+        if self.mode == "rlsd" or (TEACHER_LOGPROBS in mb.token_fields and TEACHER_TOP_IDS not in mb.token_fields):
             logp, entropy = kernels.chunked_token_logprobs_and_entropy(out.hidden, out.lm_head_weight, *args)
             return logp, entropy, teacher_lp
         with torch.no_grad():
@@ -276,6 +279,10 @@ class DistillationLoss:
         return logp, entropy, teacher_lp
 
     def _per_token(self, out: PolicyOutputs, mb: MicroBatch, logp: torch.Tensor, teacher_lp: torch.Tensor) -> torch.Tensor:
+        if TEACHER_TOP_IDS in mb.token_fields:  # the teacher engines' top k
+            return divergences.top_k_divergence_from_ids(
+                out.hidden, out.lm_head_weight, mb.token_fields[TEACHER_TOP_IDS], mb.token_fields[TEACHER_TOP_LOGPROBS],
+                kind=self.divergence, beta=self.jsd_beta, clip=self.clip, chunk_size=self.chunk_size)
         if TEACHER_LOGPROBS in mb.token_fields:  # logp has its gradient (chunked, no [B, T, V] tensor)
             return divergences.sampled_token_loss(logp, teacher_lp)
         if self.token_loss == "sampled":
@@ -460,12 +467,19 @@ class OPSD(Algorithm):
             return batch, {}
         requests = [ScoringRequest(ids[:n], ids[n:]) for ids, n in zip(batch.teacher_input_ids, batch.teacher_prompt_lens)]
         which = [int(i) for i in batch.seq_fields.get(TEACHER_INDEX, [0] * len(batch))]
+        top_k = self.cfg.token_loss == "top_k" and self.cfg.mode == "distill"
         scored: list = [None] * len(batch)
         for index, engines in enumerate(self.teacher_engines):
             rows = [i for i, w in enumerate(which) if w == index]
-            for i, logprobs in zip(rows, engines.score([requests[i] for i in rows]) if rows else []):
-                scored[i] = logprobs
-        fields = {**batch.token_fields, TEACHER_LOGPROBS: scored}
+            asked = [requests[i] for i in rows]
+            for i, result in zip(rows, (engines.score_top_k(asked, self.cfg.top_k) if top_k else engines.score(asked))
+                                 if rows else []):
+                scored[i] = result
+        if top_k:
+            fields = {**batch.token_fields, TEACHER_LOGPROBS: [s.token_logprobs for s in scored],
+                      TEACHER_TOP_IDS: [s.ids for s in scored], TEACHER_TOP_LOGPROBS: [s.logprobs for s in scored]}
+        else:
+            fields = {**batch.token_fields, TEACHER_LOGPROBS: scored}
         return dataclasses.replace(batch, token_fields=fields, teacher_input_ids=None, teacher_prompt_lens=None), {}
 
     def update(self, batch: SequenceBatch, learner) -> Update:

@@ -76,8 +76,8 @@ def _group(pieces: torch.Tensor) -> PieceGroup:
 class SequenceBatch:
     """One optimizer step's data, one row per completion.
 
-    `token_fields` hold one value per completion token (advantages, old logprobs, ...), aligned
-    with `input_ids[i][prompt_lens[i]:]`. `loss_normalizer` is the global denominator the loss
+    `token_fields` hold one value per completion token (advantages, old logprobs, ...), or one list
+    of k values per token (a teacher engine's top-k), aligned with `input_ids[i][prompt_lens[i]:]`. `loss_normalizer` is the global denominator the loss
     divides by (tokens, sequences or a constant, decided by the algorithm over the WHOLE step,
     so that micro-batching and data parallelism do not change the loss).
     """
@@ -158,7 +158,7 @@ class MicroBatch:
         attention = torch.zeros((n, width), dtype=torch.long)
         completion_ids = torch.full((n, t_max), pad_id, dtype=torch.long)
         completion_mask = torch.zeros((n, t_max), dtype=torch.float32)
-        fields = {k: torch.zeros((n, t_max), dtype=torch.float32) for k in batch.token_fields}
+        fields = {k: torch.zeros((n, t_max, *_per_token_shape(v)), dtype=torch.float32) for k, v in batch.token_fields.items()}
         for i, (ids, p) in enumerate(zip(batch.input_ids, batch.prompt_lens)):
             input_ids[i, : len(ids)] = torch.tensor(ids)
             attention[i, : len(ids)] = 1
@@ -250,6 +250,13 @@ class MicroBatch:
         offsets = (self.prompt_lens.to(per_position.device) - 1)[:, None] + positions[None, :]
         offsets = offsets.clamp(max=per_position.shape[1] - 1)
         return torch.gather(per_position, 1, offsets[..., None].expand(-1, -1, per_position.shape[-1]))
+
+
+def _per_token_shape(rows: list[list]) -> tuple[int, ...]:
+    """The shape of one token's value in a token field: () for a number, (k,) for a list of k (a
+    teacher engine's top-k ids or log-probs)."""
+    first = next((row[0] for row in rows if len(row)), 0.0)
+    return (len(first),) if isinstance(first, (list, tuple)) else ()
 
 
 def prompt_units(batch: SequenceBatch, share_prompt: bool) -> list[list[int]]:

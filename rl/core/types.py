@@ -52,6 +52,16 @@ class ScoringRequest:
 
 
 @dataclass(frozen=True)
+class TopK:
+    """An engine's top-k scoring of one request's tokens (`score_top_k`): per token position, the k most
+    likely ids (most likely first), their log-probs, and the log-prob of the request's own token."""
+
+    ids: list[list[int]]
+    logprobs: list[list[float]]
+    token_logprobs: list[float]
+
+
+@dataclass(frozen=True)
 class EngineSettings:
     """What a rollout engine is built with besides its model path and seed: the run's common
     settings (rl.config's RolloutConfig.engine_settings, the one place the trainer's engines and

@@ -142,32 +142,39 @@ def test_a_teacher_with_another_vocabulary_is_refused(pair, tmp_path):
 
 def test_a_teacher_on_engines_of_its_own_scores_what_the_learner_would(ray_session, pair, tmp_path):
     """opsd.teacher.runs_on=engines: vLLM engines holding the teacher score the teacher views
-    (OPSD.prepare puts the log-probs in the batch), and the learner, which holds no teacher, runs
-    the sampled-token loss on them: the same sum as the float64 reference from both models' logits."""
-    from rl.algorithms.opsd import OPSD, TEACHER_LOGPROBS
+    (OPSD.prepare puts the log-probs, or the top k, in the batch), and the learner, which holds no
+    teacher, runs the sampled-token or top-k loss on them: the same sum as the float64 reference
+    from both models' logits."""
+    from rl.algorithms.opsd import OPSD, TEACHER_LOGPROBS, TEACHER_TOP_IDS
     from rollouts.pool import RolloutPool
 
     student_dir, teacher_dir = pair
-    cfg = load_config(None, [f"model.path={student_dir}", "algorithm=opsd", "opsd.token_loss=sampled",
-                             "opsd.aggregation=code", "opsd.teacher.kind=model", f"opsd.teacher.path={teacher_dir}",
-                             "opsd.teacher.runs_on=engines"])
-    algo = OPSD(cfg)
-    assert algo.requirements.teacher is None
-    assert [(e.name, e.model_path) for e in algo.requirements.scoring_engines] == [("opsd.teacher.path", str(teacher_dir))]
+    algos = {token_loss: OPSD(load_config(None, [
+        f"model.path={student_dir}", "algorithm=opsd", f"opsd.token_loss={token_loss}", "opsd.top_k=5",
+        "opsd.clip=null", "opsd.aggregation=code", "opsd.teacher.kind=model", f"opsd.teacher.path={teacher_dir}",
+        "opsd.teacher.runs_on=engines"])) for token_loss in ("sampled", "top_k")}
+    assert algos["sampled"].requirements.teacher is None
+    assert [(e.name, e.model_path) for e in algos["sampled"].requirements.scoring_engines] == [
+        ("opsd.teacher.path", str(teacher_dir))]
+    batches = {name: make_batch(5 + i) for i, name in enumerate(algos)}
     engines = RolloutPool("vllm", str(teacher_dir), num_engines=1, max_model_len=64, kv_cache_gb=0.05)
     try:
-        algo.attach_scoring_engines({"opsd.teacher.path": engines})
-        batch = make_batch(5)
-        prepared, _ = algo.prepare(batch, learner=None)
+        prepared = {}
+        for name, algo in algos.items():
+            algo.attach_scoring_engines({"opsd.teacher.path": engines})
+            prepared[name], _ = algo.prepare(batches[name], learner=None)
     finally:
         engines.close()
-    assert prepared.teacher_input_ids is None and [len(x) for x in prepared.token_fields[TEACHER_LOGPROBS]] == [
-        c for _, c, _ in SHAPES]
+    assert prepared["sampled"].teacher_input_ids is None
+    assert [len(x) for x in prepared["sampled"].token_fields[TEACHER_LOGPROBS]] == [c for _, c, _ in SHAPES]
+    assert {len(ids) for row in prepared["top_k"].token_fields[TEACHER_TOP_IDS] for ids in row} == {5}
     worker = LearnerWorker(str(student_dir), LearnerConfig(lr=1e-2, micro_batch_size=2, warmup_steps=0), "float32",
                            0, 1, "127.0.0.1", free_port(), 0, 10)
-    metrics = worker.train_step(prepared, algo.loss, 1.0, num_micro_batches=2)
-    want = reference_sum(load(student_dir), load(teacher_dir), batch, algo.loss, temperature=1.0)  # engines score at T 1
-    assert metrics["divergence_sum"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+    for name, algo in algos.items():
+        student = load(student_dir, worker.full_state_dict())  # the weights this step starts from
+        want = reference_sum(student, load(teacher_dir), batches[name], algo.loss, temperature=1.0)  # engines: T 1
+        metrics = worker.train_step(prepared[name], algo.loss, 1.0, num_micro_batches=2)
+        assert metrics["divergence_sum"] == pytest.approx(want, rel=1e-4, abs=1e-5), name
 
 
 def test_opd_with_the_teacher_on_engines_trains_like_the_teacher_on_the_learner(ray_session, tiny_model,
