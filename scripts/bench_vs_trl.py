@@ -9,7 +9,7 @@ prompts with Qwen's boxed-answer instruction, 4 prompts x 4 completions of at mo
 math-verify reward alone, lr 1e-6, no KL, token-mean loss. Each phase runs in a child process of
 its own (so that memory and threads are freed between them) and writes
 bench_results/vs_trl/<phase>.json; the parent prints the table and writes bench_results/vs_trl.json
-and bench_results/vs_trl.png.
+and bench_results/vs_trl.png (for `--out DIR`: DIR.json and DIR.png).
 
   ours     `python -m rl.launch recipe=grpo_smollm2` for warmup + steps steps (Ray, vLLM, DeepSpeed,
            math-verify): seconds per step (wall clock between step records) and the split into
@@ -409,9 +409,11 @@ def main() -> None:
                        "note": "machine shared with other jobs; medians over each phase's measured steps"}
     lines = report(res)
     print("\n".join(lines))
-    (RESULTS / "vs_trl.json").write_text(json.dumps({**res, "summary": lines}, indent=1))
-    plot(res, RESULTS / "vs_trl.png")
-    print(f"wrote {RESULTS / 'vs_trl.json'} and {RESULTS / 'vs_trl.png'}")
+    # Beside the phases' folder: bench_results/vs_trl/ -> bench_results/vs_trl.json and .png.
+    summary, figure = args.out.with_suffix(".json"), args.out.with_suffix(".png")
+    summary.write_text(json.dumps({**res, "summary": lines}, indent=1))
+    plot(res, figure)
+    print(f"wrote {summary} and {figure}")
 
 
 if __name__ == "__main__":
