@@ -77,9 +77,10 @@ class SequenceBatch:
     """One optimizer step's data, one row per completion.
 
     `token_fields` hold one value per completion token (advantages, old logprobs, ...), or one list
-    of k values per token (a teacher engine's top-k), aligned with `input_ids[i][prompt_lens[i]:]`. `loss_normalizer` is the global denominator the loss
-    divides by (tokens, sequences or a constant, decided by the algorithm over the WHOLE step,
-    so that micro-batching and data parallelism do not change the loss).
+    of k values per token (a teacher engine's top-k), aligned with `input_ids[i][prompt_lens[i]:]`.
+    `loss_normalizer` is the global denominator the loss divides by (tokens, sequences or a
+    constant, decided by the algorithm over the WHOLE step, so that micro-batching and data
+    parallelism do not change the loss).
     """
 
     input_ids: list[list[int]]

@@ -73,9 +73,10 @@ class ResourcePlan:
     engines: list[Slot]
     learners: list[Slot]
     strategy: str = "PACK"
-    scorers: list[Slot] = field(default_factory=list)
     # Engines and learners work at the same time (train.max_staleness >= 1): they share the cores.
     overlap: bool = False
+    # Engines of another model (a teacher on engines of its own), each in a bundle of its own.
+    scorers: list[Slot] = field(default_factory=list)
     # Filled by apply():
     placement_group: object = None
     info: list[BundleInfo] = field(default_factory=list)

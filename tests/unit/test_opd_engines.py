@@ -12,6 +12,17 @@ HIDDEN, VOCAB = 5, 11
 ENGINES = {"kind": "model", "path": "teacher", "runs_on": "engines"}
 
 
+def random_student_and_teacher(seed: int):
+    """Completion tokens, the student's hidden states and output weight, the teacher's (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in LENS]
+    hidden = torch.randn(len(LENS), max(LENS), HIDDEN, generator=g, dtype=torch.float64)
+    weight = torch.randn(VOCAB, HIDDEN, generator=g, dtype=torch.float64)
+    t_hidden = torch.randn(hidden.shape, generator=g, dtype=torch.float64)
+    t_weight = torch.randn(weight.shape, generator=g, dtype=torch.float64)
+    return tokens, hidden, weight, t_hidden, t_weight
+
+
 @pytest.mark.parametrize("settings, says", [
     ({"token_loss": "full"}, "Set opsd.token_loss=sampled or top_k"),
     ({"token_loss": "sampled", "scale_logits_by_temperature": True}, "engines score at temperature 1"),
@@ -27,12 +38,7 @@ def test_what_a_teacher_on_engines_cannot_do_is_refused(settings, says):
 
 
 def test_the_loss_on_engine_log_probs_equals_the_loss_on_the_teachers_hidden_states():
-    g = torch.Generator().manual_seed(1)
-    tokens = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in LENS]
-    hidden = torch.randn(len(LENS), max(LENS), HIDDEN, generator=g, dtype=torch.float64)
-    weight = torch.randn(VOCAB, HIDDEN, generator=g, dtype=torch.float64)
-    t_hidden = torch.randn(hidden.shape, generator=g, dtype=torch.float64)
-    t_weight = torch.randn(weight.shape, generator=g, dtype=torch.float64)
+    tokens, hidden, weight, t_hidden, t_weight = random_student_and_teacher(seed=1)
     teacher_lp = [[torch.log_softmax(t_weight @ t_hidden[i, t], -1)[tok].item() for t, tok in enumerate(toks)]
                   for i, toks in enumerate(tokens)]
     loss_fn = DistillationLoss.from_config(OPSDConfig(teacher=ENGINES, token_loss="sampled", chunk_size=2, aggregation="code"))
@@ -72,12 +78,7 @@ def test_the_top_k_loss_on_engine_log_probs_equals_the_top_k_loss_on_the_teacher
     """The engines give each position's k most likely ids and their log-probs: the loss renormalised over
     them equals token_loss=top_k with the teacher's full logits on the learner, in value and gradient."""
     k = 4
-    g = torch.Generator().manual_seed(2)
-    tokens = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in LENS]
-    hidden = torch.randn(len(LENS), max(LENS), HIDDEN, generator=g, dtype=torch.float64)
-    weight = torch.randn(VOCAB, HIDDEN, generator=g, dtype=torch.float64)
-    t_hidden = torch.randn(hidden.shape, generator=g, dtype=torch.float64)
-    t_weight = torch.randn(weight.shape, generator=g, dtype=torch.float64)
+    tokens, hidden, weight, t_hidden, t_weight = random_student_and_teacher(seed=2)
     teacher_logp = torch.log_softmax(t_hidden @ t_weight.T, -1)
     top = teacher_logp.topk(k, dim=-1)
     rows = lambda x: [x[i, :n].tolist() for i, n in enumerate(LENS)]  # noqa: E731
