@@ -176,15 +176,17 @@ class VLLMEngine(RolloutEngine):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        # prompt_logprobs=k gives, at each position, the k most likely tokens (by rank) and the actual one.
+        # prompt_logprobs=k gives, at each position, the k most likely tokens and the actual one.
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k)
         seqs = [r.prompt_ids + r.token_ids for r in requests]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
         result = []
         for r, seq, out in zip(requests, seqs, outputs):
             positions = [out.prompt_logprobs[t] for t in range(len(r.prompt_ids), len(seq))]
-            tops = [sorted((lp.rank, tok, lp.logprob) for tok, lp in at.items() if lp.rank <= k) for at in positions]
-            result.append(TopK([[tok for _, tok, _ in top] for top in tops], [[lp for _, _, lp in top] for top in tops],
+            # The k most likely by log-prob: ranks can tie, so that k + 1 entries (the token itself
+            # among them) may claim a rank <= k.
+            tops = [sorted(((-lp.logprob, tok) for tok, lp in at.items()))[:k] for at in positions]
+            result.append(TopK([[tok for _, tok in top] for top in tops], [[-neg for neg, _ in top] for top in tops],
                                [at[tok].logprob for at, tok in zip(positions, r.token_ids)]))
         return result
 
