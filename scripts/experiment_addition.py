@@ -4,7 +4,7 @@
 
 One tiny Qwen3 (rl.demo.tiny.build_model) is built and warmed up once (fixed seeds) to partial accuracy
 on `a+b=`; every run starts from that same checkpoint. The 100 single-digit pairs (a, b) are split
-once: HELDOUT_PAIRS of them are never shown in RL training and are the evaluation set (greedy,
+once: rl.demo.tiny.ADDITION_HELDOUT_PAIRS of them are never shown in RL training and are the evaluation set (greedy,
 one answer each, through the trainer's own periodic evaluation: eval.local_dir/gsm8k/test.jsonl
 is how rl.evaluate reads a local set, so `eval/gsm8k/...` means HELD-OUT ADDITION here); the
 training rows are drawn from the other pairs, and those training pairs (once each) are a second
@@ -33,26 +33,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-HELDOUT_PAIRS = 50
+from rl.demo.tiny import addition_pair_rows, addition_pair_split  # noqa: E402
+
 PROMPTS_PER_STEP = 64
 GRPO_STEPS, GRPO_GROUP = 30, 8  # 512 rollouts a step, as in tests/integration/test_grpo_end_to_end.py
 OPSD_STEPS = 120  # 64 rollouts a step: measured 28-30k rollout tokens, ~0.78x GRPO (collapsed students hit max_tokens)
 EVAL_EVERY_GRPO, EVAL_EVERY_OPSD = 3, 12  # 11 points per curve
 # (label, learner.lr, seeds): the tests' OPSD lr and one 10x lower
 OPSD_VARIANTS = [("opsd_lr3e-3", "3e-3", 3), ("opsd_lr3e-4", "3e-4", 2)]
-
-
-def split_pairs(seed: int = 11):
-    pairs = [(a, b) for a in range(10) for b in range(10)]
-    random.Random(seed).shuffle(pairs)
-    return pairs[HELDOUT_PAIRS:], pairs[:HELDOUT_PAIRS]
-
-
-def rows_for(pairs, n=None, seed=5):
-    if n is not None:
-        rng = random.Random(seed)
-        pairs = [rng.choice(pairs) for _ in range(n)]
-    return [{"question": f"{a}+{b}=", "answer": str(a + b), "solution": f"{a}+{b}={a + b}"} for a, b in pairs]
 
 
 def teacher_diagnostic(model_dir: Path, rows: list[dict]) -> dict:
@@ -101,7 +89,7 @@ def warm_up_teacher(model_dir: Path, steps: int, lr: float = 3e-3, seed: int = 0
     rng = random.Random(seed + 7)
 
     def batch(tok, step):
-        rows = [normalize_row(raw, i) for i, raw in enumerate(rows_for([rng.choice(pairs) for _ in range(32)]))]
+        rows = [normalize_row(raw, i) for i, raw in enumerate(addition_pair_rows([rng.choice(pairs) for _ in range(32)]))]
         return [
             (build_teacher_prompt(r, cfg.data, tok, cfg.opsd.teacher_template, cfg.opsd.teacher_instruction, True),
              tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
@@ -144,14 +132,14 @@ def main() -> None:
         if args.teacher_warmup_steps:
             warm_up_teacher(model, args.teacher_warmup_steps)
         warmed.write_text(warm_up)
-    train_pairs, heldout_pairs = split_pairs()
+    train_pairs, heldout_pairs = addition_pair_split()
     train = out / "train.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in rows_for(train_pairs, n=2000)))
-    heldout = rows_for(heldout_pairs)
+    train.write_text("".join(json.dumps(r) + "\n" for r in addition_pair_rows(train_pairs, n=2000)))
+    heldout = addition_pair_rows(heldout_pairs)
     (out / "heldout" / "gsm8k").mkdir(parents=True, exist_ok=True)
     (out / "heldout" / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
     (out / "heldout" / "math500").mkdir(parents=True, exist_ok=True)
-    (out / "heldout" / "math500" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_for(train_pairs)))
+    (out / "heldout" / "math500" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in addition_pair_rows(train_pairs)))
     diag = teacher_diagnostic(model, heldout)
     (out / "teacher_diagnostic.json").write_text(json.dumps(diag, indent=2))
     print("teacher diagnostic (held-out pairs, initial model):", json.dumps(diag), flush=True)

@@ -1,8 +1,9 @@
 """IGPO versus diffu-GRPO on the tiny masked-diffusion chain-arithmetic task (recipes igpo_tiny, diffu_grpo_tiny),
-or IGPO with the plain sampler versus IGPO with parallel decoding (`igpo_fast`: rollout.diffusion.threshold=0.9).
+IGPO with the plain sampler versus IGPO with parallel decoding (`igpo_fast`: rollout.diffusion.threshold=0.9),
+or IGPO on d1's one-step likelihood estimator versus mc_elbo and coupled (`igpo_mc_elbo`, `igpo_coupled`).
 
     PYTHONPATH=. python scripts/experiment_igpo_tiny.py [--out /tmp/igpo_tiny] [--seeds 0,1] [--steps 40]
-        [--methods igpo,diffu_grpo | igpo,igpo_fast]
+        [--methods igpo,diffu_grpo | igpo,igpo_fast | igpo,igpo_mc_elbo,igpo_coupled]
 
 Both methods start from the same built model (`tiny-dllm-chain-addition`, SFT-warmed to about 30%
 accuracy) and see the same prompts at every step for a given seed (the data order depends on the
@@ -26,6 +27,9 @@ METHODS = {
     "igpo": ("igpo_tiny", []),
     "diffu_grpo": ("diffu_grpo_tiny", []),
     "igpo_fast": ("igpo_tiny", ["rollout.diffusion.threshold=0.9"]),  # Fast-dLLM's parallel decoding
+    # other likelihood estimators (rollouts.estimators) than d1's one_step, at 3 forwards each
+    "igpo_mc_elbo": ("igpo_tiny", ["igpo.estimator=mc_elbo", "igpo.estimator_samples=3"]),
+    "igpo_coupled": ("igpo_tiny", ["igpo.estimator=coupled", "igpo.estimator_samples=1"]),
 }
 EVAL_METRIC = "eval/synthetic:chain_addition/pass@1"
 
@@ -90,7 +94,8 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {"igpo": "tab:blue", "diffu_grpo": "tab:orange", "igpo_fast": "tab:green"}
+    colors = {"igpo": "tab:blue", "diffu_grpo": "tab:orange", "igpo_fast": "tab:green", "igpo_mc_elbo": "tab:red",
+              "igpo_coupled": "tab:purple"}
     for name, s in summary.items():
         method = name.rsplit("_seed", 1)[0]
         steps = range(1, len(s["per_step"]["accuracy"]) + 1)

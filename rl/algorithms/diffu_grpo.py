@@ -11,7 +11,7 @@ import dataclasses
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from rl.algorithms.base import Learner, Repair, Requirements, Rollouts, SampledRound, Update, register_algorithm
 from rl.algorithms.grpo import GRPO, GRPOConfig, with_token_fields
@@ -48,8 +48,9 @@ class DiffuGRPOConfig(GRPOConfig):
         description="The likelihood estimator (rollouts.estimators, by name): one_step, d1's (one forward, "
         "every answer position masked; the paper recipes'); mc_elbo, LLaDA's ELBO by Monte Carlo (VRPO, "
         "SPG); coupled, DiffuCoder's complementary masks. The diffusion engine's reported log-probs and "
-        "`score` compute the same one (rollouts.estimators.rows). Training supports one_step only so far: "
-        "the learner's training forward is one forward per micro-batch (see the error).",
+        "`score` and the learner's training forward compute the same one with the same random draws "
+        "(rollouts.estimators.rows.row_generator). mc_elbo runs estimator_samples forwards per micro-batch, "
+        "coupled 2 x estimator_samples + 1, each keeping its activations for the backward.",
     )
     estimator_samples: int = Field(
         1, ge=1, description="n: random masks (mc_elbo) or mask pairs (coupled) averaged; one_step ignores it."
@@ -63,18 +64,6 @@ class DiffuGRPOConfig(GRPOConfig):
         if name not in ESTIMATORS:
             raise ValueError(f"Unknown estimator {name!r}; registered: {', '.join(sorted(ESTIMATORS))}.")
         return name
-
-    @model_validator(mode="after")
-    def _trainable_estimator(self) -> "DiffuGRPOConfig":
-        if self.estimator != "one_step":
-            raise ValueError(
-                f"estimator={self.estimator} is not trainable yet: the diffusion engine reports its log-probs "
-                "(rollouts.estimators.rows.estimate_rows) and the learner can compute it without gradients "
-                "(rl.learner.model._DiffusionPolicy.estimate), but the learner's training forward and "
-                "Learner.score run d1's one-step estimator only (one forward per micro-batch, logits at the "
-                "answer positions handed to the loss). Use estimator=one_step."
-            )
-        return self
 
 
 @register_algorithm

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field, field_validator
 
 from rl.algorithms import advantages, losses, policy_losses
-from rl.core import contracts, kernels
+from rl.core import contracts
 from rl.algorithms.base import Algorithm, Learner, Requirements, Rollouts, Update, register_algorithm
 from rl.algorithms.entropy import top_entropy_mask
 from rl.algorithms.losses import Aggregation, KLKind
@@ -155,9 +155,7 @@ class PolicyGradientLoss:
         fields = mb.token_fields
         mask = mb.completion_mask * fields[contracts.LOSS_MASK] if contracts.LOSS_MASK in fields else mb.completion_mask
         # Padding skipped; the entropy metric comes from the same logits (no lm_head product of its own).
-        logp, entropy = kernels.chunked_token_logprobs_and_entropy(
-            out.hidden, out.lm_head_weight, mb.completion_ids, mb.completion_mask, out.temperature, self.chunk_size
-        )
+        logp, entropy = out.token_logprobs_and_entropy(mb.completion_ids, mb.completion_mask, self.chunk_size)
         out.keep_logprobs(logp)
         # With one update per batch the data is on-policy: old = current (detached), ratio == 1.
         old = fields.get("old_logprobs", logp.detach())

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rl.core.kernels import chunked_token_logprobs_and_entropy
 
 
 @dataclass
@@ -332,6 +333,9 @@ class PolicyOutputs:
     kept_logprobs: [B, T] per-token log-probs of the sampled tokens that the loss computed anyway,
         handed back with `keep_logprobs` (detached), so that a caller of
         `train_step(return_logprobs=True)` gets the current policy's scores without another forward.
+    estimator_passes: a masked-diffusion likelihood estimator of several forwards (mc_elbo, coupled:
+        rollouts.estimators): each pass's answer logits [B, T, V] with its weights [B, T]; `hidden`
+        is then the first pass's logits. None for one forward (causal models, d1's one-step).
     """
 
     hidden: torch.Tensor
@@ -340,6 +344,25 @@ class PolicyOutputs:
     teacher_hidden: torch.Tensor | None = None
     teacher_lm_head_weight: torch.Tensor | None = None
     kept_logprobs: torch.Tensor | None = None
+    estimator_passes: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+
+    def token_logprobs_and_entropy(self, tokens: torch.Tensor, mask: torch.Tensor, chunk_size: int = 512):
+        """([B, T] log-probs of `tokens`, [B, T] entropies) under logits / temperature, chunked.
+
+        With estimator passes, a token's log-prob is the estimator's term, the weighted sum of its
+        log-probs over the passes that score it, and its entropy the mean over those passes (a
+        metric: the entropy where the model cannot see the token; 0 where no pass scores it).
+        """
+        if self.estimator_passes is None:
+            return chunked_token_logprobs_and_entropy(self.hidden, self.lm_head_weight, tokens, mask, self.temperature, chunk_size)
+        logp = entropy = scored = 0
+        for logits, weight in self.estimator_passes:
+            lp, ent = chunked_token_logprobs_and_entropy(logits, None, tokens, mask, self.temperature, chunk_size)
+            scores = weight != 0
+            logp = logp + torch.where(scores, weight.to(lp.dtype) * lp, torch.zeros_like(lp))
+            entropy = entropy + ent * scores
+            scored = scored + scores
+        return logp, entropy / torch.clamp(scored, min=1)
 
     def keep_logprobs(self, logprobs: torch.Tensor) -> None:
         """Record this forward's [B, T] sampled-token log-probs (a loss calls it on what it computed)."""

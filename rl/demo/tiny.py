@@ -322,19 +322,83 @@ def build_tiny_dllm(out_dir: str | Path, seed: int = 0) -> Path:
     return warm_up_diffusion(model, chain_addition_rows(32 * TINY_DLLM_WARMUP_STEPS, seed=seed + 1), TINY_DLLM_WARMUP_STEPS)
 
 
-# Offline datasets by name (`data.train=synthetic:<name>`): (split -> (rows, seed)).
-SYNTHETIC = {"chain_addition": (chain_addition_rows, {"train": (5000, 5), "test": (500, 99)})}
+# The addition task with a held-out split, for distillation against RL (scripts/experiment_opd.py,
+# recipe opd_tiny): the 100 single-digit pairs shuffled once; ADDITION_HELDOUT_PAIRS of them are
+# never trained on, by RL or by the SFT teacher.
+ADDITION_HELDOUT_PAIRS = 50
+ADDITION_TEACHER_SFT_STEPS = 60
+
+
+def addition_pair_split(seed: int = 11) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(training pairs, held-out pairs) of the 100 single-digit pairs."""
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    random.Random(seed).shuffle(pairs)
+    return pairs[ADDITION_HELDOUT_PAIRS:], pairs[:ADDITION_HELDOUT_PAIRS]
+
+
+def addition_pair_rows(pairs, n: int | None = None, seed: int = 5) -> list[dict]:
+    """Rows {question, answer, solution = `a+b=c`}: each pair once, or n drawn with replacement."""
+    if n is not None:
+        rng = random.Random(seed)
+        pairs = [rng.choice(pairs) for _ in range(n)]
+    return [{"question": f"{a}+{b}=", "answer": str(a + b), "solution": f"{a}+{b}={a + b}"} for a, b in pairs]
+
+
+def build_tiny_qwen3_addition(out_dir: str | Path) -> Path:
+    """The built model `tiny-qwen3-addition`: the tiny Qwen3 warmed up on `a+b=` to partial accuracy."""
+    build_model(out_dir, arch="qwen3", tied=True, seed=0)
+    return Path(warm_up_partial(out_dir, steps=130, seed=0))
+
+
+def build_tiny_qwen3_addition_sft(out_dir: str | Path) -> Path:
+    """The built model `tiny-qwen3-addition-sft`: `tiny-qwen3-addition` after `python -m rl.sft` on
+    the training pairs (prompt `a+b=`, target the answer), a teacher that never saw a held-out pair."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from rl.models import resolve_model_path
+
+    student = resolve_model_path("tiny-qwen3-addition")
+    train_pairs, _ = addition_pair_split()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "sft.jsonl"
+        rows = [{**r, "solution": r["answer"]} for r in addition_pair_rows(train_pairs, n=64 * ADDITION_TEACHER_SFT_STEPS)]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        cmd = [sys.executable, "-m", "rl.sft", f"model.path={student}", f"data.train={data}", "data.prompt_format=plain",
+               "data.max_prompt_tokens=16", f"train.steps={ADDITION_TEACHER_SFT_STEPS}", "train.prompts_per_step=64",
+               "learner.micro_batch_size=64", "learner.lr=3e-3", "learner.max_grad_norm=1.0",
+               "learner.gradient_checkpointing=false", "sft.max_length=32", f"tracking.output_dir={tmp}",
+               "tracking.run_name=sft"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building tiny-qwen3-addition-sft: rl.sft failed:\n{proc.stderr[-2000:]}")
+        shutil.copytree(Path(tmp) / "sft" / "final", out_dir)
+    return Path(out_dir)
+
+
+# Offline datasets by name (`data.train=synthetic:<name>`, `eval.benchmarks=[synthetic:<name>]`):
+# name -> split -> rows. Evaluation reads the `test` split.
+SYNTHETIC: dict[str, dict[str, Callable[[], list[dict]]]] = {
+    "chain_addition": {"train": lambda: chain_addition_rows(5000, seed=5), "test": lambda: chain_addition_rows(500, seed=99)},
+    "addition_pairs": {"train": lambda: addition_pair_rows(addition_pair_split()[0], n=2000),
+                       "test": lambda: addition_pair_rows(addition_pair_split()[1])},
+    # the training pairs, each once: the in-distribution evaluation set
+    "addition_train_pairs": {"test": lambda: addition_pair_rows(addition_pair_split()[0])},
+}
 
 
 def synthetic_rows(name: str, split: str) -> list[dict]:
     if name not in SYNTHETIC:
         raise DataError(f"Unknown synthetic dataset {name!r}; available: {', '.join(sorted(SYNTHETIC))}.")
-    make, splits = SYNTHETIC[name]
-    if split not in splits:
-        raise DataError(f"synthetic:{name} has splits {', '.join(splits)}, not {split!r}; set data.split.")
-    n, seed = splits[split]
-    return make(n, seed=seed)
+    if split not in SYNTHETIC[name]:
+        raise DataError(f"synthetic:{name} has splits {', '.join(SYNTHETIC[name])}, not {split!r}; set data.split.")
+    return SYNTHETIC[name][split]()
 
 
 register_data_source("synthetic", synthetic_rows)
 register_model_builder("tiny-dllm-chain-addition", build_tiny_dllm, version=1)
+register_model_builder("tiny-qwen3-addition", build_tiny_qwen3_addition, version=1)
+register_model_builder("tiny-qwen3-addition-sft", build_tiny_qwen3_addition_sft, version=1)

@@ -112,8 +112,8 @@ class DiffusionForward:
     prompt (the rollouts' length, so that the estimator sees what the sampler started from),
     `mask_id`, and d1's random prompt masking with probability `prompt_mask_prob`.
     `trust_remote_code` loads models that ship their own code (LLaDA). `estimator` (rollouts.estimators)
-    and `estimator_samples`: the algorithm's likelihood estimator; the forward (training and
-    Learner.score) runs one_step only, `_DiffusionPolicy.estimate` any of them without gradients."""
+    and `estimator_samples`: the algorithm's likelihood estimator, run by the training forward and
+    Learner.score with the same random draws as the diffusion engine's."""
 
     answer_length: int
     mask_id: int
@@ -132,7 +132,7 @@ def masked_answer_input(mb: MicroBatch, settings: DiffusionForward, pad_id: int)
     the same as the first update, and each inner update a fresh one (the trainer sets mask_seed to
     the update's index, as d1 does).
     """
-    from rollouts.diffusion import MASK_SEED_FIELD, answer_layout, mask_prompts
+    from rollouts.diffusion import answer_layout, mask_prompts
 
     width = mb.completion_ids.shape[1]
     if width > settings.answer_length:
@@ -140,55 +140,74 @@ def masked_answer_input(mb: MicroBatch, settings: DiffusionForward, pad_id: int)
             f"A completion of {width} tokens is longer than the masked answer ({settings.answer_length} "
             "positions = rollout.max_tokens) the estimator scores it in."
         )
-    lens = mb.prompt_lens.tolist()
-    prompts = [mb.input_ids[i, :p].tolist() for i, p in enumerate(lens)]
+    prompts, completions, seeds = _rows_of(mb)
     ids, attention, positions = answer_layout(prompts, settings.answer_length, pad_id, settings.mask_id)
     if settings.prompt_mask_prob > 0:
-        completions = [mb.input_ids[i, p : p + int(mb.completion_mask[i].sum())].tolist() for i, p in enumerate(lens)]
-        seeds = mb.seq_fields.get(MASK_SEED_FIELD)
-        seeds = [0] * len(lens) if seeds is None else [int(x) for x in seeds.tolist()]
         ids = mask_prompts(ids, prompts, completions, seeds, settings.prompt_mask_prob, settings.mask_id)
     device = mb.input_ids.device
     return ids.to(device), attention.to(device), positions[:, :width].to(device)
 
 
 class _DiffusionPolicy(torch.nn.Module):
-    """A masked-diffusion model's one-step forward -> `fn(answer logits, None)`, or the logits."""
+    """A masked-diffusion model's estimator forward -> `fn(answer logits, None)` (one-step), or the
+    one-step logits; an estimator of several forwards -> `fn(first pass's logits, None,
+    estimator_passes=((logits, weights), ...))`."""
 
     def __init__(self, lm: torch.nn.Module, settings: DiffusionForward, pad_id: int):
         super().__init__()
         self.lm, self.settings, self.pad_id = lm, settings, pad_id
 
     def forward(self, *, mb: MicroBatch, fn=None):
-        if self.settings.estimator != "one_step":
-            raise NotImplementedError(
-                f"The learner's forward computes d1's one-step estimator only, not {self.settings.estimator!r} "
-                "(its terms are not the log-softmax of one set of logits); `estimate` computes it without gradients."
-            )
         ids, attention, positions = masked_answer_input(mb, self.settings, self.pad_id)
-        logits = causal_lm(self.lm)(input_ids=ids, attention_mask=attention).logits
-        answer_logits = logits[torch.arange(ids.shape[0], device=ids.device)[:, None], positions]
-        return answer_logits if fn is None else fn(answer_logits, None)
-
-    @torch.no_grad()
-    def estimate(self, mb: MicroBatch) -> list[list[float]]:
-        """The estimator's per-token terms of each completion, as the diffusion engine reports them
-        (rollouts.estimators.rows.estimate_rows: same layout, prompt mask and random draws)."""
-        from rollouts.diffusion import MASK_SEED_FIELD
-        from rollouts.estimators.rows import estimate_rows
-
-        lens = mb.prompt_lens.tolist()
-        prompts = [mb.input_ids[i, :p].tolist() for i, p in enumerate(lens)]
-        completions = [mb.input_ids[i, p : p + int(mb.completion_mask[i].sum())].tolist() for i, p in enumerate(lens)]
-        seeds = mb.seq_fields.get(MASK_SEED_FIELD)
-        seeds = [0] * len(lens) if seeds is None else [int(x) for x in seeds.tolist()]
-        device = mb.input_ids.device
         lm = causal_lm(self.lm)
-        s = self.settings
-        return estimate_rows(lambda i, a: lm(input_ids=i.to(device), attention_mask=a.to(device)).logits.cpu(),
-                             s.estimator, prompts, completions, answer_length=s.answer_length, pad_id=self.pad_id,
-                             mask_id=s.mask_id, n=s.estimator_samples, mask_seeds=seeds,
-                             prompt_mask_prob=s.prompt_mask_prob)
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
+        if self.settings.estimator == "one_step":
+            answer_logits = lm(input_ids=ids, attention_mask=attention).logits[rows, positions]
+            return answer_logits if fn is None else fn(answer_logits, None)
+        if fn is None:
+            raise ValueError(
+                f"A masked-diffusion teacher is scored through d1's one-step layout, not {self.settings.estimator!r}."
+            )
+        from rollouts.estimators.common import with_answer
+
+        passes = []
+        for masked, weight in estimator_passes(mb, self.settings):
+            answer = with_answer(ids, positions, mb.completion_ids, masked.to(ids.device), self.settings.mask_id)
+            passes.append((lm(input_ids=answer, attention_mask=attention).logits[rows, positions], weight.to(ids.device)))
+        return fn(passes[0][0], None, estimator_passes=tuple(passes))
+
+
+def _rows_of(mb: MicroBatch) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """(prompts, completions, d1 mask seeds) of a micro-batch's rows, as the diffusion engine sees them."""
+    from rollouts.diffusion import MASK_SEED_FIELD
+
+    lens = mb.prompt_lens.tolist()
+    prompts = [mb.input_ids[i, :p].tolist() for i, p in enumerate(lens)]
+    completions = [mb.input_ids[i, p : p + int(mb.completion_mask[i].sum())].tolist() for i, p in enumerate(lens)]
+    seeds = mb.seq_fields.get(MASK_SEED_FIELD)
+    return prompts, completions, [0] * len(lens) if seeds is None else [int(x) for x in seeds.tolist()]
+
+
+def estimator_passes(mb: MicroBatch, settings: DiffusionForward) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The estimator's passes over a micro-batch, (masked [B, T], weight [B, T]) on the CPU: each row
+    draws its own from its tokens' generator (rollouts.estimators.rows.row_generator), exactly as the
+    diffusion engine drew them for that sequence; positions after a row's completion stay masked
+    and unweighted."""
+    from rollouts.estimators import get_estimator
+    from rollouts.estimators.rows import row_generator
+
+    estimator = get_estimator(settings.estimator)
+    B, width = mb.completion_ids.shape
+    passes = None
+    for i, (prompt, completion, seed) in enumerate(zip(*_rows_of(mb))):
+        drawn = estimator.passes(1, len(completion), n=settings.estimator_samples,
+                                 generator=row_generator(prompt, completion, seed))
+        if passes is None:
+            passes = [(torch.ones((B, width), dtype=torch.bool), torch.zeros((B, width), dtype=torch.float64)) for _ in drawn]
+        for (masked, weight), (row_masked, row_weight) in zip(passes, drawn):
+            masked[i, : len(completion)] = row_masked[0]
+            weight[i, : len(completion)] = row_weight[0]
+    return passes
 
 
 def unwrap(module) -> _Policy | _DiffusionPolicy:

@@ -6,7 +6,6 @@ from functools import partial
 
 import torch
 
-from rl.core.kernels import chunked_token_logprobs_and_entropy
 from rl.core.batch import MicroBatch, PolicyOutputs, SequenceBatch
 from rl.learner.frozen import FrozenModels
 from rl.learner.micro_batches import MicroBatcher
@@ -17,8 +16,8 @@ def add_metrics(total: dict[str, float], part: dict[str, float]) -> None:
         total[k] = total.get(k, 0.0) + float(v)
 
 
-def _call_loss(loss_fn, mb, temperature, teacher_hidden, teacher_weight, hidden, weight):
-    out = PolicyOutputs(hidden, weight, temperature, teacher_hidden, teacher_weight)
+def _call_loss(loss_fn, mb, temperature, teacher_hidden, teacher_weight, hidden, weight, estimator_passes=None):
+    out = PolicyOutputs(hidden, weight, temperature, teacher_hidden, teacher_weight, estimator_passes=estimator_passes)
     loss, metrics = loss_fn(out, mb)
     return loss, metrics, out.kept_logprobs
 
@@ -34,9 +33,10 @@ def _rows(values: torch.Tensor, mb: MicroBatch) -> list[list[float]]:
     return [row[:n].tolist() for row, n in zip(values.cpu(), lens)]
 
 
-def _token_scores(mb: MicroBatch, temperature: float, with_entropy: bool, hidden, weight):
+def _token_scores(mb: MicroBatch, temperature: float, with_entropy: bool, hidden, weight, estimator_passes=None):
     # Chunked over positions: never a [B, T, V] tensor, however long the completions.
-    token_logp, entropy = chunked_token_logprobs_and_entropy(hidden, weight, mb.completion_ids, mb.completion_mask, temperature)
+    out = PolicyOutputs(hidden, weight, temperature, estimator_passes=estimator_passes)
+    token_logp, entropy = out.token_logprobs_and_entropy(mb.completion_ids, mb.completion_mask)
     return token_logp, (entropy if with_entropy else None)
 
 

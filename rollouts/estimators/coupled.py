@@ -18,37 +18,29 @@ from __future__ import annotations
 
 import torch
 
-from rollouts.estimators.common import answer_logprobs, register_estimator, with_answer
+from rollouts.estimators.common import register_estimator
 
 LOW, HIGH = 0.2, 0.8
 WEIGHTINGS = ("diffucoder", "plain")
 
 
 @register_estimator("coupled")
-def coupled(logits_fn, ids, attention, positions, answer_ids, *, mask_id: int, n: int = 1,
-            generator: torch.Generator | None = None, temperature: float = 1.0, weighting: str = "diffucoder",
-            low: float = LOW, high: float = HIGH) -> torch.Tensor:
+def coupled(B: int, T: int, *, n: int = 1, generator: torch.Generator | None = None, device=None,
+            weighting: str = "diffucoder", low: float = LOW, high: float = HIGH):
     if n < 1:
         raise ValueError(f"coupled needs n >= 1 mask pairs, got {n}.")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"coupled weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
-    B, T = answer_ids.shape
-    device = answer_ids.device
-    pairs = torch.zeros((B, T), dtype=torch.float64, device=device)
+    # diffucoder: (full pass + the pairs' weighted mean) / 2; plain: the pairs' mean alone
+    share = 1 / (2 * n) if weighting == "diffucoder" else 1 / n
+    passes = []
     for _ in range(n):
-        t = low + (high - low) * torch.rand(B, dtype=torch.float64, generator=generator, device=device)
-        masked = torch.rand((B, T), dtype=torch.float64, generator=generator, device=device) < t[:, None]
-        lp_m = answer_logprobs(logits_fn, with_answer(ids, positions, answer_ids, masked, mask_id), attention,
-                               positions, answer_ids, temperature).double()
-        lp_c = answer_logprobs(logits_fn, with_answer(ids, positions, answer_ids, ~masked, mask_id), attention,
-                               positions, answer_ids, temperature).double()
+        t = (low + (high - low) * torch.rand(B, dtype=torch.float64, generator=generator, device=device))[:, None]
+        masked = torch.rand((B, T), dtype=torch.float64, generator=generator, device=device) < t
         if weighting == "diffucoder":
-            pairs += torch.where(masked, lp_m / t[:, None], lp_c / (1 - t[:, None]))
+            passes += [(masked, share * masked / t), (~masked, share * ~masked / (1 - t))]
         else:
-            pairs += torch.where(masked, lp_m, lp_c)
-    pairs /= n
-    if weighting == "plain":
-        return pairs
-    full = answer_logprobs(logits_fn, with_answer(ids, positions, answer_ids, torch.ones_like(masked), mask_id),
-                           attention, positions, answer_ids, temperature).double()
-    return (full + pairs) / 2
+            passes += [(masked, share * masked.double()), (~masked, share * (~masked).double())]
+    if weighting == "diffucoder":
+        passes.append((torch.ones((B, T), dtype=torch.bool, device=device), torch.full((B, T), 0.5, dtype=torch.float64, device=device)))
+    return passes

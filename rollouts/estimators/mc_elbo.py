@@ -20,22 +20,18 @@ from __future__ import annotations
 
 import torch
 
-from rollouts.estimators.common import answer_logprobs, register_estimator, with_answer
+from rollouts.estimators.common import register_estimator
 
 EPS = 1e-3
 
 
 @register_estimator("mc_elbo")
-def mc_elbo(logits_fn, ids, attention, positions, answer_ids, *, mask_id: int, n: int = 1,
-            generator: torch.Generator | None = None, temperature: float = 1.0, eps: float = EPS) -> torch.Tensor:
+def mc_elbo(B: int, T: int, *, n: int = 1, generator: torch.Generator | None = None, device=None, eps: float = EPS):
     if n < 1:
         raise ValueError(f"mc_elbo needs n >= 1 draws, got {n}.")
-    B, T = answer_ids.shape
-    total = torch.zeros((B, T), dtype=torch.float64, device=answer_ids.device)
+    passes = []
     for _ in range(n):
-        t = eps + (1 - eps) * torch.rand(B, dtype=torch.float64, generator=generator, device=answer_ids.device)
-        masked = torch.rand((B, T), dtype=torch.float64, generator=generator, device=answer_ids.device) < t[:, None]
-        lp = answer_logprobs(logits_fn, with_answer(ids, positions, answer_ids, masked, mask_id), attention,
-                             positions, answer_ids, temperature).double()
-        total += torch.where(masked, lp / t[:, None], torch.zeros_like(lp))
-    return total / n
+        t = eps + (1 - eps) * torch.rand(B, dtype=torch.float64, generator=generator, device=device)
+        masked = torch.rand((B, T), dtype=torch.float64, generator=generator, device=device) < t[:, None]
+        passes.append((masked, masked / t[:, None] / n))
+    return passes

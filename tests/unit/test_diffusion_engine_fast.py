@@ -46,8 +46,7 @@ def test_estimator_option_checks():
     assert DiffuGRPOConfig().estimator == "one_step" and IGPOConfig(estimator="one_step").estimator_samples == 1
     with pytest.raises(ValueError, match="registered: coupled, mc_elbo, one_step"):
         DiffuGRPOConfig(estimator="nope")
-    with pytest.raises(ValueError, match="not trainable yet"):
-        IGPOConfig(estimator="mc_elbo", estimator_samples=4)
+    assert IGPOConfig(estimator="mc_elbo", estimator_samples=4).estimator_samples == 4
     with pytest.raises(ValueError):
         DiffuGRPOConfig(estimator_samples=0)
 
@@ -116,6 +115,17 @@ def test_estimator_one_step_rows_equal_todays_estimate(model_dir):
         torch.testing.assert_close(torch.tensor(lp), torch.tensor(c.logprobs), atol=1e-5, rtol=0)
 
 
+def _learner_terms(policy, mb):
+    """The learner's per-token estimator terms: its forward, scored as Learner.score scores it."""
+    from rl.core.batch import PolicyOutputs
+
+    def scores(hidden, weight, estimator_passes=None):
+        out = PolicyOutputs(hidden, weight, 1.0, estimator_passes=estimator_passes)
+        return out.token_logprobs_and_entropy(mb.completion_ids, mb.completion_mask)[0]
+
+    return scores if policy is None else policy(mb=mb, fn=scores)
+
+
 @pytest.mark.parametrize("name", ["mc_elbo", "coupled"])
 def test_a_random_estimator_is_the_same_in_the_engine_and_the_learner(model_dir, name):
     from rl.learner.model import DiffusionForward, _DiffusionPolicy
@@ -126,17 +136,52 @@ def test_a_random_estimator_is_the_same_in_the_engine_and_the_learner(model_dir,
     lm = AutoModelForMaskedLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     policy = _DiffusionPolicy(lm, DiffusionForward(ANSWER, e.mask_id, 0.3, estimator=name, estimator_samples=3), e.pad_id)
     batch = SequenceBatch([c.prompt_ids + c.token_ids for c in completions], [len(c.prompt_ids) for c in completions])
-    learner = policy.estimate(MicroBatch.from_sequences(batch, e.pad_id))
-    for c, sc, lp in zip(completions, scored, learner):
+    mb = MicroBatch.from_sequences(batch, e.pad_id)
+    with torch.no_grad():
+        learner = _learner_terms(policy, mb)
+    for i, (c, sc) in enumerate(zip(completions, scored)):
         assert len(c.logprobs) == len(c.token_ids)
         torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(sc), atol=1e-6, rtol=0)
-        torch.testing.assert_close(torch.tensor(lp), torch.tensor(sc), atol=1e-5, rtol=0)
+        torch.testing.assert_close(learner[i, : len(sc)].double(), torch.tensor(sc, dtype=torch.float64), atol=1e-5, rtol=0)
     # Not the one-step estimate.
     one = estimate_rows(e._logits, "one_step", [c.prompt_ids for c in completions], [c.token_ids for c in completions],
                         answer_length=ANSWER, pad_id=e.pad_id, mask_id=e.mask_id, prompt_mask_prob=0.3)
     assert any(not torch.allclose(torch.tensor(a), torch.tensor(b)) for a, b in zip(one, scored))
-    with pytest.raises(NotImplementedError, match="one-step estimator only"):
-        policy(mb=MicroBatch.from_sequences(batch, e.pad_id))
+
+
+@pytest.mark.parametrize("name,n", [("mc_elbo", 2), ("coupled", 1)])
+def test_the_learner_trains_a_random_estimator_with_its_gradient(model_dir, name, n):
+    """Value and gradient of the training forward's terms against the estimator run row by row,
+    differentiably, through the plain model (the reference: one sequence, one forward per pass)."""
+    from rl.learner.model import DiffusionForward, _DiffusionPolicy
+    from rollouts.estimators import get_estimator
+    from rollouts.estimators.rows import row_generator
+
+    torch.manual_seed(0)
+    prompts, completions = [[7, 8, 9, 10, 11], [15, 16, 17], [4, 5]], [[20, 21, 22, 23, 24, 25], [30, 31, 32], [40, 41, 42, 43]]
+    lm = AutoModelForMaskedLM.from_pretrained(str(model_dir), dtype=torch.float64).eval()
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    pad, mask = tok.pad_token_id, tok.mask_token_id
+    policy = _DiffusionPolicy(lm, DiffusionForward(ANSWER, mask, estimator=name, estimator_samples=n), pad)
+    weights = torch.randn(len(prompts), ANSWER, dtype=torch.float64)  # a loss that weighs every term differently
+    mb = MicroBatch.from_sequences(SequenceBatch([p + c for p, c in zip(prompts, completions)], [len(p) for p in prompts]), pad)
+    terms = _learner_terms(policy, mb)
+    (terms * weights[:, : terms.shape[1]] * mb.completion_mask).sum().backward()
+    got = [p.grad.clone() for p in lm.parameters()]
+    lm.zero_grad()
+
+    reference = 0
+    estimator = get_estimator(name)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids, attention, positions = answer_layout([p], ANSWER, pad, mask)
+        row = estimator(lambda x, a: lm(input_ids=x, attention_mask=a).logits, ids, attention, positions[:, : len(c)],
+                        torch.tensor([c]), mask_id=mask, n=n, generator=row_generator(p, c, 0))
+        torch.testing.assert_close(terms[i, : len(c)].detach(), row[0].detach(), atol=1e-9, rtol=0)
+        reference = reference + (row[0] * weights[i, : len(c)]).sum()
+    reference.backward()
+    for g, p in zip(got, lm.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-9, rtol=1e-7)
+    assert any(g.abs().sum() > 0 for g in got)
 
 
 def test_the_fast_recipe_is_igpo_llada_with_the_fast_sampler():
