@@ -1,9 +1,10 @@
 """Tiny local models and a synthetic addition task: offline stand-ins for tests and demos.
 
 A plug-in, not part of the library's import path: importing it registers the data source
-`synthetic:<task>` (rl.data.register_data_source) and the built model `tiny-dllm-chain-addition`
-(rl.models.register_model_builder). A config names it in `plugins: [rl.demo.tiny]` (recipe
-igpo_tiny does); tests and scripts import its builders directly.
+`synthetic:<task>` (rl.data.register_data_source) and the built models `tiny-dllm-chain-addition`,
+`tiny-qwen3-addition` and `tiny-qwen3-addition-sft` (rl.models.register_model_builder). A config
+names it in `plugins: [rl.demo.tiny]` (recipes igpo_tiny and opd_tiny do); tests and scripts import
+its builders directly.
 
 Everything here is built on the machine (no hub): a byte-level BPE tokenizer trained on a small
 corpus, a randomly initialised transformers model (Qwen3 with tied embeddings or Llama without),
