@@ -201,13 +201,16 @@ def main() -> None:
     passthrough = [a for a in sys.argv[1:] if a not in ("--modes",) and a not in args.modes]
     for mode in args.modes:
         print(f"{mode}: running in a subprocess", flush=True)
-        proc = subprocess.run([sys.executable, __file__, *passthrough, "--child", mode], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])})
-        lines = proc.stdout.splitlines()
-        for line in lines:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+        # The child's progress lines are passed on as they come; its RESULT line is kept.
+        proc = subprocess.Popen([sys.executable, __file__, *passthrough, "--child", mode], stdout=subprocess.PIPE, text=True,
+                                env=env, bufsize=1)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
             if not line.startswith("RESULT "):
-                print(line)
-        if proc.returncode:
+                print(line, end="", flush=True)
+        if proc.wait():
             raise SystemExit(f"{mode} failed (exit {proc.returncode})")
         results.append(json.loads(next(line for line in lines if line.startswith("RESULT "))[len("RESULT "):]))
         r = results[-1]

@@ -189,25 +189,13 @@ def _rows_of(mb: MicroBatch) -> tuple[list[list[int]], list[list[int]], list[int
 
 
 def estimator_passes(mb: MicroBatch, settings: DiffusionForward) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The estimator's passes over a micro-batch, (masked [B, T], weight [B, T]) on the CPU: each row
-    draws its own from its tokens' generator (rollouts.estimators.rows.row_generator), exactly as the
-    diffusion engine drew them for that sequence; positions after a row's completion stay masked
-    and unweighted."""
-    from rollouts.estimators import get_estimator
-    from rollouts.estimators.rows import row_generator
+    """The estimator's passes over a micro-batch, drawn per sequence exactly as the diffusion engine
+    drew them (rollouts.estimators.rows.stacked_passes)."""
+    from rollouts.estimators.rows import stacked_passes
 
-    estimator = get_estimator(settings.estimator)
-    B, width = mb.completion_ids.shape
-    passes = None
-    for i, (prompt, completion, seed) in enumerate(zip(*_rows_of(mb))):
-        drawn = estimator.passes(1, len(completion), n=settings.estimator_samples,
-                                 generator=row_generator(prompt, completion, seed))
-        if passes is None:
-            passes = [(torch.ones((B, width), dtype=torch.bool), torch.zeros((B, width), dtype=torch.float64)) for _ in drawn]
-        for (masked, weight), (row_masked, row_weight) in zip(passes, drawn):
-            masked[i, : len(completion)] = row_masked[0]
-            weight[i, : len(completion)] = row_weight[0]
-    return passes
+    prompts, completions, seeds = _rows_of(mb)
+    return stacked_passes(settings.estimator, prompts, completions, seeds, n=settings.estimator_samples,
+                          width=mb.completion_ids.shape[1])
 
 
 def unwrap(module) -> _Policy | _DiffusionPolicy:
