@@ -305,6 +305,10 @@ class GRPO(Algorithm):
         rollout_lp, _ = padded(batch.token_fields["rollout_logprobs"])
         gap = (learner_lp - rollout_lp).abs() * mask
         weights = losses.truncated_is_weights(learner_lp, rollout_lp, mask, "token", self.cfg.importance_cap)
+        # Where the correction acts: tokens whose ratio (at the configured level; token when off) is
+        # beyond the cap, i.e. truncated (token, sequence) or dropped (the _mask levels).
+        level = "token" if self.cfg.importance_sampling == "off" else self.cfg.importance_sampling
+        beyond = (losses.importance_ratios(learner_lp, rollout_lp, mask, level) > self.cfg.importance_cap) * mask
         return {
             contracts.LOGPROB_GAP: float(gap.sum() / mask.sum()),
             contracts.LOGPROB_GAP_MAX: float(gap.max()),
@@ -314,4 +318,5 @@ class GRPO(Algorithm):
                 float(gap[unit].sum() / mask[unit].sum().clamp(min=1.0)) for unit in prompt_units(batch, share_prompt=True)
             ),
             "mismatch/is_weight_mean": float(weights.sum() / mask.sum()),
+            "mismatch/is_capped_fraction": float(beyond.sum() / mask.sum()),
         }

@@ -114,11 +114,17 @@ def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mas
     the learner's, from r = pi_learner / pi_engine per token or per sequence (the product over its
     tokens): `token` / `sequence` truncate, min(r, cap) (TIS); `token_mask` / `sequence_mask` mask,
     r where r <= cap and 0 beyond (TRL's vllm_importance_sampling_mode of those names, MIS)."""
+    ratio = importance_ratios(old_logp, rollout_logp, mask, level)
+    weights = ratio.clamp(max=cap) if level in ("token", "sequence") else ratio * (ratio <= cap)
+    return weights * mask
+
+
+def importance_ratios(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """r = pi_learner / pi_engine, untruncated: [B, T] per token, or [B, 1] per sequence (the product
+    over its tokens) for the sequence levels."""
     log_ratio = (old_logp - rollout_logp) * mask
     if level in ("sequence", "sequence_mask"):
         log_ratio = log_ratio.sum(dim=1, keepdim=True)
     elif level not in ("token", "token_mask"):
         raise ValueError(f"Unknown importance-sampling level {level!r}; choose token, sequence, token_mask or sequence_mask.")
-    ratio = torch.exp(log_ratio)
-    weights = ratio.clamp(max=cap) if level in ("token", "sequence") else ratio * (ratio <= cap)
-    return weights * mask
+    return torch.exp(log_ratio)

@@ -68,6 +68,22 @@ def test_worst_prompt_group_gap_against_a_plain_mean():
     assert metrics["mismatch/logprob_gap_mean"] == pytest.approx((0.1 + 1 + 1 + 0.5) / 6)
 
 
+@pytest.mark.parametrize("level", ["off", "token", "sequence_mask"])
+def test_capped_fraction_counts_the_tokens_beyond_the_cap(level):
+    """mismatch/is_capped_fraction: where the truncated importance weights act (ratio > cap), at the
+    configured level, counted by hand here."""
+    algo = GRPO(RunConfig(grpo={"group_size": 2, "importance_sampling": level, "importance_cap": 2.0}))
+    batch = SequenceBatch(input_ids=[[1, 2, 5, 6], [1, 2, 7], [3, 4, 8, 9], [3, 4, 9]], prompt_lens=[2, 2, 2, 2],
+                          token_fields={"rollout_logprobs": [[-1.0, -2.0], [-1.0], [-2.0, -2.0], [-2.0]]})
+    learner = [[-0.2, -2.5], [-1.0], [-1.5, -1.5], [-3.0]]  # token ratios e^0.8, e^-0.5, 1, e^0.5, e^0.5, e^-1
+    _, metrics = algo.use_policy_scores(batch, learner, None)
+    if level == "sequence_mask":  # sequence ratios e^0.3, 1, e^1 (beyond 2: its 2 tokens), e^-1
+        want = 2 / 6
+    else:  # token ratios beyond 2: only e^0.8
+        want = 1 / 6
+    assert metrics["mismatch/is_capped_fraction"] == pytest.approx(want)
+
+
 def _batch(algo, lens, advantages, rollout_lp, truncated=None):
     truncated = truncated or [False] * len(lens)
     comps = [Completion([1, 2], list(range(3, 3 + n)), "x", lp, "length" if tr else "stop")
