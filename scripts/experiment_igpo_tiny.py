@@ -1,6 +1,8 @@
 """IGPO versus diffu-GRPO on the tiny masked-diffusion chain-arithmetic task (recipes igpo_tiny, diffu_grpo_tiny),
 IGPO with the plain sampler versus IGPO with parallel decoding (`igpo_fast`: rollout.diffusion.threshold=0.9),
-or IGPO on d1's one-step likelihood estimator versus mc_elbo and coupled (`igpo_mc_elbo`, `igpo_coupled`).
+IGPO on d1's one-step likelihood estimator versus mc_elbo and coupled (`igpo_mc_elbo`, `igpo_coupled`),
+or OPSD from a teacher shown the reference (recipe opsd_tiny_dllm: `opsd_reader`, `opsd_reader_coupled`)
+against diffu-GRPO per rollout token.
 
     PYTHONPATH=. python scripts/experiment_igpo_tiny.py [--out /tmp/igpo_tiny] [--seeds 0,1] [--steps 40]
         [--methods igpo,diffu_grpo | igpo,igpo_fast | igpo,igpo_mc_elbo,igpo_coupled]
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Method name -> (recipe, extra overrides).
+# Method name -> (recipe, extra overrides[, steps factor]).
 METHODS = {
     "igpo": ("igpo_tiny", []),
     "diffu_grpo": ("diffu_grpo_tiny", []),
@@ -30,6 +32,10 @@ METHODS = {
     # other likelihood estimators (rollouts.estimators) than d1's one_step, at 3 forwards each
     "igpo_mc_elbo": ("igpo_tiny", ["igpo.estimator=mc_elbo", "igpo.estimator_samples=3"]),
     "igpo_coupled": ("igpo_tiny", ["igpo.estimator=coupled", "igpo.estimator_samples=1"]),
+    # OPSD with a teacher shown the reference trace (issue 27 part 3): one rollout a prompt, so 4x the
+    # steps still spend half of diffu-GRPO's rollout tokens; evaluated every 20 steps (30k tokens).
+    "opsd_reader": ("opsd_tiny_dllm", ["eval.every_steps=20"], 4),
+    "opsd_reader_coupled": ("opsd_tiny_dllm", ["eval.every_steps=20", "opsd.estimator=coupled"], 4),
 }
 EVAL_METRIC = "eval/synthetic:chain_addition/pass@1"
 
@@ -40,10 +46,10 @@ def launch(out: Path, method: str, seed: int, steps: int) -> Path:
     if (run_dir / "final").exists():
         print(f"[experiment] {name}: done before, reusing", flush=True)
         return run_dir
-    recipe, extra = METHODS[method]
+    recipe, extra, *factor = METHODS[method]
     args = [
-        f"recipe={recipe}", *extra, f"seed={seed}", f"train.steps={steps}", "learner.lr=3e-4",
-        "train.prompts_per_step=64", "eval.every_steps=10", "eval.at_start=true",
+        f"recipe={recipe}", f"seed={seed}", f"train.steps={steps * (factor or [1])[0]}", "learner.lr=3e-4",
+        "train.prompts_per_step=64", "eval.every_steps=10", *extra, "eval.at_start=true",
         "eval.benchmarks=[synthetic:chain_addition]", "eval.limit=256",
         f"tracking.output_dir={out}", f"tracking.run_name={name}",
     ]
@@ -71,18 +77,19 @@ def summarise(runs: dict[tuple[str, int], Path]) -> dict:
         steps = [r for r in records(run_dir) if r["step"] > 0]
         evals = [(r["step"], r[EVAL_METRIC]) for r in records(run_dir) if EVAL_METRIC in r]
         acc = [r["accuracy"] for r in steps]
+        nan = float("nan")  # OPSD has no groups
         out[f"{method}_seed{seed}"] = {
-            "all_wrong_before": mean(r["igpo/all_wrong_fraction_before"] for r in steps),
-            "all_wrong_after": mean(r["igpo/all_wrong_fraction_after"] for r in steps),
-            "replaced_per_step": mean(r["igpo/replaced"] for r in steps),
+            "all_wrong_before": mean(r.get("igpo/all_wrong_fraction_before", nan) for r in steps),
+            "all_wrong_after": mean(r.get("igpo/all_wrong_fraction_after", nan) for r in steps),
+            "replaced_per_step": mean(r.get("igpo/replaced", nan) for r in steps),
             "sampled_accuracy_first5": mean(acc[:5]),
             "sampled_accuracy_last5": mean(acc[-5:]),
             "greedy_heldout": evals,
             "rollout_tokens": steps[-1]["cumulative_rollout_tokens"],
             "generation_s_per_step": mean(r["time/generation"] for r in steps),
             "calls_per_block": mean(r.get("rollout/diffusion_calls_per_block", float("nan")) for r in steps),
-            "per_step": {k: [r[k] for r in steps] for k in ("accuracy", "igpo/all_wrong_fraction_before",
-                                                             "igpo/all_wrong_fraction_after", "cumulative_rollout_tokens")},
+            "per_step": {k: [r.get(k, nan) for r in steps] for k in ("accuracy", "igpo/all_wrong_fraction_before",
+                                                                    "igpo/all_wrong_fraction_after", "cumulative_rollout_tokens")},
         }
     return out
 
@@ -95,7 +102,7 @@ def plot(summary: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {"igpo": "tab:blue", "diffu_grpo": "tab:orange", "igpo_fast": "tab:green", "igpo_mc_elbo": "tab:red",
-              "igpo_coupled": "tab:purple"}
+              "igpo_coupled": "tab:purple", "opsd_reader": "tab:brown", "opsd_reader_coupled": "tab:pink"}
     for name, s in summary.items():
         method = name.rsplit("_seed", 1)[0]
         steps = range(1, len(s["per_step"]["accuracy"]) + 1)

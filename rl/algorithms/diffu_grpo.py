@@ -17,32 +17,17 @@ from rl.algorithms.base import Learner, Repair, Requirements, Rollouts, SampledR
 from rl.algorithms.grpo import GRPO, GRPOConfig, with_token_fields
 from rl.algorithms.inpainting import is_all_wrong
 from rl.core.batch import SequenceBatch
+from rl.core.schema import Section
 from rl.core.types import SamplingSpec
 from rollouts.diffusion import MASK_SEED_FIELD
 
 REPAIR_COUNTS = ("groups", "all_wrong_before", "all_wrong_after", "inpainted", "inpainted_correct", "replaced", "no_reference")
 
 
-class DiffuGRPOConfig(GRPOConfig):
-    """GRPO's options, on the one-step estimator of a masked-diffusion model."""
+class EstimatorChoice(Section):
+    """Which likelihood estimator scores a masked-diffusion policy (diffu_grpo, igpo; opsd with a
+    diffusion student, whose teacher is scored through the same passes)."""
 
-    prompt_mask_prob: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="Mask each prompt token with this probability in the one-step estimator's forward "
-        "(d1's 0.15, a regulariser for mu > 1; IGPO's paper drops it: 0). Applied alike wherever the "
-        "estimator runs (learner, the diffusion engine's reported log-probs and `score`), with a fresh "
-        "mask for each inner update as d1 draws (DiffuGRPO.update): the old-policy and reference "
-        "log-probs of update j are scored under update j's mask before the step.",
-    )
-    loss_support: Literal["through_eos", "whole_answer"] = Field(
-        "through_eos",
-        description="Which answer positions are trained: through_eos, the tokens up to and including the "
-        "first EOS (d1's completion_mask); whole_answer, every one of the rollout.max_tokens answer "
-        "positions, the EOS padding after the first EOS included (the IGPO release's loss mask, "
-        "trainer_igpo.py masked_token_mask). The reward always reads the text through the first EOS.",
-    )
     estimator: str = Field(
         "one_step",
         description="The likelihood estimator (rollouts.estimators, by name): one_step, d1's (one forward, "
@@ -64,6 +49,28 @@ class DiffuGRPOConfig(GRPOConfig):
         if name not in ESTIMATORS:
             raise ValueError(f"Unknown estimator {name!r}; registered: {', '.join(sorted(ESTIMATORS))}.")
         return name
+
+
+class DiffuGRPOConfig(GRPOConfig, EstimatorChoice):
+    """GRPO's options, on a likelihood estimator of a masked-diffusion model (d1's one-step by default)."""
+
+    prompt_mask_prob: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Mask each prompt token with this probability in the one-step estimator's forward "
+        "(d1's 0.15, a regulariser for mu > 1; IGPO's paper drops it: 0). Applied alike wherever the "
+        "estimator runs (learner, the diffusion engine's reported log-probs and `score`), with a fresh "
+        "mask for each inner update as d1 draws (DiffuGRPO.update): the old-policy and reference "
+        "log-probs of update j are scored under update j's mask before the step.",
+    )
+    loss_support: Literal["through_eos", "whole_answer"] = Field(
+        "through_eos",
+        description="Which answer positions are trained: through_eos, the tokens up to and including the "
+        "first EOS (d1's completion_mask); whole_answer, every one of the rollout.max_tokens answer "
+        "positions, the EOS padding after the first EOS included (the IGPO release's loss mask, "
+        "trainer_igpo.py masked_token_mask). The reward always reads the text through the first EOS.",
+    )
 
 
 @register_algorithm

@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 
 from rl.algorithms import advantages as group_advantages, distill_metrics, divergences, losses
 from rl.core import contracts, kernels
+from rl.algorithms.diffu_grpo import EstimatorChoice
 from rl.algorithms.base import Algorithm, Requirements, Rollouts, ScoringEngines, Update, register_algorithm
 from rl.core.schema import Section
 from rl.data import build_teacher_prompt
@@ -113,9 +114,12 @@ class TeacherConfig(Section):
         return self
 
 
-class OPSDConfig(Section):
+class OPSDConfig(EstimatorChoice):
     """On-policy self-distillation (arXiv 2601.18734): the student is pulled toward the same model
-    shown the reference solution, at every position of the student's own rollout."""
+    shown the reference solution, at every position of the student's own rollout. A masked-diffusion
+    student is compared with its teacher through `estimator`: one_step compares the two models' guesses
+    with every answer position masked, which never reads the student's sample; mc_elbo and coupled
+    compare them at randomly masked positions given the student's other tokens, on-policy."""
 
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
         "forward_kl", description="Per-position divergence over the full vocabulary; forward KL(p_T||p_S) is the paper's final choice."
@@ -265,6 +269,12 @@ class DistillationLoss:
         args = (mb.completion_ids, mb.completion_mask, out.temperature, self.chunk_size)
         if TEACHER_LOGPROBS in mb.token_fields:  # scored by the teacher's engines
             teacher_lp = mb.token_fields[TEACHER_LOGPROBS]
+        elif out.estimator_passes is not None:  # a diffusion student on an estimator of several passes
+            with torch.no_grad():
+                teacher_lp, _ = out.teacher_outputs().token_logprobs_and_entropy(*args[:2], self.chunk_size)
+            with torch.enable_grad() if self.mode == "rlsd" else torch.no_grad():
+                logp, entropy = out.token_logprobs_and_entropy(*args[:2], self.chunk_size)
+            return logp, entropy, teacher_lp
         else:
             teacher_weight = out.lm_head_weight if out.teacher_lm_head_weight is None else out.teacher_lm_head_weight
             with torch.no_grad():
@@ -279,6 +289,8 @@ class DistillationLoss:
         return logp, entropy, teacher_lp
 
     def _per_token(self, out: PolicyOutputs, mb: MicroBatch, logp: torch.Tensor, teacher_lp: torch.Tensor) -> torch.Tensor:
+        if out.estimator_passes is not None:
+            return self._per_token_over_passes(out, mb, teacher_lp)
         if TEACHER_TOP_IDS in mb.token_fields:  # the teacher engines' top k
             return divergences.top_k_divergence_from_ids(
                 out.hidden, out.lm_head_weight, mb.token_fields[TEACHER_TOP_IDS], mb.token_fields[TEACHER_TOP_LOGPROBS],
@@ -307,6 +319,27 @@ class DistillationLoss:
             chunk_size=self.chunk_size,
             teacher_lm_head_weight=out.teacher_lm_head_weight,
         )
+
+    def _per_token_over_passes(self, out: PolicyOutputs, mb: MicroBatch, teacher_lp: torch.Tensor) -> torch.Tensor:
+        """A masked-diffusion student on mc_elbo/coupled: each pass's divergence at the tokens it masks,
+        the student and the teacher both seeing the student's other tokens, weighted as the estimator
+        weighs that pass's log-probs (a token's weights sum to 1 in expectation, e.g. 1/t for mc_elbo)."""
+        from rollouts.estimators.common import weighted
+
+        if self.token_loss == "sampled":  # on the estimator's terms, as for a causal student
+            logp, _ = out.token_logprobs_and_entropy(mb.completion_ids, mb.completion_mask, self.chunk_size)
+            return divergences.sampled_token_loss(logp, teacher_lp)
+        total = 0
+        for (logits, weight), (teacher_logits, teacher_weight) in zip(out.estimator_passes, out.teacher_estimator_passes):
+            if not torch.equal(weight, teacher_weight):
+                raise RuntimeError("The teacher's estimator passes mask other positions than the student's: both must "
+                                   "draw from the completion (rollouts.estimators.rows.row_generator).")
+            per_pass = divergences.chunked_divergence(
+                logits, teacher_logits, None, mb.completion_mask * (weight != 0), kind=self.divergence, beta=self.jsd_beta,
+                temperature=out.temperature, clip=self.clip, top_k=self.top_k if self.token_loss == "top_k" else None,
+                chunk_size=self.chunk_size)
+            total = total + weighted(weight, per_pass)
+        return total
 
     def __call__(self, out: PolicyOutputs, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
         mask = mb.completion_mask
@@ -347,7 +380,15 @@ class OPSD(Algorithm):
         self.teacher_paths = ({"opsd.teacher.path": teacher.path,
                                **{f"opsd.teacher.by_tag.{tag}": path for tag, path in teacher.by_tag.items()}}
                               if on_engines else {})
+        if self.cfg.estimator != "one_step":
+            if cfg.model.kind != "masked_diffusion":
+                raise ValueError(f"opsd.estimator={self.cfg.estimator} scores a masked-diffusion student; a causal "
+                                 "student's log-probs are exact: leave opsd.estimator=one_step.")
+            if on_engines:
+                raise ValueError(f"opsd.estimator={self.cfg.estimator} scores the teacher on the student's masks, "
+                                 "which the learner draws: set opsd.teacher.runs_on=learner, or opsd.estimator=one_step.")
         self.requirements = Requirements(
+            estimator=self.cfg.estimator, estimator_samples=self.cfg.estimator_samples,
             teacher=None if on_engines else teacher,
             scoring_engines=tuple(ScoringEngines(name, path, teacher.num_engines, teacher.gpus_per_engine,
                                                  teacher.max_model_len) for name, path in self.teacher_paths.items()),

@@ -336,6 +336,8 @@ class PolicyOutputs:
     estimator_passes: a masked-diffusion likelihood estimator of several forwards (mc_elbo, coupled:
         rollouts.estimators): each pass's answer logits [B, T, V] with its weights [B, T]; `hidden`
         is then the first pass's logits. None for one forward (causal models, d1's one-step).
+    teacher_estimator_passes: the teacher's passes over the same masks (no grad); `teacher_hidden`
+        is then its first pass's logits.
     """
 
     hidden: torch.Tensor
@@ -345,6 +347,7 @@ class PolicyOutputs:
     teacher_lm_head_weight: torch.Tensor | None = None
     kept_logprobs: torch.Tensor | None = None
     estimator_passes: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+    teacher_estimator_passes: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
 
     def token_logprobs_and_entropy(self, tokens: torch.Tensor, mask: torch.Tensor, chunk_size: int = 512):
         """([B, T] log-probs of `tokens`, [B, T] entropies) under logits / temperature, chunked.
@@ -363,6 +366,12 @@ class PolicyOutputs:
             entropy = entropy + ent * scores
             scored = scored + scores
         return logp, entropy / torch.clamp(scored, min=1)
+
+    def teacher_outputs(self) -> "PolicyOutputs":
+        """The teacher's side as outputs of its own (detached), e.g. for its token_logprobs_and_entropy."""
+        weight = self.teacher_lm_head_weight if self.teacher_lm_head_weight is not None else self.lm_head_weight
+        return PolicyOutputs(self.teacher_hidden, None if weight is None else weight.detach(), self.temperature,
+                             estimator_passes=self.teacher_estimator_passes)
 
     def keep_logprobs(self, logprobs: torch.Tensor) -> None:
         """Record this forward's [B, T] sampled-token log-probs (a loss calls it on what it computed)."""

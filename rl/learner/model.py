@@ -151,7 +151,7 @@ def masked_answer_input(mb: MicroBatch, settings: DiffusionForward, pad_id: int)
 class _DiffusionPolicy(torch.nn.Module):
     """A masked-diffusion model's estimator forward -> `fn(answer logits, None)` (one-step), or the
     one-step logits; an estimator of several forwards -> `fn(first pass's logits, None,
-    estimator_passes=((logits, weights), ...))`."""
+    estimator_passes=((logits, weights), ...))`, or those passes themselves (fn None)."""
 
     def __init__(self, lm: torch.nn.Module, settings: DiffusionForward, pad_id: int):
         super().__init__()
@@ -164,17 +164,15 @@ class _DiffusionPolicy(torch.nn.Module):
         if self.settings.estimator == "one_step":
             answer_logits = lm(input_ids=ids, attention_mask=attention).logits[rows, positions]
             return answer_logits if fn is None else fn(answer_logits, None)
-        if fn is None:
-            raise ValueError(
-                f"A masked-diffusion teacher is scored through d1's one-step layout, not {self.settings.estimator!r}."
-            )
         from rollouts.estimators.common import with_answer
 
         passes = []
         for masked, weight in estimator_passes(mb, self.settings):
             answer = with_answer(ids, positions, mb.completion_ids, masked.to(ids.device), self.settings.mask_id)
             passes.append((lm(input_ids=answer, attention_mask=attention).logits[rows, positions], weight.to(ids.device)))
-        return fn(passes[0][0], None, estimator_passes=tuple(passes))
+        # fn None: a teacher's forward; its passes mask what the student's mask (the draws depend on
+        # the completion, not the prompt: rollouts.estimators.rows.row_generator).
+        return tuple(passes) if fn is None else fn(passes[0][0], None, estimator_passes=tuple(passes))
 
 
 def _rows_of(mb: MicroBatch) -> tuple[list[list[int]], list[list[int]], list[int]]:

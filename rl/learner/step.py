@@ -16,8 +16,12 @@ def add_metrics(total: dict[str, float], part: dict[str, float]) -> None:
         total[k] = total.get(k, 0.0) + float(v)
 
 
-def _call_loss(loss_fn, mb, temperature, teacher_hidden, teacher_weight, hidden, weight, estimator_passes=None):
-    out = PolicyOutputs(hidden, weight, temperature, teacher_hidden, teacher_weight, estimator_passes=estimator_passes)
+def _call_loss(loss_fn, mb, temperature, teacher_out, teacher_weight, hidden, weight, estimator_passes=None):
+    # teacher_out: the teacher's hidden states (or one-step logits), or its estimator passes
+    teacher_passes = teacher_out if isinstance(teacher_out, tuple) else None
+    teacher_hidden = teacher_passes[0][0] if teacher_passes else teacher_out
+    out = PolicyOutputs(hidden, weight, temperature, teacher_hidden, teacher_weight, estimator_passes=estimator_passes,
+                        teacher_estimator_passes=teacher_passes)
     loss, metrics = loss_fn(out, mb)
     return loss, metrics, out.kept_logprobs
 

@@ -6,8 +6,8 @@ Each row is laid out as `rollouts.diffusion.answer_layout` does (prompt, then `a
 answer positions), with d1's prompt mask of its `mask_seed` (`rollouts.diffusion.mask_prompts`).
 The completion's tokens are the first len(completion) answer positions, the ones scored; the
 answer positions after them stay masked in every forward. The random draws (masking ratios, masks)
-come from a CPU generator seeded by the row's own tokens and mask_seed, so a sequence gets the same
-draws in the engine and in the learner, in any batch; rows are then stacked, each pass one
+come from a CPU generator seeded by the row's completion and mask_seed, so a sequence gets the same
+draws in the engine and in the learner, in any batch, and under a distillation teacher's prompt; rows are then stacked, each pass one
 forward over a batch of rows.
 """
 from __future__ import annotations
@@ -20,8 +20,9 @@ from rollouts.diffusion import answer_layout, mask_prompts
 from rollouts.estimators.common import answer_logprobs, get_estimator, weighted, with_answer
 
 
-def row_generator(prompt: list[int], completion: list[int], mask_seed: int) -> torch.Generator:
-    seed = zlib.crc32(f"estimator:{int(mask_seed)}:{[int(t) for t in list(prompt) + list(completion)]}".encode())
+def row_generator(completion: list[int], mask_seed: int) -> torch.Generator:
+    # Not the prompt: a distillation teacher shown another prompt must mask the student's positions.
+    seed = zlib.crc32(f"estimator:{int(mask_seed)}:{[int(t) for t in completion]}".encode())
     return torch.Generator().manual_seed(seed)
 
 
@@ -34,7 +35,7 @@ def stacked_passes(name: str, prompts: list[list[int]], completions: list[list[i
     B = len(prompts)
     passes = None
     for i, (prompt, completion, seed) in enumerate(zip(prompts, completions, mask_seeds)):
-        drawn = estimator.passes(1, len(completion), n=n, generator=row_generator(prompt, completion, seed))
+        drawn = estimator.passes(1, len(completion), n=n, generator=row_generator(completion, seed))
         if passes is None:
             passes = [(torch.ones((B, width), dtype=torch.bool), torch.zeros((B, width), dtype=torch.float64)) for _ in drawn]
         for (masked, weight), (row_masked, row_weight) in zip(passes, drawn):

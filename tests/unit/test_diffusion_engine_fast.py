@@ -175,7 +175,7 @@ def test_the_learner_trains_a_random_estimator_with_its_gradient(model_dir, name
     for i, (p, c) in enumerate(zip(prompts, completions)):
         ids, attention, positions = answer_layout([p], ANSWER, pad, mask)
         row = estimator(lambda x, a: lm(input_ids=x, attention_mask=a).logits, ids, attention, positions[:, : len(c)],
-                        torch.tensor([c]), mask_id=mask, n=n, generator=row_generator(p, c, 0))
+                        torch.tensor([c]), mask_id=mask, n=n, generator=row_generator(c, 0))
         torch.testing.assert_close(terms[i, : len(c)].detach(), row[0].detach(), atol=1e-9, rtol=0)
         reference = reference + (row[0] * weights[i, : len(c)]).sum()
     reference.backward()

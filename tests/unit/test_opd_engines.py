@@ -105,3 +105,16 @@ def test_the_top_k_loss_on_engine_log_probs_equals_the_top_k_loss_on_the_teacher
     torch.testing.assert_close(h_grad, want_h, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(w_grad, want_w, atol=1e-6, rtol=1e-5)
     assert metrics["kl_reasoning_total"] == pytest.approx(want_metrics["kl_reasoning_total"], rel=1e-5)
+
+
+def test_an_estimator_of_several_passes_is_refused_where_it_cannot_apply():
+    from rl.algorithms import build_algorithm
+    from rl.config import load_config
+
+    with pytest.raises(ValueError, match="leave opsd.estimator=one_step"):  # a causal student
+        build_algorithm(load_config(None, ["algorithm=opsd", "opsd.estimator=mc_elbo"]))
+    diffusion = ["algorithm=opsd", "model.kind=masked_diffusion", "rollout.engine=diffusion", "opsd.estimator=coupled"]
+    with pytest.raises(ValueError, match="set opsd.teacher.runs_on=learner"):  # the engines cannot see the learner's masks
+        build_algorithm(load_config(None, [*diffusion, "opsd.teacher.kind=model", "opsd.teacher.path=t",
+                                           "opsd.teacher.runs_on=engines", "opsd.token_loss=sampled"]))
+    assert build_algorithm(load_config(None, diffusion)).requirements.estimator == "coupled"
