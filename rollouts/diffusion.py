@@ -198,6 +198,8 @@ def load_masked_diffusion_model(model_path: str, dtype: torch.dtype, trust_remot
     models), else the model's own class via AutoModel (LLaDA registers its LM there)."""
     from transformers import AutoModel, AutoModelForMaskedLM
 
+    import rollouts.llada_model  # noqa: F401  (registers model_type llada with AutoModelForMaskedLM)
+
     try:
         return AutoModelForMaskedLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
     except ValueError as e:

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 
 
 class LLaDAConfig(PretrainedConfig):
@@ -320,8 +320,15 @@ class LLaDAForDiffusion(PreTrainedModel):
         return CachedOutput(logits, cache)
 
 
+# A checkpoint of model_type "llada" without remote code (one saved from this module, e.g. the tiny
+# built model tiny-llada-chain-addition) loads as this class through AutoModelForMaskedLM. The
+# release's checkpoints carry remote code: with trust_remote_code they still load theirs.
+AutoConfig.register("llada", LLaDAConfig, exist_ok=True)
+AutoModelForMaskedLM.register(LLaDAConfig, LLaDAForDiffusion, exist_ok=True)
+
+
 def supports_cache(model) -> bool:
-    """True for models offering `forward_cached` (this module's LLaDA and the cached BERT adapter)."""
+    """True for models offering `forward_cached` (this module's LLaDA)."""
     return callable(getattr(model, "forward_cached", None))
 
 

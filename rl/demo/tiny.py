@@ -217,8 +217,10 @@ def reasoning_completion(row: dict) -> str:
     return f"{row['solution']} #### {row['answer']}"
 
 
-def build_diffusion_model(out_dir: str | Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
-    """A random tiny bidirectional transformer (BertForMaskedLM) saved with its tokenizer.
+def build_diffusion_model(out_dir: str | Path, hidden: int = 64, layers: int = 2, seed: int = 0, arch: str = "bert") -> Path:
+    """A random tiny bidirectional transformer saved with its tokenizer: BertForMaskedLM, or with
+    arch "llada" our LLaDA-architecture model (rollouts.llada_model, which the cached sampler can
+    cache; RMSNorm, RoPE, SwiGLU, no dropout).
 
     It maps token ids to per-position logits over the vocabulary: a masked diffusion LM's shape
     (AutoModelForMaskedLM loads it). Dropout is off so that the sampler, the learner and the
@@ -231,6 +233,17 @@ def build_diffusion_model(out_dir: str | Path, hidden: int = 64, layers: int = 2
     out_dir = Path(out_dir)
     task_texts = [r["question"] + reasoning_completion(r) for r in chain_addition_rows(500, seed=123)]
     tokenizer = build_tokenizer(out_dir, extra_corpus=task_texts)
+    if arch == "llada":
+        from rollouts.llada_model import LLaDAConfig, LLaDAForDiffusion
+
+        torch.manual_seed(seed)
+        config = LLaDAConfig(d_model=hidden, n_heads=max(1, hidden // 32), n_layers=layers, vocab_size=len(tokenizer),
+                             max_sequence_length=512, mask_token_id=tokenizer.mask_token_id,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        LLaDAForDiffusion(config).save_pretrained(str(out_dir))
+        return out_dir
+    if arch != "bert":
+        raise ValueError(f"arch must be bert or llada, not {arch!r}.")
     config = BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -265,13 +278,14 @@ def warm_up_diffusion(
     lr 3e-3 stayed near chance (0.12) after 2000 steps.
     """
     import torch
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from rl.demo.diffusion_sft import mask_answers, masked_diffusion_sft_loss, sft_batch
+    from rollouts.diffusion import load_masked_diffusion_model
 
     model_dir = Path(model_dir)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForMaskedLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = load_masked_diffusion_model(str(model_dir), torch.float32)
     torch.manual_seed(seed)
     noise = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -321,6 +335,15 @@ def build_tiny_dllm(out_dir: str | Path, seed: int = 0) -> Path:
     """The built model `tiny-dllm-chain-addition` (registered below): build_diffusion_model warmed
     up for TINY_DLLM_WARMUP_STEPS on chain-arithmetic rows, about a minute on one CPU thread."""
     model = build_diffusion_model(out_dir, seed=seed)
+    return warm_up_diffusion(model, chain_addition_rows(32 * TINY_DLLM_WARMUP_STEPS, seed=seed + 1), TINY_DLLM_WARMUP_STEPS)
+
+
+def build_tiny_llada(out_dir: str | Path, seed: int = 0) -> Path:
+    """The built model `tiny-llada-chain-addition`: build_tiny_dllm's recipe on the LLaDA architecture
+    (rollouts.llada_model), so that the cached sampler (prefix, dual) runs on the tiny task
+    (scripts/experiment_fast_sampler.py). Measured: greedy accuracy 0.72 on 256 held-out chains
+    after the same 2000 steps (BERT's: 0.39)."""
+    model = build_diffusion_model(out_dir, seed=seed, arch="llada")
     return warm_up_diffusion(model, chain_addition_rows(32 * TINY_DLLM_WARMUP_STEPS, seed=seed + 1), TINY_DLLM_WARMUP_STEPS)
 
 
@@ -428,5 +451,6 @@ def synthetic_rows(name: str, split: str) -> list[dict]:
 register_data_source("synthetic", synthetic_rows)
 register_model_builder("tiny-dllm-chain-addition", build_tiny_dllm, version=1)
 register_model_builder("tiny-dllm-chain-addition-reader", build_tiny_dllm_reader, version=1)
+register_model_builder("tiny-llada-chain-addition", build_tiny_llada, version=1)
 register_model_builder("tiny-qwen3-addition", build_tiny_qwen3_addition, version=1)
 register_model_builder("tiny-qwen3-addition-sft", build_tiny_qwen3_addition_sft, version=1)

@@ -106,6 +106,24 @@ def test_a_llada_checkpoint_gets_the_cached_model(model_dir, tmp_path):
     assert all(len(g) == 1 for g in out)
 
 
+def test_a_saved_llada_checkpoint_loads_without_remote_code(model_dir, tmp_path):
+    """model_type llada is registered with AutoModelForMaskedLM, so the learner and an engine without
+    a cache load a checkpoint saved from rollouts.llada_model (as tiny-llada-chain-addition is)."""
+    from rollouts.diffusion import load_masked_diffusion_model
+    from rollouts.llada_model import LLaDAConfig, LLaDAForDiffusion
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    torch.manual_seed(0)
+    saved = LLaDAForDiffusion(LLaDAConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=len(tokenizer),
+                                          mask_token_id=tokenizer.mask_token_id)).eval()
+    saved.save_pretrained(tmp_path)
+    loaded = load_masked_diffusion_model(str(tmp_path), torch.float32)
+    assert isinstance(loaded, LLaDAForDiffusion)
+    ids = torch.tensor([PROMPTS[0] + [tokenizer.mask_token_id] * 4])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, saved(input_ids=ids).logits)
+
+
 def test_estimator_one_step_rows_equal_todays_estimate(model_dir):
     e = engine(model_dir)
     completions = [c for g in e.generate(PROMPTS, SamplingSpec(n=2, temperature=1.0, max_tokens=ANSWER)) for c in g]

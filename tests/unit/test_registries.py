@@ -103,4 +103,4 @@ def test_the_library_does_not_import_the_demo_module_and_the_recipe_does():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.splitlines() == ["[]", "['synthetic'] ['tiny-dllm-chain-addition', 'tiny-dllm-chain-addition-reader', 'tiny-qwen3-addition', 'tiny-qwen3-addition-sft']", "5000"]
+    assert out.stdout.splitlines() == ["[]", "['synthetic'] ['tiny-dllm-chain-addition', 'tiny-dllm-chain-addition-reader', 'tiny-llada-chain-addition', 'tiny-qwen3-addition', 'tiny-qwen3-addition-sft']", "5000"]
